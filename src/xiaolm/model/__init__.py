@@ -1,0 +1,1 @@
+"""xiaolm.model."""
