@@ -1,0 +1,5 @@
+"""`python -m xiaolm` runs the CLI."""
+
+from xiaolm.cli import main
+
+main()

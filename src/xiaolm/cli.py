@@ -1,0 +1,209 @@
+"""The `xiaolm` command: one subcommand per stage; each loads its config and calls the stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from xiaolm.errors import XiaolmError
+
+log = logging.getLogger("xiaolm")
+
+TRAIN_EPILOG = """examples:
+  xiaolm {stage} --config configs/{stage}.yaml
+  xiaolm {stage} --config configs/{stage}.yaml max_steps=2000 lr=3e-4 model.n_layers=8
+  xiaolm {stage} --config configs/{stage}.yaml --resume      # continue after an interruption
+keys: out seed device dtype max_steps batch_size grad_accum lr warmup_steps log_every eval_every save_every
+      init_from model.* (dim n_layers n_heads n_kv_heads max_seq_len ...) data.* (path tokenizer seq_len ...)"""
+
+
+def _add_parser(sub, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line grammar."""
+    p = argparse.ArgumentParser(prog="xiaolm", description="Train a small Chinese chat model from scratch.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="start with:  xiaolm demo        (whole pipeline on the embedded corpus)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = _add_parser(sub, "demo", "run the whole pipeline on the embedded corpus (CPU, minutes)",
+                    "examples:\n  xiaolm demo\n  xiaolm demo --out runs/demo2 pretrain.max_steps=600 scale=2")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--config", help="YAML file with demo settings")
+    d.add_argument("overrides", nargs="*", metavar="key=value")
+
+    data = sub.add_parser("data", help="data stages: clean, pack").add_subparsers(dest="data_cmd", required=True)
+    c = _add_parser(data, "clean", "normalize and filter text/chat records; rejects go to rejects.jsonl",
+                    "examples:\n  xiaolm data clean raw/*.jsonl --out data/clean\n"
+                    "  xiaolm data clean raw/ --out data/clean min_chars=20 t2s=false")
+    c.add_argument("inputs", nargs="+", metavar="INPUT")
+    c.add_argument("--out", required=True)
+    c.add_argument("--config")
+    c.add_argument("overrides", nargs="*", metavar="key=value", default=[])
+    k = _add_parser(data, "pack", "tokenize records into train.bin / val.bin + meta.json",
+                    "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed")
+    k.add_argument("inputs", nargs="+", metavar="INPUT")
+    k.add_argument("--tokenizer", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--val-fraction", type=float, default=0.01)
+    k.add_argument("--seed", type=int, default=0)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="tok_cmd", required=True)
+    t = _add_parser(tok, "train", "train a byte-level BPE tokenizer with ChatML special tokens",
+                    "examples:\n  xiaolm tokenizer train data/clean --out tok --vocab-size 8192")
+    t.add_argument("inputs", nargs="+", metavar="INPUT")
+    t.add_argument("--out", required=True)
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--min-frequency", type=int, default=2)
+
+    for stage, text in (("pretrain", "pretrain a Llama-style model on packed token files"),
+                        ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)")):
+        s = _add_parser(sub, stage, text, TRAIN_EPILOG.format(stage=stage))
+        s.add_argument("--config", help="YAML config file")
+        s.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+        s.add_argument("overrides", nargs="*", metavar="key=value")
+
+    e = _add_parser(sub, "export", "export a run dir to a Hugging Face model directory",
+                    "examples:\n  xiaolm export runs/demo/sft --out my-model --dtype fp16")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True)
+    e.add_argument("--format", default="hf", choices=["hf"])
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+
+    ch = _add_parser(sub, "chat", "chat with a model in the terminal (/reset, /exit)",
+                     "examples:\n  xiaolm chat runs/demo/model\n  xiaolm chat runs/demo/sft --temperature 0")
+    ch.add_argument("model")
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--top-p", type=float, default=0.9)
+    ch.add_argument("--repetition-penalty", type=float, default=1.1)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--system", default=None, help="system prompt")
+
+    ev = _add_parser(sub, "eval", "evaluate a model: perplexity, exact match, multiple choice",
+                     "examples:\n  xiaolm eval runs/demo/model --task ppl --data runs/demo/corpus/eval/val_text.jsonl\n"
+                     "  xiaolm eval runs/demo/model --task exact --data runs/demo/corpus/eval/heldout_qa.jsonl\n"
+                     "  xiaolm eval runs/demo/model --task choice --data runs/demo/corpus/eval/choice.jsonl")
+    ev.add_argument("model")
+    ev.add_argument("--task", required=True, choices=["ppl", "exact", "choice"])
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
+    ev.add_argument("--out", help="write the result as JSON here")
+    return p
+
+
+def _read_items(path: str, limit: int) -> list[dict]:
+    from xiaolm.data.read import RejectLog, read_records
+
+    with RejectLog(None) as rejects:
+        items = [rec for rec, _ in read_records([path], rejects)]
+    if rejects.total:
+        log.warning("eval: skipped %d unreadable lines in %s", rejects.total, path)
+    return items[:limit] if limit else items
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    """`xiaolm eval`."""
+    from xiaolm.eval.perplexity import perplexity
+    from xiaolm.eval.qa import choice_accuracy, exact_match
+    from xiaolm.model.export import load_model
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise XiaolmError("model has no tokenizer files", where=args.model, hint="export it with `xiaolm export`")
+    items = _read_items(args.data, args.limit)
+    if not items:
+        raise XiaolmError("no records to evaluate", where=args.data)
+    if args.task == "ppl":
+        missing = [i for i, r in enumerate(items) if not isinstance(r.get("text"), str)]
+        if missing:
+            raise XiaolmError(f"record {missing[0] + 1} has no 'text' field", where=args.data,
+                              hint="ppl needs {\"text\": ...} records")
+        result = perplexity(model, tokenizer, [r["text"] for r in items])
+    elif args.task == "exact":
+        result = exact_match(model, tokenizer, items)
+    else:
+        result = choice_accuracy(model, tokenizer, items)
+    text = json.dumps(result, ensure_ascii=False, indent=2)
+    print(text)
+    if args.out:
+        from xiaolm.io import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    return result
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse arguments and run one stage; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from xiaolm.config import load_config
+
+    if args.command == "demo":
+        from xiaolm.demo import DemoConfig, run_demo
+
+        run_demo(load_config(DemoConfig, args.config, args.overrides), Path(args.out))
+    elif args.command == "data" and args.data_cmd == "clean":
+        from xiaolm.data.clean import CleanConfig, clean_files
+
+        clean_files(args.inputs, args.out, load_config(CleanConfig, args.config, args.overrides))
+    elif args.command == "data" and args.data_cmd == "pack":
+        from xiaolm.data.pack import pack_files
+
+        pack_files(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    elif args.command == "tokenizer":
+        from xiaolm.tokenizer import train_tokenizer
+
+        train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    elif args.command in ("pretrain", "sft"):
+        from xiaolm.train.loop import TrainConfig
+
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.command == "pretrain":
+            from xiaolm.train.pretrain import run_pretrain
+
+            run_pretrain(cfg, resume=args.resume)
+        else:
+            from xiaolm.train.sft import run_sft
+
+            run_sft(cfg, resume=args.resume)
+    elif args.command == "export":
+        from xiaolm.model.export import export_hf
+
+        out = export_hf(args.run_dir, args.out, dtype=args.dtype)
+        print(f"exported to {out}")
+    elif args.command == "chat":
+        from xiaolm.infer.chat import run_chat
+        from xiaolm.infer.generate import GenerationConfig
+
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+        run_chat(args.model, gen, system=args.system)
+    elif args.command == "eval":
+        cmd_eval(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors print one line and exit 2."""
+    try:
+        code = run(argv)
+    except XiaolmError as e:
+        print(f"xiaolm: error: {e.format()}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("xiaolm: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

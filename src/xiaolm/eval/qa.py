@@ -1,0 +1,77 @@
+"""Exact match on held-out questions and multiple choice by log-likelihood (C-Eval/CMMLU layout)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from xiaolm.infer.generate import GenerationConfig, generate_batch
+from xiaolm.model.llama import Llama
+from xiaolm.tokenizer import IM_END, encode_prompt
+
+_TRIM = re.compile(r"^[\s。．.！!？?，,]+|[\s。．.！!？?，,]+$")
+
+
+def normalize_answer(text: str) -> str:
+    """Strip whitespace and sentence punctuation at both ends."""
+    return _TRIM.sub("", text)
+
+
+def exact_match(model: Llama, tokenizer, items: list[dict], max_new_tokens: int = 48,
+                batch_size: int = 32) -> dict:
+    """Greedy answers to `{"messages", "answer", "kind"}` items; accuracy per kind with examples."""
+    stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop)
+    prompts = [encode_prompt(tokenizer, item["messages"]) for item in items]
+    outputs: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        outputs.extend(generate_batch(model, prompts[i:i + batch_size], cfg))
+    by_kind: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "chance": 0.0, "examples": []})
+    for item, out in zip(items, outputs):
+        reply = tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True)
+        ok = normalize_answer(reply) == normalize_answer(item["answer"])
+        kind = by_kind[item.get("kind", "all")]
+        kind["n"] += 1
+        kind["correct"] += int(ok)
+        kind["chance"] = float(item.get("chance", 0.0))
+        if len(kind["examples"]) < 3:
+            kind["examples"].append({"question": item["messages"][-1]["content"], "answer": item["answer"],
+                                     "reply": reply, "correct": ok})
+    for kind in by_kind.values():
+        kind["accuracy"] = kind["correct"] / max(1, kind["n"])
+    return dict(by_kind)
+
+
+@torch.no_grad()
+def option_logprob(model: Llama, prompt: list[int], option: list[int]) -> float:
+    """Mean log-probability per token of `option` following `prompt`."""
+    device = next(model.parameters()).device
+    ids = (prompt + option)[-model.cfg.max_seq_len:]
+    n_opt = min(len(option), len(ids) - 1)
+    x = torch.tensor([ids[:-1]], device=device)
+    logits, _ = model(x)
+    logp = F.log_softmax(logits[0, -n_opt:].float(), dim=-1)
+    targets = torch.tensor(ids[-n_opt:], device=device)
+    return float(logp.gather(1, targets[:, None]).mean())
+
+
+def choice_accuracy(model: Llama, tokenizer, items: list[dict]) -> dict:
+    """Pick the option (A–D) whose text the model finds most likely as the answer to the question."""
+    model.eval()
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    correct, examples = 0, []
+    letters = [k for k in ("A", "B", "C", "D", "E") if items and k in items[0]]
+    for item in items:
+        prompt = encode_prompt(tokenizer, [{"role": "user", "content": item["question"]}])
+        scores = {k: option_logprob(model, prompt, tokenizer.encode(str(item[k]), add_special_tokens=False)
+                                    + [end]) for k in letters}
+        pick = max(scores, key=scores.get)
+        correct += int(pick == item["answer"])
+        if len(examples) < 3:
+            examples.append({"question": item["question"], "answer": item["answer"], "pick": pick})
+    n = len(items)
+    return {"n": n, "correct": correct, "accuracy": correct / max(1, n), "chance": 1 / max(1, len(letters)),
+            "examples": examples}

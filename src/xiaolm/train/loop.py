@@ -1,0 +1,331 @@
+"""THE training loop shared by every objective: schedule, accumulation, clipping, eval, checkpoints, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+
+from xiaolm.config import save_config
+from xiaolm.errors import XiaolmError
+from xiaolm.model.llama import Llama, LlamaConfig
+from xiaolm.train.checkpoint import find_resumable, load_state, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """Where a training stage reads its data."""
+
+    path: str = ""  # pretrain: packed token dir; sft: chat JSONL file(s), comma separated
+    val_path: str = ""  # sft: held-out chat records; empty → a val_fraction split of `path`
+    val_fraction: float = 0.02
+    tokenizer: str = ""  # tokenizer dir; empty → the one recorded by pack / the init_from run
+    seq_len: int = 256
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training stage understands."""
+
+    out: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast)
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    threads: int = 0  # CPU threads for torch; 0 → torch's default
+    init_from: str = ""  # run dir or HF model dir whose weights start this run
+    model: LlamaConfig = field(default_factory=LlamaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class Objective(Protocol):
+    """What a stage plugs into the loop: deterministic batches by index, eval batches, and a loss."""
+
+    def train_batch(self, index: int) -> dict[str, torch.Tensor]: ...
+
+    def eval_batches(self) -> Iterable[dict[str, torch.Tensor]]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy over targets != -100."""
+    return model(batch["x"], batch["y"])[1]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise XiaolmError("device=cuda but no CUDA GPU is visible", hint="use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Mixed-precision dtype for autocast, None for plain fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not norms); fused on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, objective: Objective, device: torch.device,
+             amp: torch.dtype | None) -> float:
+    """Mean loss over the objective's eval batches."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for batch in objective.eval_batches():
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            losses.append(float(objective.loss(model, batch)))
+    model.train(was_training)
+    return sum(losses) / max(1, len(losses))
+
+
+def plot_losses(log_path: Path, out_png: Path, title: str = "") -> None:
+    """Draw train and val loss from log.jsonl into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.stop = True
+        log.warning("signal %d received: saving a checkpoint after this step", signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Llama:
+    """Fresh model from cfg.model, or the weights of cfg.init_from (its architecture wins)."""
+    if cfg.init_from:
+        from xiaolm.model.export import load_model
+
+        model, _ = load_model(cfg.init_from)
+        cfg.model = model.cfg
+        if model.cfg.vocab_size < vocab_size:
+            raise XiaolmError(f"init_from model has vocab_size {model.cfg.vocab_size} but the tokenizer has "
+                              f"{vocab_size}", where="init_from", hint="use the tokenizer the model was trained with")
+    else:
+        cfg.model.vocab_size = vocab_size
+        cfg.model.check()
+        torch.manual_seed(cfg.seed)
+        model = Llama(cfg.model)
+    if cfg.data.seq_len > model.cfg.max_seq_len:
+        raise XiaolmError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model.cfg.max_seq_len}",
+                          hint="lower data.seq_len or raise model.max_seq_len (fresh models only)")
+    return model.to(device)
+
+
+def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: str | Path,
+          resume: bool = False, stage: str = "train") -> dict[str, Any]:
+    """Run the loop to cfg.max_steps (resuming if asked) and return a summary of the run."""
+    run_dir = Path(cfg.out)
+    device = next(model.parameters()).device
+    amp = resolve_autocast_dtype(cfg.dtype, device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    resumable = find_resumable(run_dir) if run_dir.exists() else None
+    if resumable is not None and not resume:
+        raise XiaolmError("run directory already holds checkpoints", where=str(run_dir),
+                          hint="pass --resume to continue it, or choose another out=")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    tok_dst = run_dir / "tokenizer"
+    if not tok_dst.exists():
+        shutil.copytree(tokenizer_dir, run_dir / ".tokenizer.tmp", dirs_exist_ok=True)
+        (run_dir / ".tokenizer.tmp").replace(tok_dst)
+
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    start_step, tokens_seen, best_val = 0, 0, math.inf
+    log_path = run_dir / "log.jsonl"
+    if resume and resumable is not None:
+        from xiaolm.model.export import load_model
+
+        restored, _ = load_model(resumable)
+        model.load_state_dict(restored.state_dict())
+        state = load_state(resumable)
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_step, tokens_seen, best_val = state["step"], state["tokens_seen"], state["best_val"]
+        _truncate_log(log_path, start_step)
+        log.info("%s: resumed from %s (step %d)", stage, resumable, start_step)
+    elif resume:
+        log.info("%s: nothing to resume in %s, starting fresh", stage, run_dir)
+        log_path.unlink(missing_ok=True)
+    else:
+        log_path.unlink(missing_ok=True)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s: %.2fM parameters on %s (%s), %d steps × %d × %d sequences", stage, n_params / 1e6, device,
+             amp or "fp32", cfg.max_steps, cfg.batch_size, cfg.grad_accum)
+
+    from tqdm.auto import tqdm
+
+    model.train()
+    last_val: float | None = None
+    ema_loss: float | None = None
+    step = start_step
+
+    def checkpoint(step: int) -> None:
+        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                 "step": step, "tokens_seen": tokens_seen, "best_val": best_val}
+        save_checkpoint(run_dir, step, model, state, keep_last=cfg.keep_last, extra={"val_loss": last_val})
+
+    with _StopFlag() as flag, open(log_path, "a", encoding="utf-8") as logf, \
+            tqdm(total=cfg.max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True) as bar:
+        t_last = time.perf_counter()
+        tokens_since = 0
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in objective.train_batch(step * cfg.grad_accum + micro).items()}
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = objective.loss(model, batch) / cfg.grad_accum
+                scaler.scale(loss).backward()
+                step_loss += float(loss)
+                tokens_since += int(batch["x"].numel())
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if not math.isfinite(step_loss):
+                raise XiaolmError(f"loss became {step_loss} at step {step}", where=str(run_dir),
+                                  hint="lower lr, or use dtype=fp32; the last checkpoint is intact")
+            ema_loss = step_loss if ema_loss is None else 0.9 * ema_loss + 0.1 * step_loss
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tps = tokens_since / max(now - t_last, 1e-9)
+                tokens_seen += tokens_since
+                t_last, tokens_since = now, 0
+                row = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens_per_s": round(tps, 1),
+                       "grad_norm": round(grad_norm, 4), "tokens": tokens_seen}
+                logf.write(json.dumps(row) + "\n")
+                logf.flush()
+                bar.set_postfix(loss=f"{ema_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last_val = evaluate(model, objective, device, amp)
+                best_val = min(best_val, last_val)
+                logf.write(json.dumps({"step": step, "val_loss": round(last_val, 6)}) + "\n")
+                logf.flush()
+                plot_losses(log_path, run_dir / "loss.png", title=stage)
+                bar.write(f"{stage} step {step}: val_loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.1f})")
+            bar.update(1)
+            if step % cfg.save_every == 0 or step == cfg.max_steps or flag.stop:
+                checkpoint(step)
+            if flag.stop:
+                raise XiaolmError(f"interrupted at step {step}; checkpoint saved", where=str(run_dir),
+                                  hint="rerun the same command with --resume to continue")
+    summary = {"stage": stage, "steps": step, "val_loss": last_val, "best_val_loss": best_val,
+               "params": n_params, "tokens_seen": tokens_seen}
+    from xiaolm.io import atomic_write_json
+
+    atomic_write_json(run_dir / "done.json", summary)
+    return summary
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint being resumed, so the log tells one trajectory."""
+    if not log_path.exists():
+        return
+    keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    from xiaolm.io import atomic_write_text
+
+    atomic_write_text(log_path, "".join(line + "\n" for line in keep))

@@ -1,0 +1,115 @@
+"""Supervised fine-tuning objective: chat records, loss on assistant tokens only, dynamic padding."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from xiaolm.data.read import RejectLog, read_records
+from xiaolm.errors import XiaolmError
+from xiaolm.tokenizer import encode_chat, load_tokenizer, normalize_chat
+from xiaolm.train.loop import TrainConfig, build_model, lm_loss, resolve_device, train
+
+log = logging.getLogger(__name__)
+
+Example = tuple[list[int], list[int]]
+
+
+def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: RejectLog | None) -> list[Example]:
+    """Encode chat records into (input_ids, labels), truncated to seq_len + 1; bad records go to rejects."""
+    examples: list[Example] = []
+    for record, where in read_records(inputs, rejects):
+        try:
+            ids, labels = encode_chat(tokenizer, normalize_chat(record))
+        except ValueError as e:
+            if rejects is not None:
+                rejects.add(f"bad chat record: {e}", where, record)
+            continue
+        ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
+        if all(label == -100 for label in labels[1:]):
+            if rejects is not None:
+                rejects.add("no assistant tokens within data.seq_len", where, record)
+            continue
+        examples.append((ids, labels))
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example in the batch; padded targets are -100."""
+    width = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, (ids, labels) in enumerate(examples):
+        n = len(ids) - 1
+        x[row, :n] = torch.tensor(ids[:-1])
+        y[row, :n] = torch.tensor(labels[1:])
+    return {"x": x, "y": y}
+
+
+class SFTObjective:
+    """Shuffled epochs over encoded chats; batch `index` is a pure function of (seed, index)."""
+
+    loss = staticmethod(lm_loss)
+
+    def __init__(self, train: list[Example], val: list[Example], batch_size: int, seed: int, pad_id: int,
+                 eval_batches: int):
+        self.train, self.val = train, val
+        self.batch_size, self.seed, self.pad_id, self.n_eval = batch_size, seed, pad_id, eval_batches
+
+    def train_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch number `index`: consecutive slices of per-epoch permutations."""
+        n = len(self.train)
+        picks = []
+        for k in range(index * self.batch_size, (index + 1) * self.batch_size):
+            epoch, pos = divmod(k, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            picks.append(self.train[order[pos]])
+        return collate(picks, self.pad_id)
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The first eval_batches × batch_size validation chats."""
+        val = self.val[: self.n_eval * self.batch_size]
+        for i in range(0, len(val), self.batch_size):
+            yield collate(val[i:i + self.batch_size], self.pad_id)
+
+
+def split_paths(value: str) -> list[str]:
+    """'a.jsonl,b.jsonl' → ['a.jsonl', 'b.jsonl']."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
+    """The `xiaolm sft` stage."""
+    if not cfg.data.path:
+        raise XiaolmError("data.path is empty", where="config", hint="set data.path to chat JSONL file(s)")
+    tokenizer_dir = cfg.data.tokenizer or (str(Path(cfg.init_from) / "tokenizer") if cfg.init_from else "")
+    if cfg.init_from and not cfg.data.tokenizer and not Path(tokenizer_dir).is_dir():
+        tokenizer_dir = cfg.init_from  # an HF model dir carries its tokenizer files itself
+    tokenizer = load_tokenizer(tokenizer_dir)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RejectLog(out / "rejects.jsonl") as rejects:
+        examples = load_chat_examples(split_paths(cfg.data.path), tokenizer, cfg.data.seq_len, rejects)
+        if cfg.data.val_path:
+            val = load_chat_examples(split_paths(cfg.data.val_path), tokenizer, cfg.data.seq_len, rejects)
+            train_set = examples
+        else:
+            order = np.random.default_rng(cfg.seed).permutation(len(examples))
+            n_val = max(1, int(len(examples) * cfg.data.val_fraction)) if len(examples) > 1 else 0
+            val = [examples[i] for i in order[:n_val]]
+            train_set = [examples[i] for i in order[n_val:]]
+    if rejects.total:
+        log.warning("sft: %d records rejected — see %s", rejects.total, out / "rejects.jsonl")
+    if not train_set or not val:
+        raise XiaolmError(f"need training and validation chats, got {len(train_set)} and {len(val)}",
+                          where=cfg.data.path, hint="check the file holds {\"messages\": [...]} records")
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, len(tokenizer), device)
+    objective = SFTObjective(train_set, val, cfg.batch_size, cfg.seed, tokenizer.pad_token_id or 0,
+                             cfg.eval_batches)
+    log.info("sft: %d training chats, %d validation chats", len(train_set), len(val))
+    return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft")
