@@ -8,11 +8,13 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
+from typing_extensions import Self
 
 from xiaolm.config import save_config
 from xiaolm.errors import XiaolmError
@@ -165,7 +167,7 @@ class _StopFlag:
         self.stop = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> Self:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -179,7 +181,7 @@ class _StopFlag:
         self.stop = True
         log.warning("signal %d received: saving a checkpoint after this step", signum)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 

@@ -1,0 +1,188 @@
+"""`xiaolm demo`: the whole pipeline on the embedded corpus, one folder per stage, ending in a report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xiaolm.config import save_config
+from xiaolm.io import atomic_write_json
+from xiaolm.model.llama import LlamaConfig
+from xiaolm.train.loop import DataConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _demo_model() -> LlamaConfig:
+    return LlamaConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
+
+
+def _pretrain() -> TrainConfig:
+    return TrainConfig(max_steps=400, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, eval_every=100,
+                       save_every=100, model=_demo_model(), data=DataConfig(seq_len=256))
+
+
+def _sft() -> TrainConfig:
+    return TrainConfig(max_steps=200, batch_size=32, lr=1e-3, warmup_steps=10, log_every=10, eval_every=50,
+                       save_every=50, data=DataConfig(seq_len=256, val_fraction=0.02))
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo pipeline; every stage's own keys sit under its name."""
+
+    seed: int = 0
+    scale: float = 1.0  # amount of corpus text generated / sampled
+    vocab_size: int = 4096
+    eval_limit: int = 0  # evaluate only the first N items of each set (0 = all)
+    pretrain: TrainConfig = field(default_factory=_pretrain)
+    sft: TrainConfig = field(default_factory=_sft)
+
+
+def _stage_done(run_dir: Path, max_steps: int) -> bool:
+    done = run_dir / "done.json"
+    return done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("steps") == max_steps
+
+
+def _timed(results: dict, name: str, start: float) -> None:
+    results.setdefault("seconds", {})[name] = time.perf_counter() - start
+
+
+def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Run or resume every stage under `out`; return the collected results (also in report.md)."""
+    from xiaolm.data.clean import CleanConfig, clean_files
+    from xiaolm.data.demo.corpus import build_demo_corpus
+    from xiaolm.data.pack import pack_files
+    from xiaolm.eval.perplexity import perplexity
+    from xiaolm.eval.qa import choice_accuracy, exact_match
+    from xiaolm.eval.report import write_report
+    from xiaolm.model.export import export_hf, load_model
+    from xiaolm.model.llama import Llama
+    from xiaolm.tokenizer import load_tokenizer, train_tokenizer
+    from xiaolm.train.pretrain import run_pretrain
+    from xiaolm.train.sft import run_sft
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    results: dict[str, Any] = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                                          f"torch {torch.__version__}"}
+
+    log.info("demo [1/8] corpus: building the embedded corpus and the fictional world")
+    corpus_dir = out / "corpus"
+    corpus_done = corpus_dir / "done.json"
+    if corpus_done.is_file():
+        paths = {k: Path(v) for k, v in json.loads(corpus_done.read_text(encoding="utf-8")).items()}
+    else:
+        paths = build_demo_corpus(corpus_dir, seed=cfg.seed, scale=cfg.scale)
+        atomic_write_json(corpus_done, {k: str(v) for k, v in paths.items()})
+    results["world"] = json.loads(Path(paths["world_summary"]).read_text(encoding="utf-8"))
+
+    log.info("demo [2/8] data clean: normalize, convert to Simplified, filter, deduplicate")
+    raw = paths["raw_text"]
+    clean_dir = out / "data" / "clean"
+    results["clean"] = clean_files([str(raw)], clean_dir, CleanConfig())
+
+    log.info("demo [3/8] tokenizer: byte-level BPE, vocab %d", cfg.vocab_size)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "_SUCCESS").exists():
+        train_tokenizer([str(clean_dir)], tok_dir, vocab_size=cfg.vocab_size)
+    tokenizer = load_tokenizer(tok_dir)
+    results["vocab_size"] = len(tokenizer)
+
+    log.info("demo [4/8] pack: token files for pretraining")
+    results["pack"] = pack_files([str(clean_dir)], tok_dir, out / "data" / "packed", val_fraction=0.02,
+                                 seed=cfg.seed)
+
+    val_texts = [json.loads(line)["text"] for line in
+                 Path(paths["val_text"]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    torch.manual_seed(cfg.pretrain.seed)
+    init_cfg = LlamaConfig(**{**cfg.pretrain.model.__dict__, "vocab_size": len(tokenizer)})
+    ppl = {"before": perplexity(Llama(init_cfg), tokenizer, val_texts, cfg.pretrain.data.seq_len)["ppl"]}
+
+    log.info("demo [5/8] pretrain")
+    start = time.perf_counter()
+    pre = cfg.pretrain
+    pre.out, pre.data.path, pre.data.tokenizer = str(out / "pretrain"), str(out / "data" / "packed"), str(tok_dir)
+    pre.seed = cfg.seed
+    results["pretrain"] = _train_stage(run_pretrain, pre)
+    results["pretrain"]["seconds"] = time.perf_counter() - start
+    model, _ = load_model(pre.out)
+    ppl["after_pretrain"] = perplexity(model, tokenizer, val_texts, pre.data.seq_len)["ppl"]
+
+    log.info("demo [6/8] sft: chat fine-tuning, loss on assistant tokens only")
+    start = time.perf_counter()
+    sft = cfg.sft
+    sft.out, sft.data.path, sft.init_from, sft.seed = str(out / "sft"), str(paths["sft"]), pre.out, cfg.seed
+    results["sft"] = _train_stage(run_sft, sft)
+    results["sft"]["seconds"] = time.perf_counter() - start
+    results["sft_records"] = sum(1 for line in Path(paths["sft"]).read_text(encoding="utf-8").splitlines() if line)
+
+    log.info("demo [7/8] export: Hugging Face model directory")
+    model_dir = export_hf(sft.out, out / "model", dtype="fp32")
+    results["model_dir"] = str(model_dir)
+
+    log.info("demo [8/8] eval: perplexity, held-out exact match, multiple choice")
+    model, tokenizer = load_model(model_dir)
+    ppl["after_sft"] = perplexity(model, tokenizer, val_texts, sft.data.seq_len)["ppl"]
+    results["ppl"] = ppl
+    qa = _jsonl(paths["eval_qa"], cfg.eval_limit)
+    results["exact"] = exact_match(model, tokenizer, qa)
+    results["choice"] = choice_accuracy(model, tokenizer, _jsonl(paths["eval_choice"], cfg.eval_limit))
+    results["samples"] = _sample_chats(model, tokenizer)
+    results["seconds_total"] = time.perf_counter() - t0
+    atomic_write_json(out / "results.json", results)
+    write_report(out / "report.md", results)
+    _print_summary(out, results)
+    return results
+
+
+def _train_stage(run, cfg: TrainConfig) -> dict:
+    if _stage_done(Path(cfg.out), cfg.max_steps):
+        log.info("%s already finished; skipping", cfg.out)
+        return json.loads((Path(cfg.out) / "done.json").read_text(encoding="utf-8"))
+    return run(cfg, resume=True)
+
+
+def _jsonl(path: str | Path, limit: int) -> list[dict]:
+    items = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return items[:limit] if limit else items
+
+
+SAMPLE_QUESTIONS = ["你好，你是谁？", "把2024写成中文数字。", "十八加二十五等于多少？", "“画蛇添足”是什么意思？"]
+
+
+def _sample_chats(model, tokenizer) -> list[tuple[str, str]]:
+    from xiaolm.infer.generate import GenerationConfig, generate
+    from xiaolm.tokenizer import IM_END, encode_prompt
+
+    stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
+    cfg = GenerationConfig(max_new_tokens=64, temperature=0.0, stop_ids=stop)
+    samples = []
+    for q in SAMPLE_QUESTIONS:
+        ids = generate(model, encode_prompt(tokenizer, [{"role": "user", "content": q}]), cfg)
+        samples.append((q, tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True)))
+    return samples
+
+
+def _print_summary(out: Path, r: dict) -> None:
+    print("\n" + "=" * 64)
+    print(f"xiaolm demo finished in {r['seconds_total']:.0f} s")
+    print(f"  perplexity: {r['ppl']['before']:.0f} before pretraining → {r['ppl']['after_pretrain']:.1f} after")
+    for kind, m in r["exact"].items():
+        print(f"  exact match {kind:<11} {100 * m['accuracy']:5.1f}%  (chance {100 * m['chance']:.1f}%)")
+    ch = r["choice"]
+    print(f"  multiple choice    {100 * ch['accuracy']:5.1f}%  (chance {100 * ch['chance']:.1f}%)")
+    for q, a in r["samples"]:
+        print(f"  > {q}\n    {a}")
+    print(f"  stages:  {out}/{{corpus,data,tokenizer,pretrain,sft}}")
+    print(f"  report:  {out / 'report.md'}")
+    print(f"  chat:    xiaolm chat {out / 'model'}")
+    print("=" * 64)

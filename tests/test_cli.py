@@ -1,0 +1,48 @@
+"""CLI contract: --help works for every stage; user errors are one clear line and exit code 2."""
+
+import pytest
+
+from xiaolm.cli import main
+
+STAGES = [["demo"], ["data", "clean"], ["data", "pack"], ["tokenizer", "train"], ["pretrain"], ["sft"],
+          ["export"], ["chat"], ["eval"]]
+
+
+@pytest.mark.parametrize("argv", STAGES, ids=lambda a: " ".join(a))
+def test_every_stage_has_help_with_examples(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--help"])
+    assert e.value.code == 0
+    assert "example" in capsys.readouterr().out
+
+
+def error_line(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_missing_input_file_names_the_path(tmp_path, capsys):
+    line = error_line(["data", "clean", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")], capsys)
+    assert "nope.jsonl" in line and "not found" in line
+
+
+def test_unknown_config_key_names_the_key(tmp_path, capsys):
+    line = error_line(["pretrain", "model.depth=3"], capsys)
+    assert "unknown config key 'model.depth'" in line
+
+
+def test_malformed_only_chat_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text('{"messages": [\n', encoding="utf-8")
+    line = error_line(["sft", f"data.path={bad}", f"out={tmp_path / 'run'}", f"init_from={tmp_path / 'none'}",
+                       f"data.tokenizer={tmp_path / 'tok'}"], capsys)
+    assert line.startswith("xiaolm: error:")
+
+
+def test_eval_on_missing_model_is_a_clear_error(tmp_path, capsys):
+    line = error_line(["eval", str(tmp_path / "nomodel"), "--task", "ppl", "--data", "x.jsonl"], capsys)
+    assert "nomodel" in line

@@ -1,0 +1,116 @@
+"""The shared training loop: schedule, resume equality, checkpoint integrity, refusals."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from xiaolm.errors import XiaolmError
+from xiaolm.model.llama import LlamaConfig
+from xiaolm.train.checkpoint import find_resumable
+from xiaolm.train.loop import DataConfig, TrainConfig, build_model, lr_at, train
+from xiaolm.train.pretrain import PretrainObjective
+
+
+def make_packed(tmp: Path, vocab: int = 64, n: int = 20_000) -> Path:
+    """A packed token dir in the `data pack` layout, filled with a learnable repeating pattern."""
+    d = tmp / "packed"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, vocab, size=97)
+    tokens = np.tile(base, n // 97 + 1)[:n].astype(np.uint16)
+    tokens.tofile(d / "train.bin")
+    tokens[: n // 10].tofile(d / "val.bin")
+    meta = {"dtype": "uint16", "vocab_size": vocab, "eos_id": 0, "pad_id": 0, "train_tokens": n,
+            "val_tokens": n // 10}
+    (d / "meta.json").write_text(json.dumps(meta))
+    tok = tmp / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    return d
+
+
+def tiny_cfg(tmp: Path, out: str, **kw) -> TrainConfig:
+    model = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    base = dict(out=str(tmp / out), max_steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1,
+                eval_every=6, eval_batches=2, save_every=4, device="cpu", model=model,
+                data=DataConfig(path=str(tmp / "packed"), seq_len=32))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(cfg: TrainConfig, tmp: Path, resume: bool = False) -> dict:
+    model = build_model(cfg, 64, torch.device("cpu"))
+    objective = PretrainObjective(cfg.data.path, cfg.data.seq_len, cfg.batch_size, cfg.seed, cfg.eval_batches)
+    return train(cfg, objective, model, tmp / "tok", resume=resume, stage="test")
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_training_reduces_loss_and_writes_run_dir(tmp_path):
+    make_packed(tmp_path)
+    cfg = tiny_cfg(tmp_path, "run", max_steps=30, eval_every=10)
+    summary = run(cfg, tmp_path)
+    out = Path(cfg.out)
+    ls = losses(out)
+    assert ls[-1][1] < ls[0][1] - 0.5
+    for name in ("config.yaml", "log.jsonl", "loss.png", "latest", "done.json", "tokenizer/tokenizer.json"):
+        assert (out / name).exists(), name
+    assert (out / "latest").read_text().strip() == "step-30"
+    assert summary["steps"] == 30 and summary["val_loss"] is not None
+    assert len(list((out / "checkpoints").glob("step-*"))) == cfg.keep_last
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path):
+    make_packed(tmp_path)
+    run(tiny_cfg(tmp_path, "full"), tmp_path)
+    cfg = tiny_cfg(tmp_path, "killed")
+    run(cfg, tmp_path)
+    killed = Path(cfg.out)
+    # simulate a kill after step 8: drop the final checkpoint and the log rows past it
+    import shutil
+
+    shutil.rmtree(killed / "checkpoints" / "step-12")
+    (killed / "latest").write_text("step-8\n")
+    (killed / "done.json").unlink()
+    run(tiny_cfg(tmp_path, "killed"), tmp_path, resume=True)
+    assert losses(tmp_path / "full") == losses(killed)
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(tmp_path):
+    make_packed(tmp_path)
+    cfg = tiny_cfg(tmp_path, "run", keep_last=3)
+    run(cfg, tmp_path)
+    newest = Path(cfg.out) / "checkpoints" / "step-12" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-10] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    assert find_resumable(Path(cfg.out)).name == "step-8"
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    make_packed(tmp_path)
+    run(tiny_cfg(tmp_path, "run", max_steps=4), tmp_path)
+    with pytest.raises(XiaolmError, match="--resume"):
+        run(tiny_cfg(tmp_path, "run", max_steps=4), tmp_path)
+
+
+def test_sequence_longer_than_model_context_is_refused(tmp_path):
+    make_packed(tmp_path)
+    cfg = tiny_cfg(tmp_path, "run")
+    cfg.data.seq_len = 64
+    with pytest.raises(XiaolmError, match="max_seq_len"):
+        build_model(cfg, 64, torch.device("cpu"))
