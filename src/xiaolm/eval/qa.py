@@ -30,7 +30,7 @@ def exact_match(model: Llama, tokenizer, items: list[dict], max_new_tokens: int 
     for i in range(0, len(prompts), batch_size):
         outputs.extend(generate_batch(model, prompts[i:i + batch_size], cfg))
     by_kind: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "chance": 0.0, "examples": []})
-    for item, out in zip(items, outputs):
+    for item, out in zip(items, outputs, strict=False):
         reply = tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True)
         ok = normalize_answer(reply) == normalize_answer(item["answer"])
         kind = by_kind[item.get("kind", "all")]

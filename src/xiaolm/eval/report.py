@@ -42,7 +42,8 @@ def render_report(r: dict[str, Any]) -> str:
         lines.append(f"| exact match: {kind} ({m['n']} held-out questions) | {_pct(m['accuracy'])} | "
                      f"{_pct(m['chance'])} |")
     ch = r["choice"]
-    lines.append(f"| multiple choice: idiom meaning ({ch['n']} items) | {_pct(ch['accuracy'])} | {_pct(ch['chance'])} |")
+    lines.append(f"| multiple choice: idiom meaning ({ch['n']} items) | {_pct(ch['accuracy'])} | "
+                 f"{_pct(ch['chance'])} |")
     lines += ["", ("Facts questions ask about entities whose attributes appear only in the pretraining documents, "
               "never in SFT data: they measure whether pretraining knowledge reaches the chat model. "
               "Numerals and arithmetic questions use numbers absent from all training data."), ""]

@@ -1,1 +1,29 @@
-"""xiaolm.tokenizer."""
+"""Tokenizer training, loading and the ChatML chat format."""
+
+from xiaolm.tokenizer.chat import (
+    CHAT_TEMPLATE,
+    EOS,
+    IM_END,
+    IM_START,
+    SPECIAL_TOKENS,
+    encode_chat,
+    encode_prompt,
+    normalize_chat,
+    render_chat,
+)
+from xiaolm.tokenizer.train import load_tokenizer, tokenizer_hash, train_tokenizer
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "EOS",
+    "IM_END",
+    "IM_START",
+    "SPECIAL_TOKENS",
+    "encode_chat",
+    "encode_prompt",
+    "load_tokenizer",
+    "normalize_chat",
+    "render_chat",
+    "tokenizer_hash",
+    "train_tokenizer",
+]

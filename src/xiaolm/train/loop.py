@@ -145,9 +145,9 @@ def plot_losses(log_path: Path, out_png: Path, title: str = "") -> None:
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
+        ax.plot(*zip(*train, strict=False), label="train", linewidth=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="val", linewidth=1.5)
+        ax.plot(*zip(*val, strict=False), "o-", label="val", linewidth=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -279,7 +279,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss = objective.loss(model, batch) / cfg.grad_accum
                 scaler.scale(loss).backward()
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
                 tokens_since += int(batch["x"].numel())
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
