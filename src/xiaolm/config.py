@@ -95,7 +95,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> T:
     """Build `cls` from defaults, then `base`, then a YAML file, then `key=value` overrides."""
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = _merge(config_to_dict(cls()), base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
