@@ -4,41 +4,52 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from dataclasses import replace
+from typing import TYPE_CHECKING, TextIO
 
 from xiaolm.infer.generate import GenerationConfig, chat_reply
 
-HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+HELP = "commands: /reset clears the conversation, /exit or /quit (or Ctrl-D) quits, Ctrl-C stops a reply"
 
 
-def trim_history(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
-    """Drop the oldest user/assistant turns (keeping a system message) until the prompt fits."""
+def trim_history(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_tokens: int) -> list[dict]:
+    """Drop the oldest exchanges (keeping a system message and the last message) until the prompt fits."""
     from xiaolm.tokenizer import encode_prompt
 
     msgs = list(messages)
-    while len(encode_prompt(tokenizer, msgs)) > max_tokens and len(msgs) > 1:
-        drop = 1 if msgs[0]["role"] == "system" else 0
-        if len(msgs) - drop <= 1:
-            break
-        del msgs[drop]
+    first = 1 if msgs and msgs[0]["role"] == "system" else 0
+    while len(msgs) - first > 1 and len(encode_prompt(tokenizer, msgs)) > max_tokens:
+        del msgs[first]
+        # drop the answer with its question, so the history never starts with an assistant turn
+        while len(msgs) - first > 1 and msgs[first]["role"] == "assistant":
+            del msgs[first]
     return msgs
 
 
 def run_chat(model_path: str, gen: GenerationConfig, system: str | None = None,
              input_fn: Callable[[str], str] = input, output: TextIO = sys.stdout) -> None:
-    """Chat with the model at `model_path` until /exit or end of input."""
+    """Chat with the model at `model_path` until /exit, /quit or end of input."""
     from xiaolm.errors import XiaolmError
     from xiaolm.model.export import load_model
+    from xiaolm.tokenizer import encode_prompt
     from xiaolm.train.loop import resolve_device
 
     model, tokenizer = load_model(model_path, device=resolve_device("auto"))
     if tokenizer is None:
-        raise XiaolmError("model has no tokenizer", where=model_path, hint="chat with a run dir or an exported model")
-    print(f"xiaolm chat · {model.num_params() / 1e6:.1f}M parameters · {model_path}", file=output)
+        raise XiaolmError("model has no tokenizer", where=model_path,
+                          hint="chat with a training run dir or an exported model dir")
+    ctx = model.cfg.max_seq_len
+    # the reply gets at most half the context, so a long max_new_tokens cannot squeeze out the question
+    gen = replace(gen, max_new_tokens=max(1, min(gen.max_new_tokens, ctx // 2)))
+    prompt_budget = ctx - gen.max_new_tokens
+    print(f"xiaolm chat · {model.num_params() / 1e6:.2f}M parameters · {ctx}-token context · {model_path}",
+          file=output)
     print(HELP, file=output)
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
-    budget = model.cfg.max_seq_len - min(gen.max_new_tokens, model.cfg.max_seq_len // 2)
     while True:
         try:
             line = input_fn("你> ").strip()
@@ -56,16 +67,20 @@ def run_chat(model_path: str, gen: GenerationConfig, system: str | None = None,
         if line.startswith("/"):
             print(HELP, file=output)
             continue
-        history = trim_history(tokenizer, history + [{"role": "user", "content": line}], budget)
-        gen_cfg = GenerationConfig(**{**gen.__dict__, "max_new_tokens": gen.max_new_tokens})
+        history = trim_history(tokenizer, history + [{"role": "user", "content": line}], prompt_budget)
+        if len(encode_prompt(tokenizer, history)) > prompt_budget:
+            print(f"(message longer than the {prompt_budget}-token prompt budget: its start is ignored)",
+                  file=output)
         output.write("xiaolm> ")
+        output.flush()
         reply = ""
         try:
-            for piece in chat_reply(model, tokenizer, history, gen_cfg):
+            for piece in chat_reply(model, tokenizer, history, gen):
                 reply += piece
                 output.write(piece)
                 output.flush()
         except KeyboardInterrupt:
             output.write(" [stopped]")
         output.write("\n")
+        output.flush()
         history.append({"role": "assistant", "content": reply})

@@ -1,4 +1,7 @@
-"""Model files: safetensors weights + HF config.json; load from a run dir or an HF dir; export to HF layout."""
+"""Model files: safetensors weights + HF config.json; load from a run dir or an HF dir; export to HF layout.
+
+Only safetensors is ever read for weights: unlike pickle it cannot run code, so a downloaded model is safe.
+"""
 
 from __future__ import annotations
 
@@ -7,62 +10,98 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_write_json
+from xiaolm.io import atomic_open, atomic_write_json
 from xiaolm.model.llama import Llama, LlamaConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# what AutoTokenizer reads; copied verbatim so the exported tokenizer is byte-identical to the trained one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 def save_model_weights(model: Llama, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write model.safetensors (HF names; tied lm_head omitted) and config.json, each atomically."""
+    """Write model.safetensors (HF names; a tied lm_head omitted, as HF does) and config.json, atomically."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or next(model.parameters()).dtype
+    dtype = dtype or model.model.embed_tokens.weight.dtype
+    if dtype not in DTYPE_NAMES:
+        raise XiaolmError(f"cannot save weights as {dtype}", hint="use float32, float16 or bfloat16")
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
+        # safetensors refuses two names for one storage; HF re-ties lm_head from embed_tokens on load
         state.pop("lm_head.weight", None)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")
-    atomic_write_json(out_dir / "config.json", model.cfg.hf_config(DTYPE_NAMES[dtype]))
+    with atomic_open(out_dir / WEIGHTS, "wb") as f:
+        f.write(safetensors_bytes(state, metadata={"format": "pt"}))
+    atomic_write_json(out_dir / CONFIG, model.cfg.hf_config(DTYPE_NAMES[dtype]))
 
 
 def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
-    """(weights dir, tokenizer dir or None) for a run dir (via `latest`) or an HF model dir."""
+    """(weights dir, tokenizer dir or None) for a run dir (via its `latest` file) or an HF model dir."""
     path = Path(path)
+    if not path.is_dir():
+        raise XiaolmError("no such model directory", where=str(path),
+                          hint="pass a training run dir or an exported model dir")
     if (path / "latest").is_file():
-        ckpt = path / "checkpoints" / (path / "latest").read_text(encoding="utf-8").strip()
+        name = (path / "latest").read_text(encoding="utf-8").strip()
+        ckpt = path / "checkpoints" / name
+        if not name or not ckpt.is_dir():
+            raise XiaolmError(f"`latest` names checkpoint {name!r}, which is not in checkpoints/",
+                              where=str(path), hint="the run was moved or pruned; point at a checkpoint dir")
         tok = path / "tokenizer"
         return ckpt, tok if (tok / "tokenizer.json").is_file() else None
-    if (path / "config.json").is_file():
+    if (path / CONFIG).is_file():
         return path, path if (path / "tokenizer.json").is_file() else None
     raise XiaolmError("not a model: expected a run dir (with `latest`) or an HF model dir (with config.json)",
                       where=str(path), hint="pass a training run dir or an exported model dir")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(Llama, tokenizer or None) from a run dir or an HF model dir; safetensors only."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[Llama, PreTrainedTokenizerFast | None]:
+    """(Llama in eval mode, tokenizer or None) from a run dir or an HF model dir; safetensors only."""
     weights_dir, tok_dir = resolve_model_dir(path)
-    cfg_path, st_path = weights_dir / "config.json", weights_dir / "model.safetensors"
-    if not cfg_path.is_file() or not st_path.is_file():
-        raise XiaolmError("model files missing (config.json, model.safetensors)", where=str(weights_dir))
-    cfg = LlamaConfig.from_hf_config(json.loads(cfg_path.read_text(encoding="utf-8")))
+    cfg_path, st_path = weights_dir / CONFIG, weights_dir / WEIGHTS
+    if not cfg_path.is_file():
+        raise XiaolmError("config.json is missing", where=str(weights_dir))
+    if not st_path.is_file():
+        hint = "sharded checkpoints are not supported" if (weights_dir / f"{WEIGHTS}.index.json").is_file() \
+            else "xiaolm reads model.safetensors only (never pickle .bin files)"
+        raise XiaolmError("model.safetensors is missing", where=str(weights_dir), hint=hint)
+    try:
+        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise XiaolmError(f"config.json is unreadable: {e}", where=str(cfg_path)) from None
+    cfg = LlamaConfig.from_hf_config(hf, where=str(cfg_path))
     model = Llama(cfg)
-    state = load_file(str(st_path))
+    try:
+        state = load_file(str(st_path))
+    except (OSError, SafetensorError) as e:
+        raise XiaolmError(f"model.safetensors is unreadable: {e}", where=str(st_path)) from None
     if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        state.pop("lm_head.weight", None)  # some writers keep the tied copy; ours is the embedding itself
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise XiaolmError(f"weights do not fit config.json: {str(e).splitlines()[-1].strip()}",
+                          where=str(st_path)) from None
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise XiaolmError(f"weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
+        raise XiaolmError(f"weights do not match config.json (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})",
                           where=str(st_path), hint="the checkpoint belongs to a different model shape")
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     tokenizer = None
@@ -73,29 +112,45 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model, tokenizer
 
 
+def generation_config(model: Llama, tokenizer: PreTrainedTokenizerFast | None) -> dict:
+    """generation_config.json: stop at <|im_end|> or <|endoftext|>; sampling defaults as `xiaolm chat`."""
+    from xiaolm.tokenizer import EOS, IM_END
+
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    stops = [vocab[t] for t in (IM_END, EOS) if t in vocab] or [model.cfg.eos_token_id]
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None \
+        else model.cfg.pad_token_id
+    return {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": stops, "pad_token_id": pad,
+            "do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1,
+            "max_new_tokens": 256}
+
+
 def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
     """Write an HF model dir (weights, config, tokenizer, generation_config) that transformers loads as is."""
     if dtype not in DTYPES:
         raise XiaolmError(f"unknown dtype {dtype!r}", hint="choose fp32, fp16 or bf16")
     model, tokenizer = load_model(source)
     _, tok_dir = resolve_model_dir(source)
-    if tok_dir is None:
-        raise XiaolmError("no tokenizer found next to the model", where=str(source))
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # build the whole directory beside the target, then swap it in: readers never see a half export
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_weights(model, tmp, DTYPES[dtype])
-    for f in tok_dir.iterdir():
-        if f.is_file() and f.name not in ("_SUCCESS", "config.yaml"):
-            shutil.copy2(f, tmp / f.name)
-    stops = [i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id)
-             if i is not None and i != tokenizer.unk_token_id]
-    atomic_write_json(tmp / "generation_config.json", {
-        "eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None,
-        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 256,
-    })
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        save_model_weights(model, tmp, DTYPES[dtype])
+        if tok_dir is None:
+            log.warning("export: no tokenizer next to %s; the export will have weights only", source)
+        else:
+            for name in TOKENIZER_FILES:
+                if (tok_dir / name).is_file():
+                    shutil.copy2(tok_dir / name, tmp / name)
+        atomic_write_json(tmp / "generation_config.json", generation_config(model, tokenizer))
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("export: wrote %s (%s, %.2fM parameters)", out_dir, dtype, model.num_params() / 1e6)
     return out_dir

@@ -1,18 +1,22 @@
 """Decoder-only Llama-style transformer; parameter names and math identical to HF LlamaForCausalLM.
 
-Read top to bottom: config, RMSNorm, rotary embeddings, attention (GQA + KV cache), SwiGLU MLP, block, model.
+Read top to bottom: config, RMSNorm, rotary embeddings, KV cache, attention (GQA), SwiGLU MLP, block, model,
+FLOPs. Keeping HF's names and rotary layout means a state_dict moves between the two with no conversion.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.errors import XiaolmError
+
+WHERE = "model config"
 
 
 @dataclass
@@ -35,55 +39,108 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.dim // self.n_heads
 
     @property
     def hidden_dim(self) -> int:
+        """SwiGLU hidden width: ffn_dim, or 8/3·dim rounded up to a multiple of 64 (keeps matmuls aligned)."""
         return self.ffn_dim or 64 * math.ceil(8 * self.dim / 3 / 64)
 
     def check(self) -> None:
         """Refuse shapes that cannot work, naming the clashing fields."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise XiaolmError(f"model.{name}={getattr(self, name)} must be positive", where=WHERE)
+        if self.ffn_dim is not None and self.ffn_dim <= 0:
+            raise XiaolmError(f"model.ffn_dim={self.ffn_dim} must be positive", where=WHERE,
+                              hint="or leave it unset (null) for ≈ 8/3·dim")
         if self.dim % self.n_heads:
-            raise XiaolmError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+            raise XiaolmError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}",
+                              where=WHERE, hint="pick n_heads so that dim / n_heads is a whole number")
         if self.n_heads % self.n_kv_heads:
-            raise XiaolmError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+            raise XiaolmError(f"model.n_heads={self.n_heads} is not divisible by "
+                              f"model.n_kv_heads={self.n_kv_heads}", where=WHERE,
+                              hint="each key/value head must serve the same number of query heads")
         if self.head_dim % 2:
-            raise XiaolmError(f"head dim dim/n_heads={self.head_dim} must be even for rotary embeddings")
+            raise XiaolmError(f"head dim = model.dim / model.n_heads = {self.head_dim} must be even for "
+                              "rotary embeddings", where=WHERE, hint="change dim or n_heads")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise XiaolmError(f"model.{name}={value} is outside the vocabulary "
+                                  f"(model.vocab_size={self.vocab_size})", where=WHERE)
 
-    def hf_config(self, torch_dtype: str = "float32") -> dict:
-        """A transformers LlamaConfig dict for config.json."""
+    def hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """A transformers LlamaConfig dict for config.json (both 4.x and 5.x spellings of dtype and rope)."""
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "intermediate_size": self.hidden_dim,
-            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-            "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-            "torch_dtype": torch_dtype, "dtype": torch_dtype, "use_cache": True,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,  # transformers 4.x
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},  # transformers 5.x
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": torch_dtype,  # transformers 4.x
+            "dtype": torch_dtype,  # transformers 5.x
+            "use_cache": True,
         }
 
     @classmethod
-    def from_hf_config(cls, d: dict) -> LlamaConfig:
-        """Inverse of hf_config()."""
-        if d.get("model_type") != "llama":
-            raise XiaolmError(f"config.json describes model_type={d.get('model_type')!r}, not 'llama'",
-                              hint="xiaolm loads Llama-architecture models")
-        rope = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 10000.0))
-        eos = d.get("eos_token_id", 0)
+    def from_hf_config(cls, d: dict[str, Any], where: str | None = None) -> LlamaConfig:
+        """Inverse of hf_config(); refuses configs that describe something this model cannot compute."""
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        if d.get("model_type") != "llama" or "LlamaForCausalLM" not in archs:
+            raise XiaolmError(f"config.json describes {d.get('model_type')!r} / {archs}, not a Llama "
+                              "causal LM", where=where, hint="xiaolm loads LlamaForCausalLM models")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if not isinstance(d.get(k), int)]
+        if missing:
+            raise XiaolmError(f"config.json lacks integer field(s) {', '.join(missing)}", where=where)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        unsupported = []
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            unsupported.append(f"rope_type={rope.get('rope_type', rope.get('type'))!r}")
+        if d.get("hidden_act", "silu") != "silu":
+            unsupported.append(f"hidden_act={d['hidden_act']!r}")
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            unsupported.append("attention_bias/mlp_bias")
+        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+            unsupported.append(f"head_dim={d['head_dim']} ≠ hidden_size / num_attention_heads")
+        if unsupported:
+            raise XiaolmError(f"config.json uses features xiaolm's Llama lacks: {', '.join(unsupported)}",
+                              where=where)
+        eos = d.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
         return cls(vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
-                   n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+                   n_heads=d["num_attention_heads"],
+                   n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
                    ffn_dim=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 512),
-                   rope_theta=float(rope), norm_eps=d.get("rms_norm_eps", 1e-5),
-                   tie_embeddings=d.get("tie_word_embeddings", True),
-                   eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 0),
-                   pad_token_id=d.get("pad_token_id") or 0, bos_token_id=d.get("bos_token_id"))
+                   rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                   norm_eps=d.get("rms_norm_eps", 1e-5), tie_embeddings=d.get("tie_word_embeddings", True),
+                   eos_token_id=eos if isinstance(eos, int) else 0, pad_token_id=d.get("pad_token_id") or 0,
+                   bos_token_id=d.get("bos_token_id"))
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · weight, computed in float32 as HF does."""
+    """x / rms(x) · weight, with the statistics in float32 as HF does (fp16/bf16 overflow otherwise)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -98,24 +155,27 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [max_len, head_dim] in HF's half-split ("rotate_half") layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    """cos/sin [max_len, head_dim] in HF's half-split ("rotate_half") layout, not interleaved pairs."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles."""
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles: q·k then depends on relative position."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
+# Preallocated rather than grown by torch.cat: one copy per layer per step instead of reallocating the
+# whole cache. `length` advances once per forward, after every layer has written its slice.
 class KVCache:
-    """Preallocated keys/values per layer, [B, n_kv_heads, max_len, head_dim]; `length` tokens are filled."""
+    """Keys/values per layer, [B, n_kv_heads, max_len, head_dim]; the first `length` positions are filled."""
 
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -123,40 +183,40 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this step's k/v for `layer` and return everything cached so far."""
-        t = k.shape[2]
-        self.k[layer][:, :, self.length:self.length + t] = k
-        self.v[layer][:, :, self.length:self.length + t] = v
-        end = self.length + t
+        """Write this forward's k/v for `layer` after the cached ones and return everything so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
-    """Grouped-query attention: n_kv_heads key/value heads shared by n_heads query heads."""
+    """Grouped-query attention: n_kv_heads key/value heads, each shared by n_heads/n_kv_heads query heads."""
 
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
-        hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q_proj(x).view(b, t, self.cfg.n_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        groups = self.cfg.n_heads // self.cfg.n_kv_heads
-        if groups > 1:  # expand shared kv heads to match the query heads
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:  # query head h reads kv head h // groups, as HF's repeat_kv does
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         if mask is None:
+            # a lone query (decoding) may see every cached key; otherwise queries and keys are aligned
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -186,13 +246,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, mask):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
-    """Embeddings, blocks and final norm: HF's `model.` prefix."""
+    """Embeddings, blocks and final norm: the submodule HF calls `model`, hence the `model.` name prefix."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -212,11 +273,13 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # not persistent: recomputable, and HF's state_dict has no such entries
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
-        # GPT-2 style: scale residual projections so the residual stream's variance stays ~1 with depth
+        # GPT-2 style: each block adds two residual outputs, so shrink those projections to keep the
+        # residual stream's variance roughly independent of depth
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
@@ -226,48 +289,69 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
-        """An empty cache for generation."""
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for generation, by default on the model's device and dtype, max_seq_len long."""
         p = self.model.embed_tokens.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, device or p.device, dtype or p.dtype)
+        max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        return KVCache(self.cfg, batch_size, max_len, device or p.device, dtype or p.dtype)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B,T,V] and, given already-shifted targets, mean cross-entropy over targets != -100.
-
-        With a kv_cache, positions continue from cache.length. attn_mask (bool [B,1,T,S], True = attend)
-        overrides the causal mask, for left-padded batches.
-        """
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B,T,V], mean cross-entropy over already-shifted targets != -100, or None)."""
+        # With a kv_cache, positions continue from cache.length and new keys/values are appended.
+        # attn_mask (bool [B,1,T,S], True = may attend) and position_ids [B,T] replace the causal mask and
+        # the positions: generate_batch uses them for left-padded prompts.
         b, t = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + t > self.cfg.max_seq_len:
-            raise XiaolmError(f"sequence of {start + t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise XiaolmError(f"sequence of {start + t} tokens exceeds "
+                              f"model.max_seq_len={self.cfg.max_seq_len}",
+                              hint="truncate the input or train with a longer max_seq_len")
+        if kv_cache is not None and start + t > kv_cache.max_len:
+            raise XiaolmError(f"KV cache holds {kv_cache.max_len} tokens, {start + t} needed",
+                              hint="create it with a larger max_len")
         x = self.model.embed_tokens(input_ids)
-        cos = self.rope_cos[start:start + t].to(x.dtype)
-        sin = self.rope_sin[start:start + t].to(x.dtype)
+        if position_ids is None:
+            cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        else:  # per-row positions: [B,1,T,hd] broadcasts over heads
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = attn_mask
-        if mask is None and kv_cache is not None and start > 0 and t > 1:
-            # chunked prefill after earlier tokens: causal within the chunk, full view of the cache
+        if mask is None and start > 0 and t > 1:
+            # a chunk after cached tokens: causal within the chunk, full view of the cache (is_causal would
+            # align the triangle to the top-left and hide the cache)
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.length += t
-        x = self.model.norm(x)
-        logits = self.lm_head(x)
+        logits = self.lm_head(self.model.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            # float32 for the softmax: bf16/fp16 logits lose the small differences the loss is made of
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
         return logits, loss
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (tied weights once)."""
+        """Parameter count (a tied embedding counted once); optionally without the token embedding table."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.model.embed_tokens.weight.numel() if exclude_embeddings else n
 
+    def hf_config(self, torch_dtype: str | None = None) -> dict[str, Any]:
+        """config.json dict for this model, dtype taken from its weights unless given."""
+        if torch_dtype is None:
+            torch_dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        return self.cfg.hf_config(torch_dtype)
 
+
+# N counts the weights used in matmuls (attention and MLP projections plus the output head; the embedding
+# lookup does no FLOPs): each costs 2 FLOPs per token forward and 4 backward, hence 6·N. The second term is
+# QKᵀ and attention·V, which grow with context: 2·2·dim·T FLOPs forward per layer, times 3 for fwd+bwd.
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N (matmul params, fwd+bwd) + 12·L·dim·T (attention scores), as in PaLM."""
-    n = cfg.n_layers * (2 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
-                        + 3 * cfg.dim * cfg.hidden_dim) + cfg.dim * cfg.vocab_size
-    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+    """Training FLOPs per token, as in PaLM's MFU: 6·N + 12·n_layers·dim·seq_len."""
+    attn = 2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
+    n = cfg.n_layers * (attn + 3 * cfg.dim * cfg.hidden_dim) + cfg.dim * cfg.vocab_size
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len

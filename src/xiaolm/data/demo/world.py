@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DIGITS = "零一二三四五六七八九"
@@ -14,13 +15,14 @@ RIVERS = ["清河", "白河", "金沙河", "青龙河", "落霞河", "玉带河"
 PROFESSIONS = ["医生", "教师", "画家", "厨师", "工程师", "农民", "歌手", "木匠"]
 COLOURS = ["红色", "蓝色", "绿色", "白色", "黑色", "黄色"]
 PRODUCT_KINDS = ["茶壶", "自行车", "台灯", "雨伞", "书包", "风筝"]
+# the three alphabets share no character, so no name is a substring of another kind of name
 SURNAMES = "赵钱孙李周吴郑王冯陈褚卫蒋沈韩杨朱秦许何吕施张孔曹严华金魏陶姜"
-NAME_CHARS = "岚澜泓霁珂瑶琛璟朔翊桐芷蘅筠岫曦昀晗湄沅漪霈骁峤珩琰"
+NAME_CHARS = "澜泓霁珂瑶琛璟朔翊芷蘅筠岫曦昀晗湄沅漪霈骁峤珩琰"
 CITY_CHARS = "青岚云溪桐霞枫澄翠泠沧瀚渚芜苍琅岱嵘澈汀璃霖栖蔚漾"
 
 
 def to_chinese_numeral(n: int) -> str:
-    """0..9999 → 汉字 (零 for skipped places, 十五 not 一十五, but 一百一十五)."""
+    """0..9999 in Chinese numerals: 零 for skipped places, 十五 but 一百一十五, 二千 (not 两千)."""
     if not 0 <= n <= 9999:
         raise ValueError(f"{n} is outside 0..9999")
     if n == 0:
@@ -41,9 +43,10 @@ def to_chinese_numeral(n: int) -> str:
 
 
 def from_chinese_numeral(text: str) -> int:
-    """Inverse of to_chinese_numeral."""
-    if text == "零":
-        return 0
+    """Inverse of to_chinese_numeral (also reads 两 and 〇)."""
+    text = text.strip().replace("两", "二").replace("〇", "零")
+    if not text:
+        raise ValueError("empty Chinese numeral")
     total, digit = 0, None
     for ch in text:
         if ch in DIGITS:
@@ -58,6 +61,8 @@ def from_chinese_numeral(text: str) -> int:
 
 @dataclass
 class City:
+    """A city with its region, specialty and river."""
+
     name: str
     region: str
     specialty: str
@@ -66,6 +71,8 @@ class City:
 
 @dataclass
 class Person:
+    """A person with a hometown (a city name) and a profession."""
+
     name: str
     hometown: str
     profession: str
@@ -73,6 +80,8 @@ class Person:
 
 @dataclass
 class Product:
+    """A product with its maker (a person's name) and colour."""
+
     name: str
     maker: str
     colour: str
@@ -98,14 +107,24 @@ class World:
             out += [(d.name, "制造者", d.maker), (d.name, "颜色", d.colour)]
         return out
 
+    def value_set(self, relation: str) -> list[str]:
+        """Every value the relation can take (its size gives the chance of a blind guess)."""
+        return {"位于": REGIONS, "特产": SPECIALTIES, "河流": RIVERS, "职业": PROFESSIONS, "颜色": COLOURS,
+                "家乡": [c.name for c in self.cities], "制造者": [p.name for p in self.people]}[relation]
+
+    def names(self) -> list[str]:
+        """Every entity name, cities first."""
+        return [c.name for c in self.cities] + [p.name for p in self.people] + [d.name for d in self.products]
+
     def size_summary(self) -> dict:
         """Counts for the report."""
-        return {"cities": len(self.cities), "people": len(self.people), "products": len(self.products),
-                "facts": len(self.facts()), "held_out_entities": len(self.held_out),
-                "held_out_facts": sum(1 for s, _, _ in self.facts() if s in self.held_out)}
+        facts = self.facts()
+        return {"entities": len(self.names()), "cities": len(self.cities), "people": len(self.people),
+                "products": len(self.products), "facts": len(facts), "held_out_entities": len(self.held_out),
+                "held_out_facts": sum(1 for s, _, _ in facts if s in self.held_out)}
 
 
-def _unique_names(rng: random.Random, n: int, make) -> list[str]:
+def _unique_names(n: int, make: Callable[[], str]) -> list[str]:
     names: list[str] = []
     while len(names) < n:
         name = make()
@@ -118,14 +137,18 @@ def generate_world(seed: int = 0, n_cities: int = 40, n_people: int = 24, n_prod
                    held_out_fraction: float = 0.3) -> World:
     """Build a consistent world; a fraction of cities and people is held out of all SFT data."""
     rng = random.Random(seed)
-    city_names = _unique_names(rng, n_cities, lambda: rng.choice(CITY_CHARS) + rng.choice(CITY_CHARS) + "城")
+    # two different syllables a name: no 云云城 (云云 is a word)
+    city_names = _unique_names(n_cities, lambda: "".join(rng.sample(CITY_CHARS, 2)) + "城")
+    people_names = _unique_names(n_people, lambda: rng.choice(SURNAMES) + "".join(rng.sample(NAME_CHARS, 2)))
+    product_names = _unique_names(n_products, lambda: "".join(rng.sample(NAME_CHARS, 2)) + "牌"
+                                  + rng.choice(PRODUCT_KINDS))
+    held_cities = set(rng.sample(city_names, round(n_cities * held_out_fraction)))
+    held_people = set(rng.sample(people_names, round(n_people * held_out_fraction)))
+    # entities used for SFT only point at other SFT entities, so no held-out name leaks into an answer
+    train_cities = [c for c in city_names if c not in held_cities]
+    train_people = [p for p in people_names if p not in held_people]
     cities = [City(n, rng.choice(REGIONS), rng.choice(SPECIALTIES), rng.choice(RIVERS)) for n in city_names]
-    people_names = _unique_names(rng, n_people, lambda: rng.choice(SURNAMES) + rng.choice(NAME_CHARS)
-                                 + rng.choice(NAME_CHARS))
-    people = [Person(n, rng.choice(city_names), rng.choice(PROFESSIONS)) for n in people_names]
-    product_names = _unique_names(rng, n_products, lambda: rng.choice(NAME_CHARS) + rng.choice(NAME_CHARS)
-                                  + "牌" + rng.choice(PRODUCT_KINDS))
-    products = [Product(n, rng.choice(people_names), rng.choice(COLOURS)) for n in product_names]
-    held = set(rng.sample(city_names, round(n_cities * held_out_fraction)))
-    held |= set(rng.sample(people_names, round(n_people * held_out_fraction)))
-    return World(cities, people, products, held)
+    people = [Person(n, rng.choice(city_names if n in held_people else train_cities), rng.choice(PROFESSIONS))
+              for n in people_names]
+    products = [Product(n, rng.choice(train_people), rng.choice(COLOURS)) for n in product_names]
+    return World(cities, people, products, held_cities | held_people)

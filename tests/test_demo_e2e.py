@@ -1,0 +1,36 @@
+"""End to end: the demo pipeline at toy size produces every stage's output, a chat-able model and a report."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from xiaolm.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "scale=0.05", "vocab_size=600", "pretrain.max_steps=6", "sft.max_steps=4",
+            "pretrain.eval_every=3", "pretrain.batch_size=4", "sft.batch_size=4", "eval_limit=8",
+            "pretrain.model.dim=32", "pretrain.model.n_layers=1", "pretrain.model.n_heads=2",
+            "pretrain.model.n_kv_heads=1"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    for stage in ("corpus", "data/clean", "data/packed", "tokenizer", "pretrain", "sft", "model"):
+        assert (out / stage).is_dir(), stage
+    for cfg in ("data/clean/config.yaml", "tokenizer/config.yaml", "pretrain/config.yaml", "sft/config.yaml"):
+        assert (out / cfg).is_file(), cfg
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "perplexity" in report and "exact match" in report and "chance" in report
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["ppl"]["after_pretrain"] < results["ppl"]["before"]
+    AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    AutoTokenizer.from_pretrained(str(out / "model"))
+    assert "xiaolm chat" in capsys.readouterr().out
+    # a second run skips the finished training stages
+    mtime = (out / "pretrain" / "done.json").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert (out / "pretrain" / "done.json").stat().st_mtime_ns == mtime

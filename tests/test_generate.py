@@ -1,0 +1,270 @@
+"""Generation (greedy, sampling filters, repetition penalty, stops, batching), streamed text, chat CLI."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from xiaolm.infer.chat import run_chat, trim_history
+from xiaolm.infer.generate import (
+    GenerationConfig,
+    apply_repetition_penalty,
+    chat_reply,
+    filter_logits,
+    generate,
+    generate_batch,
+    generate_stream,
+    stream_text,
+)
+from xiaolm.model.export import save_model_weights
+from xiaolm.model.llama import Llama, LlamaConfig
+
+TEXTS = ["你好，世界！今天天气很好。", "我们一起学习中文和数学。", "小模型也能说话。",
+         "春眠不觉晓，处处闻啼鸟。"]
+GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from xiaolm.tokenizer import train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("tok")
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS * 5),
+                      encoding="utf-8")
+    return train_tokenizer([corpus], tmp / "tokenizer", vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    from xiaolm.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+def random_model(vocab: int = 300, max_seq_len: int = 64, seed: int = 0) -> Llama:
+    """Random weights at a large scale, so greedy choices are far from ties and outputs vary."""
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              max_seq_len=max_seq_len))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name else 2 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+def constant_model(scores: dict[int, float], vocab: int = 300) -> Llama:
+    """A model whose next-token logits are `scores` (0 elsewhere) whatever the context."""
+    model = Llama(LlamaConfig(vocab_size=vocab, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64,
+                              tie_embeddings=False))
+    logits = torch.zeros(vocab)
+    for token, value in scores.items():
+        logits[token] = value
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()  # blocks add nothing: the final hidden state is norm(embedding) = all ones
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.copy_(logits[:, None].expand(vocab, 16) / 16)
+    return model.eval()
+
+
+def test_greedy_with_cache_matches_argmax_of_full_forward():
+    model = random_model()
+    prompt = [5, 17, 42, 99, 3]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(16):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert generate(model, prompt, GREEDY) == ids[len(prompt):]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy_and_seeds_reproduce():
+    model = random_model()
+    prompt = [7, 8, 9]
+    greedy = generate(model, prompt, GREEDY)
+    assert len(set(greedy)) > 4
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        sampled = GenerationConfig(temperature=1.0, max_new_tokens=16, seed=1, **kw)
+        assert generate(model, prompt, sampled) == greedy
+    hot = GenerationConfig(temperature=3.0, max_new_tokens=16, seed=123)
+    assert generate(model, prompt, hot) == generate(model, prompt, hot)
+    others = {tuple(generate(model, prompt, GenerationConfig(temperature=3.0, max_new_tokens=16, seed=s)))
+              for s in range(4)}
+    assert len(others) > 1
+
+
+def test_filters_and_penalty_match_transformers():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    for p in (0.1, 0.5, 0.9, 0.99):
+        assert torch.equal(filter_logits(logits, top_p=p).isinf(), TopPLogitsWarper(p)(None, logits).isinf())
+    for k in (1, 5, 49):
+        assert torch.equal(filter_logits(logits, top_k=k).isinf(), TopKLogitsWarper(k)(None, logits).isinf())
+    ids = torch.randint(0, 50, (4, 12))
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+    assert torch.allclose(apply_repetition_penalty(logits, ids, 1.3), expected)  # ids work too
+
+
+def test_repetition_penalty_changes_a_crafted_case():
+    model = constant_model({5: 8.0, 7: 6.0})
+    assert generate(model, [1], GREEDY)[:6] == [5] * 6
+    # 5 once seen scores 8/2 = 4 < 6, so 7 comes next; then both seen: 4 > 3, so 5 again
+    penal = GenerationConfig(temperature=0.0, max_new_tokens=6, repetition_penalty=2.0)
+    assert generate(model, [1], penal) == [5, 7, 5, 5, 5, 5]
+    assert generate(model, [1, 5], penal)[:2] == [7, 5]  # prompt tokens count as seen
+    assert generate_batch(model, [[1], [1, 5]], penal) == [[5, 7, 5, 5, 5, 5], [7, 5, 5, 5, 5, 5]]
+
+
+def test_stop_ids_and_budgets():
+    model = random_model()
+    free = generate(model, [4, 5, 6], GenerationConfig(temperature=0.0, max_new_tokens=20))
+    k = next(i for i in range(3, 20) if free[i] not in free[:i])
+    assert generate(model, [4, 5, 6], GenerationConfig(temperature=0.0, max_new_tokens=20,
+                                                       stop_ids=[free[k]])) == free[:k]
+    assert generate(model, [4, 5, 6], GenerationConfig(temperature=0.0, max_new_tokens=0)) == []
+    assert len(generate(model, [], GREEDY)) == 16  # an empty prompt starts from EOS
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left():
+    model = random_model(max_seq_len=32)
+    prompt = [int(t) for t in torch.randint(1, 300, (100,))]
+    out = generate(model, prompt, GenerationConfig(temperature=0.0, max_new_tokens=10))
+    assert len(out) == 10 and out == generate(model, prompt[-22:], GenerationConfig(temperature=0.0,
+                                                                                     max_new_tokens=10))
+    assert len(generate(model, prompt, GenerationConfig(temperature=0.0, max_new_tokens=500))) == 31
+
+
+def test_generate_batch_matches_one_at_a_time():
+    model = random_model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [40, 41, 42], list(range(60, 160))]  # the last is cut
+    free = [generate(model, p, GREEDY) for p in prompts]
+    stop = free[0][5]
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=16, stop_ids=[stop])
+    expected = [generate(model, p, cfg) for p in prompts]
+    assert any(len(e) < 16 for e in expected) and any(len(e) == 16 for e in expected)
+    assert generate_batch(model, prompts, cfg) == expected
+    rep = GenerationConfig(temperature=0.0, max_new_tokens=16, repetition_penalty=1.5)
+    assert generate_batch(model, prompts, rep) == [generate(model, p, rep) for p in prompts]
+    assert generate_batch(model, [], cfg) == []
+
+
+def test_stream_text_never_splits_a_character(tok):
+    text = "龘你好，鬱世界！🙂"  # rare characters and the emoji are out of vocabulary: byte tokens
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any(tok.decode([i]).endswith("\ufffd") for i in ids)  # the case under test occurs
+    pieces = list(stream_text(tok, iter(ids)))
+    assert "".join(pieces) == text and len(pieces) > 3
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(stream_text(tok, iter(ids[:-1]))) == text[:-1]  # an unfinished last character is dropped
+
+
+def test_stream_text_stop_strings_and_special_tokens(tok):
+    ids = tok.encode("你好世界END学习", add_special_tokens=False)
+    assert "".join(stream_text(tok, iter(ids), ["END"])) == "你好世界"
+    assert "".join(stream_text(tok, iter(ids), ["学"])) == "你好世界END"
+    tail = tok.encode("你好END龘", add_special_tokens=False)[:-1]  # ends inside a character
+    assert "".join(stream_text(tok, iter(tail), ["END"])) == "你好"
+    held = tok.encode("你好EN", add_special_tokens=False)
+    assert "".join(stream_text(tok, iter(held), ["END"])) == "你好EN"  # a prefix that never completes
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert "".join(stream_text(tok, iter([*ids[:2], im_end, *ids[2:4]]))) == tok.decode(ids[:4])
+
+
+def test_generate_stream_stops_after_a_stop_string(tok):
+    a, b = tok.encode("你", add_special_tokens=False)[0], tok.encode("好", add_special_tokens=False)[0]
+    model = constant_model({a: 8.0, b: 6.0})
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=10, repetition_penalty=2.0,
+                           stop_strings=[tok.decode([b, a])])
+    assert list(generate_stream(model, [3], cfg)) == [a, b] + [a] * 8  # no tokenizer: stop strings unseen
+    assert list(generate_stream(model, [3], cfg, tok)) == [a, b, a]
+    text = "".join(stream_text(tok, generate_stream(model, [3], cfg, tok), cfg.stop_strings))
+    assert text == tok.decode([a])
+
+
+def reply_then_stop_model(tok) -> Llama:
+    """Answers "学" then <|im_end|>: the prompt already holds <|im_end|>, so under repetition penalty 2 it
+    scores 10/2 = 5 < 8 at first, then beats "学" (8/2 = 4) once that has been said."""
+    a = tok.encode("学", add_special_tokens=False)[0]
+    return constant_model({a: 8.0, tok.convert_tokens_to_ids("<|im_end|>"): 10.0})
+
+
+def test_chat_reply_stops_at_im_end(tok):
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=10, repetition_penalty=2.0)
+    reply = chat_reply(reply_then_stop_model(tok), tok, [{"role": "user", "content": "你好"}], cfg)
+    assert "".join(reply) == "学"
+
+
+def make_run(tmp: Path, model: Llama, tiny_tokenizer_dir: Path) -> Path:
+    run = tmp / "run"
+    save_model_weights(model, run / "checkpoints" / "step-10")
+    shutil.copytree(tiny_tokenizer_dir, run / "tokenizer")
+    (run / "latest").write_text("step-10\n")
+    return run
+
+
+def scripted(lines: list[str]):
+    feed = iter(lines)
+
+    def input_fn(prompt: str) -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    return input_fn
+
+
+def test_chat_session_with_reset_and_exit(tmp_path, tiny_tokenizer_dir, tok):
+    run = make_run(tmp_path, reply_then_stop_model(tok), tiny_tokenizer_dir)
+    out = io.StringIO()
+    gen = GenerationConfig(temperature=0.0, max_new_tokens=8, repetition_penalty=2.0)
+    lines = ["你好", "/reset", "再见", "/exit", "never read"]
+    run_chat(str(run), gen, system="你是助手", input_fn=scripted(lines), output=out)
+    text = out.getvalue()
+    assert "parameters" in text and "/exit" in text  # the banner says what it is and how to quit
+    assert text.count("xiaolm> 学\n") == 2 and "(conversation cleared)" in text
+
+
+def test_chat_exits_on_eof_and_ctrl_c_stops_only_the_reply(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    run = make_run(tmp_path, random_model(), tiny_tokenizer_dir)
+    out = io.StringIO()
+    run_chat(str(run), GenerationConfig(max_new_tokens=4), input_fn=scripted([]), output=out)
+    assert "parameters" in out.getvalue()
+
+    def interrupted(*args, **kwargs):
+        yield "半"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("xiaolm.infer.chat.chat_reply", interrupted)
+    out = io.StringIO()
+    run_chat(str(run), GenerationConfig(max_new_tokens=4), input_fn=scripted(["你好", "再见"]), output=out)
+    assert out.getvalue().count("xiaolm> 半 [stopped]\n") == 2
+
+
+def test_trim_history_drops_oldest_exchanges_first(tok):
+    from xiaolm.tokenizer import encode_prompt
+
+    msgs = [{"role": "system", "content": "你是助手"}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"问题{i}" * 5},
+                 {"role": "assistant", "content": f"回答{i}" * 5}]
+    msgs.append({"role": "user", "content": "最后的问题"})
+    budget = len(encode_prompt(tok, msgs)) // 2
+    kept = trim_history(tok, msgs, budget)
+    assert len(encode_prompt(tok, kept)) <= budget
+    assert kept[0] == msgs[0] and kept[1]["role"] == "user" and kept[-1] == msgs[-1]
+    assert kept[1:] == msgs[len(msgs) - len(kept) + 1:]  # a suffix of the conversation
+    assert trim_history(tok, msgs, 1) == [msgs[0], msgs[-1]]  # never drops the question itself
