@@ -6,9 +6,7 @@ import hashlib
 import html
 import json
 import logging
-import os
 import re
-import shutil
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -16,63 +14,115 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from xiaolm.config import config_to_dict, save_config
-from xiaolm.data.read import RejectLog, read_records
-from xiaolm.io import atomic_write_json
+from xiaolm.data.read import RejectLog, expand_inputs, inputs_fingerprint, read_records
+from xiaolm.errors import XiaolmError
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+PART = "part-00000.jsonl"
 
 
 @dataclass
 class CleanConfig:
-    """Each rule can be switched off; thresholds apply to the text after normalization."""
+    """Each rule can be switched off; the filters apply to the text after normalization."""
 
-    text_field: str = "text"
-    nfkc: bool = True  # Unicode NFKC: full-width ASCII → half-width, compatibility forms folded
-    t2s: bool = True  # Traditional → Simplified Chinese (OpenCC)
-    strip_control: bool = True  # control characters except newline and tab
-    strip_markup: bool = True  # HTML tags and entities
-    collapse_space: bool = True  # runs of spaces/blank lines
-    min_chars: int = 8
-    max_chars: int = 20000  # longer documents are split at paragraph boundaries
-    min_cjk_ratio: float = 0.3  # share of CJK characters among non-space characters
-    exact_dedup: bool = True  # drop records whose normalized text was already seen
+    text_field: str = "text"  # field holding a document's text; chat records use "messages" instead
+    strip_markup: bool = True  # HTML tags, comments, scripts and entities
+    strip_control: bool = True  # control and zero-width characters except newline and tab; CR/CRLF → LF
+    nfkc: bool = True  # Unicode NFKC (full-width ASCII → half-width), Chinese punctuation stays full width
+    t2s: bool = True  # Traditional → Simplified Chinese (OpenCC t2s)
+    collapse_space: bool = True  # trailing spaces, runs of blank lines, leading/trailing whitespace
+    min_chars: int = 8  # shorter documents are rejected
+    max_chars: int = 20000  # longer documents are split at paragraph (then line, then sentence) boundaries
+    min_cjk_ratio: float = 0.3  # share of CJK ideographs among non-space characters
+    exact_dedup: bool = True  # drop documents whose normalized text (whitespace removed) was seen before
 
 
-# NFKC would turn Chinese full-width punctuation into ASCII; keep it as is
-_KEEP_FULLWIDTH = set("，。！？；：（）【】「」『』《》、“”‘’…—～·")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\ufeff]")
-_TAG = re.compile(r"<[^<>\n]{1,200}>")
-_SPACES = re.compile(r"[ \t\u3000]+")
+# NFKC would turn these into ASCII (，→, ！→! …→...); Chinese text keeps them full width
+KEEP_FULL_WIDTH = "，！？；：（）～…"
+_KEEP = re.compile(f"[{re.escape(KEEP_FULL_WIDTH)}]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"  # C0/C1 controls but \t and \n
+                      r"\u200b\u200c\u200e\u200f\u202a-\u202e\u2060\ufeff]")  # zero-width, bidi, BOM
+_BLOCK_TAGS = ("address|article|aside|blockquote|body|br|caption|dd|div|dl|dt|figcaption|figure|footer|form|"
+               "h[1-6]|head|header|hr|html|li|main|nav|ol|p|pre|section|table|tbody|td|tfoot|th|thead|title|tr|ul")
+_INLINE_TAGS = ("a|abbr|b|big|center|cite|code|del|em|font|i|img|input|ins|kbd|label|link|mark|meta|nobr|q|s|"
+                "small|source|span|strike|strong|sub|sup|tt|u|var|wbr")
+_ATTRS = r"""(?:\s+[\w:.-]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'<>]+))?)*\s*/?>"""
+_DROP = re.compile(r"<!--.*?-->|<(script|style)\b[^>]*>.*?</\1\s*>|<!DOCTYPE[^>]*>", re.I | re.S)
+_BLOCK = re.compile(rf"</?(?:{_BLOCK_TAGS})\b{_ATTRS}", re.I)
+_INLINE = re.compile(rf"</?(?:{_INLINE_TAGS})\b{_ATTRS}", re.I)
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_TRAILING = re.compile(r"[ \t]+\n")
 _BLANKS = re.compile(r"\n{3,}")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+_SPACE = re.compile(r"\s+")
+_SEPARATORS = ("\n\n", "\n", "。", "！", "？", "；", ". ", "，", " ")
 
 
 def nfkc(text: str) -> str:
-    """NFKC, except for Chinese full-width punctuation."""
-    return "".join(ch if ch in _KEEP_FULLWIDTH else unicodedata.normalize("NFKC", ch) for ch in text) \
-        if any(ch in _KEEP_FULLWIDTH for ch in text) else unicodedata.normalize("NFKC", text)
+    """Unicode NFKC (full-width letters and digits → ASCII), keeping Chinese full-width punctuation."""
+    parts = _KEEP.split(text)
+    if len(parts) == 1:
+        return unicodedata.normalize("NFKC", text)
+    keeps = _KEEP.findall(text)
+    out = [unicodedata.normalize("NFKC", parts[0])]
+    for keep, part in zip(keeps, parts[1:], strict=True):
+        out += [keep, unicodedata.normalize("NFKC", part)]
+    return "".join(out)
 
 
 def strip_markup(text: str) -> str:
-    """Remove HTML tags and unescape entities."""
-    return html.unescape(_TAG.sub("", text))
+    """Remove HTML tags (block tags become line breaks), comments and scripts; unescape entities."""
+    if "<" in text:
+        text = _INLINE.sub("", _BLOCK.sub("\n", _DROP.sub("", text)))
+    return html.unescape(text) if _ENTITY.search(text) else text
 
 
 def strip_control(text: str) -> str:
-    """Remove control and zero-width characters (newline and tab stay)."""
+    """Remove control and zero-width characters (newline and tab stay); CRLF and CR become LF."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n")
     return _CONTROL.sub("", text)
 
 
 def collapse_space(text: str) -> str:
-    """Collapse runs of spaces and of blank lines; trim the ends."""
-    return _BLANKS.sub("\n\n", "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))).strip()
+    """Drop trailing spaces on each line, shorten runs of blank lines to one, trim both ends."""
+    return _BLANKS.sub("\n\n", _TRAILING.sub("\n", text)).strip()
 
 
 def cjk_ratio(text: str) -> float:
     """Share of CJK ideographs among non-space characters."""
-    chars = [c for c in text if not c.isspace()]
-    return sum(1 for c in chars if _CJK.match(c)) / len(chars) if chars else 0.0
+    chars = _SPACE.sub("", text)
+    return len(_CJK.findall(chars)) / len(chars) if chars else 0.0
+
+
+def split_long(text: str, max_chars: int) -> list[str]:
+    """Split at paragraph, then line, then sentence boundaries into pieces of at most max_chars."""
+    text = text.strip()
+    if len(text) <= max_chars:
+        return [text] if text else []
+    for sep in _SEPARATORS:
+        parts = [p + sep for p in text.split(sep)]
+        parts[-1] = parts[-1][: -len(sep)]
+        parts = [p for p in parts if p.strip()]
+        if len(parts) > 1:
+            break
+    else:
+        return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+    pieces, current = [], ""
+    for part in parts:
+        if current and len(current) + len(part) > max_chars:
+            pieces.append(current)
+            current = ""
+        if len(part) > max_chars:
+            pieces.extend(split_long(part, max_chars))
+        else:
+            current += part
+    pieces.append(current)
+    return [p.strip() for p in pieces if p.strip()]
 
 
 def _t2s() -> Callable[[str], str]:
@@ -81,26 +131,8 @@ def _t2s() -> Callable[[str], str]:
     return opencc.OpenCC("t2s").convert
 
 
-def split_long(text: str, max_chars: int) -> list[str]:
-    """Split at paragraph (then line) boundaries into pieces of at most max_chars."""
-    if len(text) <= max_chars:
-        return [text]
-    pieces, current = [], ""
-    for para in re.split(r"(?<=\n)", text):
-        while len(para) > max_chars:
-            pieces.append(para[:max_chars])
-            para = para[max_chars:]
-        if len(current) + len(para) > max_chars:
-            pieces.append(current)
-            current = ""
-        current += para
-    if current:
-        pieces.append(current)
-    return [p.strip() for p in pieces if p.strip()]
-
-
 class Cleaner:
-    """Applies the configured rules to one text, counting what each rule changed or rejected."""
+    """Applies the configured normalizers and filters to one text, counting what each rule changed."""
 
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
@@ -116,109 +148,151 @@ class Cleaner:
         if cfg.collapse_space:
             self.rules.append(("collapse_space", collapse_space))
         self.modified: Counter[str] = Counter()
-        self.examples: dict[str, list] = defaultdict(list)
+        self.examples: dict[str, list[dict]] = defaultdict(list)
 
     def normalize(self, text: str) -> str:
         """Run every normalizer in order."""
         for name, rule in self.rules:
             new = rule(text)
             if new != text:
-                self.modified[name] += 1
-                if len(self.examples[name]) < 3:
-                    self.examples[name].append({"before": text[:120], "after": new[:120]})
+                self.note(name, text, new)
                 text = new
         return text
+
+    def note(self, rule: str, before: str, after: str) -> None:
+        """Count one modification by `rule`, keeping a few before/after examples."""
+        self.modified[rule] += 1
+        if len(self.examples[rule]) < 3:
+            self.examples[rule].append({"before": before[:120], "after": after[:120]})
 
     def reject_reason(self, text: str) -> str | None:
         """Name of the first filter the text fails, or None."""
         if len(text) < self.cfg.min_chars:
             return "too_short"
-        if cjk_ratio(text) < self.cfg.min_cjk_ratio:
+        if len(text) > self.cfg.max_chars:
+            return "too_long"
+        if self.cfg.min_cjk_ratio > 0 and cjk_ratio(text) < self.cfg.min_cjk_ratio:
             return "low_cjk_ratio"
         return None
 
 
-def _record_id(record: dict, text: str) -> str:
+def _chat_fields(record: dict) -> list[dict] | None:
+    """The messages of a chat record if it looks like one, else None; ValueError if it is malformed."""
+    from xiaolm.tokenizer.chat import normalize_chat
+
+    if "messages" not in record and not ("prompt" in record and "response" in record):
+        return None
+    normalize_chat(record)  # validates roles and contents
+    if "messages" in record:
+        return record["messages"]
+    return [{"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]}]
+
+
+def _outputs(record: dict, cleaner: Cleaner, cfg: CleanConfig
+             ) -> tuple[list[dict], list[str], list[str]] | None:
+    """(output records, filter texts, dedup-key texts); None if no text; ValueError for a bad chat."""
+    if isinstance(record.get(cfg.text_field), str):
+        text = cleaner.normalize(record[cfg.text_field])
+        pieces = split_long(text, cfg.max_chars) if len(text) > cfg.max_chars else [text]
+        if len(pieces) > 1:
+            cleaner.note("split_long", text, f"{len(pieces)} pieces")
+        return [{**record, cfg.text_field: p} for p in pieces], pieces, pieces
+    messages = _chat_fields(record)
+    if messages is None:
+        return None
+    clean = [{**m, "content": cleaner.normalize(m["content"])} for m in messages]
+    if "messages" in record:
+        out = {**record, "messages": clean}
+    else:
+        out = {**record, "prompt": clean[0]["content"], "response": clean[1]["content"]}
+    joined = "\n".join(m["content"] for m in clean)
+    return [out], [joined], ["\n".join(f"{m['role']}\x00{m['content']}" for m in clean)]
+
+
+def _stable_id(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanConfig | None = None) -> dict:
-    """Clean text or chat records into out_dir/part-00000.jsonl with report.json and rejects.jsonl."""
+    """Clean text or chat records into out_dir/part-00000.jsonl, with report.json and rejects.jsonl."""
     cfg = cfg or CleanConfig()
+    if cfg.min_chars < 0 or cfg.max_chars < max(cfg.min_chars, 1) or not 0 <= cfg.min_cjk_ratio <= 1:
+        raise XiaolmError(f"inconsistent limits min_chars={cfg.min_chars} max_chars={cfg.max_chars} "
+                          f"min_cjk_ratio={cfg.min_cjk_ratio}", where="config",
+                          hint="need 0 <= min_chars <= max_chars and 0 <= min_cjk_ratio <= 1")
     out_dir = Path(out_dir)
-    settings = {"inputs": [str(i) for i in inputs], **config_to_dict(cfg)}
-    if (out_dir / "_SUCCESS").is_file() and (out_dir / "report.json").is_file():
+    if out_dir.exists() and not out_dir.is_dir():
+        raise XiaolmError("output path exists and is not a directory", where=str(out_dir))
+    files = [f for f in expand_inputs(inputs) if not _inside(f, out_dir)]
+    fingerprint = inputs_fingerprint(files)
+    done = out_dir / "_SUCCESS"
+    if done.is_file() and (out_dir / "report.json").is_file() and (out_dir / "config.yaml").is_file():
         report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
-        if report.get("settings") == settings:
-            log.info("data/clean: %s is up to date; skipping", out_dir)
+        saved = yaml.safe_load((out_dir / "config.yaml").read_text(encoding="utf-8"))
+        same_config = saved == config_to_dict(cfg)
+        if same_config and report.get("inputs") == fingerprint:
+            log.info("data/clean: %s is up to date (same inputs and config); skipping", out_dir)
             return report
     from tqdm.auto import tqdm
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
     cleaner = Cleaner(cfg)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     seen: set[bytes] = set()
-    records_in = records_out = 0
-    reject_examples: dict[str, list] = defaultdict(list)
+    read = records_out = added_by_split = 0
+    own: Counter[str] = Counter()  # rejections made here (the rest come from the reader)
     start = time.perf_counter()
-    with RejectLog(tmp / "rejects.jsonl") as rejects, open(tmp / "part-00000.jsonl", "w", encoding="utf-8") as out, \
-            tqdm(desc="clean", unit="rec") as bar:
-        def reject(reason: str, where: str, record) -> None:
-            rejects.add(reason, where, record)
-            if len(reject_examples[reason]) < 3:
-                reject_examples[reason].append({"where": where, "record": str(record)[:120]})
+    with RejectLog(out_dir / "rejects.jsonl") as rejects, atomic_open(out_dir / PART, "w") as out, \
+            tqdm(desc="data/clean", unit="rec", disable=None) as bar:
 
-        # rejections by the reader (bad JSON, invalid UTF-8) are counted via rejects.counts
-        for record, where in read_records(inputs, rejects):
-            records_in += 1
+        def reject(reason: str, where: str, record: object, detail: str | None = None) -> None:
+            own[reason] += 1
+            rejects.add(reason, where, record, detail)
+
+        for record, where in read_records(files, rejects):
+            read += 1
             bar.update(1)
-            source = record.get("source") or Path(where.rsplit(":", 1)[0]).name
-            if isinstance(record.get(cfg.text_field), str):
-                pieces = split_long(cleaner.normalize(record[cfg.text_field]), cfg.max_chars)
-                if len(pieces) > 1:
-                    cleaner.modified["split_long"] += 1
-                outputs = [{**record, cfg.text_field: p} for p in pieces]
-                texts = pieces
-            elif isinstance(record.get("messages"), list):
-                try:
-                    msgs = [{**m, "content": cleaner.normalize(m["content"])} for m in record["messages"]]
-                except (TypeError, KeyError):
-                    reject("bad_chat_record", where, record)
-                    continue
-                outputs, texts = [{**record, "messages": msgs}], ["\n".join(m["content"] for m in msgs)]
-            else:
-                reject("missing_field", where, record)
+            try:
+                result = _outputs(record, cleaner, cfg)
+            except ValueError as e:
+                reject("bad_chat", where, record, str(e))
                 continue
-            for i, (rec, text) in enumerate(zip(outputs, texts, strict=False)):
+            if result is None:
+                reject("missing_field", where, record, f"no string '{cfg.text_field}' and not a chat record")
+                continue
+            outputs, texts, keys = result
+            added_by_split += len(outputs) - 1
+            source = record.get("source") or Path(where.rsplit(":", 1)[0]).name
+            for i, (rec, text, key_text) in enumerate(zip(outputs, texts, keys, strict=True)):
                 reason = cleaner.reject_reason(text)
                 if reason:
                     reject(reason, where, rec)
                     continue
                 if cfg.exact_dedup:
-                    key = hashlib.sha1(re.sub(r"\s+", "", text).encode("utf-8")).digest()
+                    key = hashlib.sha1(_SPACE.sub("", key_text).encode("utf-8")).digest()
                     if key in seen:
                         reject("exact_duplicate", where, rec)
                         continue
                     seen.add(key)
-                rec["id"] = str(record.get("id", _record_id(record, text))) + (f"-{i}" if len(outputs) > 1 else "")
+                base = str(record["id"]) if record.get("id") is not None else _stable_id(key_text)
+                rec["id"] = f"{base}-{i}" if len(outputs) > 1 else base
                 rec["source"] = source
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 records_out += 1
-    report = {"records_in": records_in + sum(v for k, v in rejects.counts.items() if k not in reject_examples),
-              "records_out": records_out, "rejected": dict(rejects.counts), "modified": dict(cleaner.modified),
-              "examples": {**{f"modified:{k}": v for k, v in cleaner.examples.items()},
-                           **{f"rejected:{k}": v for k, v in reject_examples.items()}},
-              "seconds": round(time.perf_counter() - start, 2), "settings": settings}
-    atomic_write_json(tmp / "report.json", report)
-    save_config(cfg, tmp / "config.yaml")
-    (tmp / "_SUCCESS").write_text("")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(rejects.counts.items()))
+    examples: dict[str, list] = {**cleaner.examples, **rejects.examples}
+    report = {"records_in": read + rejects.total - sum(own.values()), "records_out": records_out,
+              "rejected": dict(rejects.counts.most_common()),
+              "modified": dict(cleaner.modified.most_common()),
+              "added_by_split": added_by_split, "examples": examples,
+              "seconds": round(time.perf_counter() - start, 3), "inputs": fingerprint}
+    atomic_write_json(out_dir / "report.json", report)
+    save_config(cfg, out_dir / "config.yaml")
+    atomic_write_text(done, "")
     log.info("data/clean: %d in, %d out, %d rejected (%s) — see %s", report["records_in"], records_out,
-             rejects.total, summary or "none", out_dir / "rejects.jsonl")
+             rejects.total, rejects.summary(), out_dir / "rejects.jsonl")
     return report
-
-

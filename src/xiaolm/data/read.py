@@ -1,138 +1,281 @@
-"""Streaming record readers (jsonl, json array, txt; optionally .gz) with file:line provenance and rejects."""
+"""Streaming record readers (jsonl, json, txt; optionally .gz) with file:line provenance and rejects."""
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import json
 import logging
-from collections import Counter
+import zlib
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from xiaolm.errors import XiaolmError
+from xiaolm.io import atomic_open
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".json", ".txt")
+# files our own stages write next to their records; a directory or glob input skips them
+ARTIFACTS = frozenset({"rejects.jsonl", "report.json", "meta.json"})
+MAX_EXAMPLES = 3
+_CHUNK = 1 << 20
 
 
 class RejectLog:
-    """Collects rejected records with reason and file:line; writes rejects.jsonl when given a path."""
+    """Counts rejected records by reason and, given a path, writes them to a rejects.jsonl (atomically)."""
 
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
         self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[dict]] = defaultdict(list)
         self._file: IO[str] | None = None
+        self._ctx: Any = None
 
     def __enter__(self) -> RejectLog:
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w", encoding="utf-8")
+            self._ctx = atomic_open(self.path, "w")
+            self._file = self._ctx.__enter__()
         return self
 
-    def add(self, reason: str, where: str, record: Any) -> None:
-        """Record one rejection."""
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx, self._file = self._ctx, None, None
+            ctx.__exit__(*exc)
+
+    def add(self, reason: str, where: str, record: Any, detail: str | None = None) -> None:
+        """Record one rejection: a short reason code, "file:line", the record (raw text if unparseable)."""
         self.counts[reason] += 1
+        row = {"where": where, "reason": reason, "record": record}
+        if detail:
+            row["detail"] = detail
+        if len(self.examples[reason]) < MAX_EXAMPLES:
+            self.examples[reason].append({"where": where, "record": _preview(record)})
         if self._file is not None:
-            self._file.write(json.dumps({"where": where, "reason": reason, "record": record},
-                                        ensure_ascii=False) + "\n")
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     @property
     def total(self) -> int:
+        """Number of rejected records."""
         return sum(self.counts.values())
 
-    def __exit__(self, *exc: object) -> None:
-        if self._file is not None:
-            self._file.close()
+    def summary(self) -> str:
+        """`bad_json 1, too_short 20` (most frequent first), or `none`."""
+        return ", ".join(f"{k} {v}" for k, v in self.counts.most_common()) or "none"
+
+
+def _preview(record: Any, limit: int = 200) -> str:
+    text = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _base_suffix(path: Path) -> str:
-    name = path.name.removesuffix(".gz")
-    return Path(name).suffix
+    return Path(path.name.removesuffix(".gz")).suffix.lower()
+
+
+def _is_record_file(path: Path, root: Path | None = None) -> bool:
+    """A supported, visible, non-artifact file (hidden dirs below `root` are skipped too)."""
+    if not path.is_file() or _base_suffix(path) not in SUFFIXES or path.name in ARTIFACTS:
+        return False
+    parts = path.relative_to(root).parts if root is not None else (path.name,)
+    return not any(p.startswith((".", "_")) for p in parts)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files, globs and directories (recursive) → sorted list of readable record files."""
+    """Files, globs and directories (recursive, sorted) → record files, each once, in input order."""
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
     files: list[Path] = []
     for item in inputs:
-        item = str(item)
-        matches = sorted(glob.glob(item, recursive=True)) if any(c in item for c in "*?[") else [item]
-        if not matches or not Path(matches[0]).exists():
-            raise XiaolmError("input not found", where=item, hint="check the path (files, globs or directories)")
-        for m in matches:
-            p = Path(m)
-            if p.is_dir():
-                files.extend(sorted(f for f in p.rglob("*") if f.is_file() and _base_suffix(f) in SUFFIXES
-                                    and not f.name.startswith((".", "_")) and f.name != "rejects.jsonl"))
-            else:
-                files.append(p)
-    return files
+        text = str(item)
+        if any(c in text for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            if not matches:
+                raise XiaolmError("input not found", where=text, hint="the glob matches nothing")
+            for m in matches:
+                if m.is_dir():
+                    files.extend(sorted(f for f in m.rglob("*") if _is_record_file(f, m)))
+                elif _is_record_file(m):
+                    files.append(m)
+            continue
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if _is_record_file(f, path))
+            if not found:
+                log.warning("%s: no .jsonl/.json/.txt files (optionally .gz) in this directory", path)
+            files.extend(found)
+        elif path.is_file():
+            if _base_suffix(path) not in SUFFIXES:
+                raise XiaolmError(f"unsupported file type '{''.join(path.suffixes)}'", where=text,
+                                  hint="use .jsonl, .json or .txt, optionally gzipped (.gz)")
+            files.append(path)
+        else:
+            raise XiaolmError("input not found", where=text, hint="pass existing files, globs or directories")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def inputs_fingerprint(inputs: Sequence[str | Path]) -> list[dict]:
+    """Path, size and mtime of every input file: a stage reruns when this changes."""
+    out = []
+    for f in expand_inputs(inputs):
+        st = f.stat()
+        out.append({"path": str(f.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
 
 
 def _open_bytes(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+_READ_ERRORS = (EOFError, OSError, zlib.error)
+
+
 def _lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line); undecodable lines and a truncated .gz go to rejects."""
-    where = str(path)
+    """(line number, decoded line without its newline); undecodable lines go to rejects."""
+    n = 0
     try:
         with _open_bytes(path) as f:
             for n, raw in enumerate(f, 1):
                 try:
-                    yield n, raw.decode("utf-8")
-                except UnicodeDecodeError:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
                     if rejects is not None:
-                        rejects.add("invalid UTF-8", f"{where}:{n}", raw.decode("utf-8", "replace"))
-    except (EOFError, OSError, gzip.BadGzipFile) as e:
-        if rejects is not None:
-            rejects.add(f"unreadable file ({e.__class__.__name__}: {e})", where, None)
-        log.warning("%s: unreadable after some records (%s)", where, e)
+                        rejects.add("invalid_utf8", f"{path}:{n}", raw.decode("utf-8", "backslashreplace"),
+                                    detail=str(e))
+                    continue
+                if n == 1:
+                    line = line.removeprefix("\ufeff")
+                yield n, line.rstrip("\r\n")
+    except _READ_ERRORS as e:
+        _unreadable(path, n + 1, e, rejects)
+
+
+def _unreadable(path: Path, line: int, error: Exception, rejects: RejectLog | None) -> None:
+    log.warning("%s:%d: stopped reading this file (%s: %s)", path, line, error.__class__.__name__, error)
+    if rejects is not None:
+        rejects.add("unreadable_file", f"{path}:{line}", None, detail=f"{error.__class__.__name__}: {error}")
+
+
+def _reject(rejects: RejectLog | None, reason: str, where: str, record: Any, detail: str | None = None
+            ) -> None:
+    if rejects is not None:
+        rejects.add(reason, where, record, detail)
+
+
+def _read_lines(path: Path, rejects: RejectLog | None, as_text: bool) -> Iterator[tuple[dict, str]]:
+    for n, line in _lines(path, rejects):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        if as_text:
+            yield {"text": line}, where
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            _reject(rejects, "bad_json", where, line, detail=f"{e.msg} at column {e.colno}")
+            continue
+        if not isinstance(record, dict):
+            _reject(rejects, "not_object", where, record, detail=f"a JSON {type(record).__name__}")
+            continue
+        yield record, where
+
+
+def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, str]]:
+    """Stream the elements of a top-level JSON array (or of a JSON value sequence) with their lines."""
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, line, eof, first = "", 0, 1, False, True
+    in_array = closed = need_comma = False
+    try:
+        with _open_bytes(path) as f:
+
+            def fill() -> None:
+                nonlocal buf, pos, eof, first
+                chunk = f.read(max(_CHUNK, len(buf) - pos))
+                eof = not chunk
+                buf = buf[pos:] + utf8.decode(chunk, final=eof)
+                pos = 0
+                if first and buf:
+                    buf, first = buf.removeprefix("\ufeff"), False
+
+            def skip_space() -> None:
+                nonlocal pos, line
+                while True:
+                    while pos < len(buf) and buf[pos] in " \t\r\n":
+                        line += buf[pos] == "\n"
+                        pos += 1
+                    if pos < len(buf) or eof:
+                        return
+                    fill()
+
+            fill()
+            skip_space()
+            if buf[pos:pos + 1] == "[":
+                in_array, pos = True, pos + 1
+            while True:
+                skip_space()
+                if pos >= len(buf):
+                    break
+                if in_array and buf[pos] == "]":
+                    closed, pos = True, pos + 1
+                    skip_space()
+                    if pos < len(buf):
+                        _reject(rejects, "bad_json", f"{path}:{line}", buf[pos:pos + 200],
+                                detail="extra data after the closing ]")
+                    break
+                if in_array and need_comma:
+                    if buf[pos] != ",":
+                        _reject(rejects, "bad_json", f"{path}:{line}", buf[pos:pos + 200],
+                                detail="expected ',' or ']' between array elements")
+                        return
+                    pos += 1
+                    skip_space()
+                while True:  # decode one value, reading more while it may be cut off by the buffer end
+                    try:
+                        value, end = decoder.raw_decode(buf, pos)
+                    except json.JSONDecodeError as e:
+                        if eof:
+                            _reject(rejects, "bad_json", f"{path}:{line}", buf[pos:pos + 200],
+                                    detail=f"{e.msg}; stopped reading this file")
+                            return
+                        fill()
+                        continue
+                    if end == len(buf) and not eof:
+                        fill()
+                        continue
+                    break
+                where = f"{path}:{line}"
+                line += buf.count("\n", pos, end)
+                pos, need_comma = end, True
+                if isinstance(value, dict):
+                    yield value, where
+                else:
+                    _reject(rejects, "not_object", where, value, detail=f"a JSON {type(value).__name__}")
+            if in_array and not closed:
+                _reject(rejects, "bad_json", f"{path}:{line}", None, detail="the array is not closed with ]")
+    except UnicodeDecodeError as e:
+        _reject(rejects, "invalid_utf8", f"{path}:{line}", None, detail=f"{e}; stopped reading this file")
+    except _READ_ERRORS as e:
+        _unreadable(path, line, e, rejects)
 
 
 def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None
                  ) -> Iterator[tuple[dict, str]]:
-    """Yield (record, "file:line") from every input; malformed records go to `rejects`."""
+    """Yield (record, "file:line") from every input; malformed records go to `rejects`, reading goes on."""
     for path in expand_inputs(inputs):
         suffix = _base_suffix(path)
         if suffix == ".json":
-            yield from _read_json_array(path, rejects)
-            continue
-        for n, line in _lines(path, rejects):
-            where = f"{path}:{n}"
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if suffix == ".txt":
-                yield {"text": line, "source": path.name}, where
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                if rejects is not None:
-                    rejects.add(f"bad JSON ({e.msg})", where, line)
-                continue
-            if not isinstance(record, dict):
-                if rejects is not None:
-                    rejects.add(f"not a JSON object ({type(record).__name__})", where, record)
-                continue
-            yield record, where
-
-
-def _read_json_array(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, str]]:
-    try:
-        with _open_bytes(path) as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except (ValueError, OSError) as e:
-        if rejects is not None:
-            rejects.add(f"bad JSON file ({e})", str(path), None)
-        return
-    items = data if isinstance(data, list) else [data]
-    for i, record in enumerate(items):
-        where = f"{path}:[{i}]"
-        if isinstance(record, dict):
-            yield record, where
-        elif rejects is not None:
-            rejects.add(f"not a JSON object ({type(record).__name__})", where, record)
+            yield from _read_json(path, rejects)
+        else:
+            yield from _read_lines(path, rejects, as_text=suffix == ".txt")

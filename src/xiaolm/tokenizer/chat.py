@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 RESERVED = [f"<|reserved_{i}|>" for i in range(5)]
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, *RESERVED]
 ROLES = ("system", "user", "assistant")
+IGNORE = -100  # label of tokens the loss skips
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -18,7 +21,9 @@ CHAT_TEMPLATE = (
 
 
 def normalize_chat(record: dict) -> list[dict]:
-    """`{"messages": [...]}` or `{"prompt", "response"}` → validated list of {role, content}; ValueError if bad."""
+    """`{"messages": [...]}` or `{"prompt", "response"}` → validated [{role, content}]; ValueError if bad."""
+    if not isinstance(record, dict):
+        raise ValueError("a chat record must be a JSON object")
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record and "response" in record:
@@ -32,9 +37,13 @@ def normalize_chat(record: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ValueError(f"message {i} needs a role among {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
+        content = m.get("content")
+        if not isinstance(content, str):
             raise ValueError(f"message {i} content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        for special in SPECIAL_TOKENS:
+            if special in content:
+                raise ValueError(f"message {i} content contains the special token {special}")
+        out.append({"role": m["role"], "content": content})
     return out
 
 
@@ -44,27 +53,34 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): labels are -100 except on assistant content and its closing <|im_end|>."""
-    text = render_chat(messages)
-    spans = []  # character spans that are trained on
-    pos = 0
+def _trained_spans(messages: list[dict]) -> list[tuple[int, int]]:
+    """Character spans of the rendered chat that carry labels: assistant content plus its <|im_end|>."""
+    spans, pos = [], 0
     for m in messages:
-        header = f"{IM_START}{m['role']}\n"
-        start = pos + len(header)
+        start = pos + len(IM_START) + len(m["role"]) + 1
         end = start + len(m["content"]) + len(IM_END)
         if m["role"] == "assistant":
             spans.append((start, end))
         pos = end + 1
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = []
-    for tok, (a, b) in zip(ids, offsets, strict=False):
-        inside = any(a < e and b > s for s, e in spans)  # a token overlapping trained text is trained on
-        labels.append(tok if inside else -100)
+    return spans
+
+
+def encode_chat(tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are -100 except on assistant content and its closing <|im_end|>."""
+    enc = tokenizer(render_chat(messages), add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    spans = _trained_spans(messages)
+    labels, k = [], 0
+    for tok, (a, b) in zip(ids, offsets, strict=True):
+        while k < len(spans) and spans[k][1] <= a:
+            k += 1
+        # a token overlapping trained text is trained on (offsets are exact: trim_offsets is off)
+        inside = k < len(spans) and a < spans[k][1] and max(b, a + 1) > spans[k][0]
+        labels.append(tok if inside else IGNORE)
     return ids, labels
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def encode_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of the conversation followed by `<|im_start|>assistant\\n`, ready for generation."""
-    return tokenizer(render_chat(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    text = render_chat(messages, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -295,7 +295,9 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
     short = [it for it in idioms if 6 <= len(it["explanation"]) <= 60]
     choice_idioms = short[:n(n_choice, 10)]
     choice_words = [it["word"] for it in choice_idioms]
-    distractors = sorted({it["explanation"] for it in short[len(choice_idioms):len(choice_idioms) + 2000]})
+    # wrong options are the explanations of other choice idioms: like the right one, each appears in pretraining
+    # text only, so picking it needs the idiom-explanation association, not familiarity from SFT
+    distractors = sorted({it["explanation"] for it in choice_idioms})
     train_idioms = [it for it in idioms if it["word"] not in set(choice_words)][:n(n_idioms, 40)]
     pretrain_idioms = train_idioms + choice_idioms  # the choice idioms are knowledge from pretraining only
     rng.shuffle(pretrain_idioms)

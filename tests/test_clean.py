@@ -1,0 +1,157 @@
+"""Cleaning: each rule on a tiny example, report bookkeeping, chat records, rerun skip."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from xiaolm.config import load_config
+from xiaolm.data.clean import (
+    CleanConfig,
+    Cleaner,
+    cjk_ratio,
+    clean_files,
+    collapse_space,
+    nfkc,
+    split_long,
+    strip_control,
+    strip_markup,
+)
+from xiaolm.errors import XiaolmError
+
+MIXED = Path(__file__).parent / "fixtures" / "mixed"
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_nfkc_makes_ascii_half_width_but_keeps_chinese_punctuation():
+    assert nfkc("ＡＢＣ１２３ａｂｃ") == "ABC123abc"
+    assert nfkc("你好，世界！真的？是；否：（注）～好…") == "你好，世界！真的？是；否：（注）～好…"
+    assert nfkc("“引号”、《书名》「括号」。") == "“引号”、《书名》「括号」。"
+    assert nfkc("全角　空格ﬁ①") == "全角 空格fi1"
+    assert nfkc("Ｈｅｌｌｏ，ｗｏｒｌｄ！") == "Hello，world！"
+
+
+def test_t2s_converts_traditional_to_simplified():
+    cleaner = Cleaner(CleanConfig(nfkc=False, strip_markup=False, strip_control=False, collapse_space=False))
+    assert cleaner.normalize("舉頭望明月，低頭思故鄉。") == "举头望明月，低头思故乡。"
+    assert cleaner.normalize("简体字保持不变。") == "简体字保持不变。"
+    assert cleaner.modified == {"t2s": 1}
+
+
+def test_strip_markup_removes_tags_comments_scripts_and_entities():
+    assert strip_markup("<p>网页<b>标签</b>&amp;实体&lt;x&gt;&#20013;</p>") == "\n网页标签&实体<x>中\n"
+    assert strip_markup('前<br/>后<img src="a.png" alt=\'图\'>完<!-- 注释 -->') == "前\n后完"
+    assert strip_markup("<script>var a = 1 < 2;</script><style>p {}</style>正文") == "正文"
+    assert strip_markup("如果 x<y 且 y>z，AT&T 不变") == "如果 x<y 且 y>z，AT&T 不变"
+
+
+def test_strip_control_and_collapse_space():
+    assert strip_control("控制\x07字符\x1b[0m\u200b零宽\ufeff\r\n换行\r旧Mac\t制表") == \
+        "控制字符[0m零宽\n换行\n旧Mac\t制表"
+    assert collapse_space("  第一段  \n\n\n\n第二段\t\n    缩进保留\n") == "第一段\n\n第二段\n    缩进保留"
+
+
+def test_cjk_ratio_counts_non_space_characters():
+    assert cjk_ratio("中文 text") == pytest.approx(2 / 6)
+    assert cjk_ratio("𠀀𪚥") == 1.0 and cjk_ratio("   ") == 0.0
+
+
+def test_split_long_prefers_paragraphs_then_lines_then_sentences():
+    paras = ["第一段" * 10, "第二段" * 10, "第三段" * 10]
+    assert split_long("\n\n".join(paras), 70) == ["\n\n".join(paras[:2]), paras[2]]
+    pieces = split_long("一句话。" * 100, 50)
+    assert all(len(p) <= 50 for p in pieces) and "".join(pieces) == "一句话。" * 100
+    assert all(p.endswith("。") for p in pieces)
+    assert split_long("无" * 25, 10) == ["无" * 10, "无" * 10, "无" * 5]
+
+
+def test_clean_fixture_directory_normalizes_filters_and_reports(tmp_path, caplog):
+    out = tmp_path / "clean"
+    with caplog.at_level(logging.INFO, logger="xiaolm.data.clean"):
+        report = clean_files([MIXED], out)
+    kept = rows(out / "part-00000.jsonl")
+    by_id = {r["id"]: r for r in kept}
+    assert by_id["n1"] == {"id": "n1", "text": "北京时间2024年3月1日，科学家发布了新的研究成果&数据。",
+                           "url": "https://example.com/1", "source": "news.jsonl"}
+    assert by_id["n2"]["text"] == "举头望明月，低头思故乡。这是一首著名的唐诗。"
+    assert by_id["n3"]["text"] == "控制字符和零宽字符都应该被删除掉。"
+    assert {"n4", "n5", "n6", "c4"}.isdisjoint(by_id)
+    assert by_id["c1"]["messages"][1] == {"role": "user", "content": "你好，请问你是谁？"}
+    assert by_id["c3"]["messages"][0]["content"] == "把「ABC」翻译成中文"
+    assert by_id["c2"] == {"id": "c2", "prompt": "一加一等于几？", "response": "一加一等于二。",
+                           "source": "chat_zh.jsonl"}
+    forum = [r for r in kept if r["source"] == "forum.json"]
+    assert [r["text"] for r in forum] == ["今天天气很好，我们去公园散步吧！",
+                                          "ABC全角字母和123全角数字需要转换成半角。"]
+    assert forum[0]["author"] == "小明" and len(forum[0]["id"]) == 16  # extra fields kept, stable id added
+
+    assert report["rejected"] == {"bad_chat": 1, "not_object": 1, "missing_field": 1, "too_short": 1,
+                                  "low_cjk_ratio": 1, "exact_duplicate": 1}
+    assert report["records_in"] == 18 and report["records_out"] == len(kept) == 12
+    assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
+    assert {"nfkc", "t2s", "strip_markup", "strip_control"} <= set(report["modified"])
+    assert report["examples"]["t2s"][0]["after"] == "你好，请问你是谁？"
+    assert report["examples"]["too_short"][0]["where"].endswith("news.jsonl:4")
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["records_out"] == 12
+    rejected = rows(out / "rejects.jsonl")
+    assert len(rejected) == 6 and all({"where", "reason", "record"} <= set(r) for r in rejected)
+    assert {r["reason"]: r["where"].rsplit("/", 1)[1] for r in rejected}["exact_duplicate"] == "news.jsonl:6"
+    assert (out / "_SUCCESS").is_file()
+    assert load_config(CleanConfig, out / "config.yaml") == CleanConfig()
+    assert "data/clean: 18 in, 12 out, 6 rejected (bad_chat 1," in caplog.text
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rules_can_be_switched_off(tmp_path):
+    src = write(tmp_path / "raw.jsonl", [{"text": "舉頭望明月<b>ＡＢＣ</b>"}, {"text": "短"}, {"text": "短"}])
+    cfg = CleanConfig(t2s=False, nfkc=False, strip_markup=False, min_chars=1, min_cjk_ratio=0.0,
+                      exact_dedup=False)
+    report = clean_files([src], tmp_path / "out", cfg)
+    kept = [r["text"] for r in rows(tmp_path / "out" / "part-00000.jsonl")]
+    assert kept == ["舉頭望明月<b>ＡＢＣ</b>", "短", "短"]
+    assert report["rejected"] == {} and report["modified"] == {}
+
+
+def test_long_documents_are_split_and_counts_still_add_up(tmp_path):
+    paras = [f"第{n}段的内容。" * 20 for n in "一二三"]  # 140 characters each
+    src = write(tmp_path / "raw.jsonl", [{"id": "long", "text": "\n\n".join(paras)}, {"text": "短"}])
+    report = clean_files([src], tmp_path / "out", CleanConfig(max_chars=150))
+    kept = rows(tmp_path / "out" / "part-00000.jsonl")
+    assert [(r["id"], r["text"]) for r in kept] == [(f"long-{i}", p) for i, p in enumerate(paras)]
+    assert report["added_by_split"] == 2 and report["modified"]["split_long"] == 1
+    rejected = sum(report["rejected"].values())
+    assert report["records_in"] + report["added_by_split"] == report["records_out"] + rejected
+
+
+def test_rerun_skips_and_changes_rerun(tmp_path):
+    src = write(tmp_path / "raw.jsonl", [{"text": "一段足够长的中文句子用于测试。"}])
+    first = clean_files([src], tmp_path / "out")
+    stamp = (tmp_path / "out" / "part-00000.jsonl").stat().st_mtime_ns
+    assert clean_files([src], tmp_path / "out") == first
+    assert (tmp_path / "out" / "part-00000.jsonl").stat().st_mtime_ns == stamp
+    assert clean_files([src], tmp_path / "out", CleanConfig(min_chars=100))["rejected"] == {"too_short": 1}
+    write(src, [{"text": "一段足够长的中文句子用于测试。"}, {"text": "再加一段新的中文句子进来。"}])
+    assert clean_files([src], tmp_path / "out", CleanConfig(min_chars=100))["records_in"] == 2
+
+
+def test_output_inside_an_input_directory_is_not_read_back(tmp_path):
+    write(tmp_path / "raw.jsonl", [{"text": "一段足够长的中文句子用于测试。"}])
+    clean_files([tmp_path], tmp_path / "clean")
+    (tmp_path / "clean" / "_SUCCESS").unlink()
+    assert clean_files([tmp_path], tmp_path / "clean")["records_in"] == 1
+
+
+def test_bad_settings_fail_before_reading(tmp_path):
+    with pytest.raises(XiaolmError, match="min_chars"):
+        clean_files([tmp_path / "missing.jsonl"], tmp_path / "out", CleanConfig(min_chars=50, max_chars=10))
+    with pytest.raises(XiaolmError, match="input not found"):
+        clean_files([tmp_path / "missing.jsonl"], tmp_path / "out")

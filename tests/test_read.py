@@ -1,0 +1,135 @@
+"""Readers: formats, provenance, globs and directories, rejects that never stop the reading."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from xiaolm.data import read
+from xiaolm.data.read import RejectLog, expand_inputs, read_records
+from xiaolm.errors import XiaolmError
+
+MIXED = Path(__file__).parent / "fixtures" / "mixed"
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_reads_every_format_in_a_directory_sorted_with_file_and_line():
+    with RejectLog() as rejects:
+        got = list(read_records([MIXED], rejects))
+    wheres = [w.replace(str(MIXED) + "/", "") for _, w in got]
+    assert wheres == ["chat_zh.jsonl:1", "chat_zh.jsonl:2", "chat_zh.jsonl:3", "chat_zh.jsonl:4",
+                      "forum.json:2", "forum.json:3", "forum.json:5",
+                      "lines.txt:1", "lines.txt:3",
+                      *[f"news.jsonl:{i}" for i in range(1, 7)],
+                      "poems.jsonl.gz:1", "poems.jsonl.gz:2"]
+    records = dict(zip(wheres, (r for r, _ in got), strict=True))
+    assert records["forum.json:2"] == {"text": "今天天气很好，我们去公园散步吧！", "author": "小明"}
+    assert records["lines.txt:3"] == {"text": "夜来风雨声，花落知多少。"}
+    assert records["poems.jsonl.gz:2"]["id"] == "p2"
+    assert records["news.jsonl:3"]["text"] == "控制\x07字符和\u200b零宽字符都应该被删除掉。"
+    assert rejects.counts == {"not_object": 1}
+    assert rejects.examples["not_object"][0]["where"].endswith("forum.json:4")
+
+
+def test_globs_files_and_directories_expand_sorted_and_once(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("a.jsonl", "b/c.txt", "b/d.json.gz", "b/.hidden.jsonl", "b/_SUCCESS", "b/rejects.jsonl",
+                 "b/report.json", "b/notes.md"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "x.jsonl").write_bytes(b"")
+    names = lambda paths: [str(p.relative_to(tmp_path)) for p in paths]  # noqa: E731
+    assert names(expand_inputs([tmp_path])) == ["a.jsonl", "b/c.txt", "b/d.json.gz"]
+    recursive = str(tmp_path / "**" / "*.txt")
+    assert names(expand_inputs([recursive, tmp_path / "a.jsonl"])) == ["b/c.txt", "a.jsonl"]
+    assert names(expand_inputs([tmp_path / "a.jsonl", str(tmp_path / "*.jsonl"), tmp_path])) == [
+        "a.jsonl", "b/c.txt", "b/d.json.gz"]
+    assert names(expand_inputs(str(tmp_path / "b"))) == ["b/c.txt", "b/d.json.gz"]
+
+
+def test_bad_lines_go_to_rejects_with_reason_and_file_line_and_reading_goes_on(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\r\n{broken\n"a string"\n{"text": "\xff\xfe"}\n[1, 2]\n\n'
+                  b'{"text": "fine"}')
+    with RejectLog(tmp_path / "rejects.jsonl") as rejects:
+        got = [(r["text"], w) for r, w in read_records([str(f)], rejects)]
+    assert got == [("ok", f"{f}:1"), ("fine", f"{f}:7")]
+    logged = rows(tmp_path / "rejects.jsonl")
+    assert [(r["reason"], r["where"]) for r in logged] == [
+        ("bad_json", f"{f}:2"), ("not_object", f"{f}:3"), ("invalid_utf8", f"{f}:4"),
+        ("not_object", f"{f}:5")]
+    assert logged[0]["record"] == "{broken" and "detail" in logged[0]
+    assert logged[1]["record"] == "a string" and logged[3]["record"] == [1, 2]
+    assert logged[2]["record"] == '{"text": "\\xff\\xfe"}\n'
+    assert rejects.counts == {"bad_json": 1, "not_object": 2, "invalid_utf8": 1} and rejects.total == 4
+    assert rejects.summary() == "not_object 2, bad_json 1, invalid_utf8 1"
+
+
+def test_json_array_streams_across_buffer_boundaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(read, "_CHUNK", 7)  # every element and multi-byte character straddles a read
+    items = [{"text": f"第{i}条：春风又绿江南岸，“明月”何时照我还？", "n": i,
+              "nested": {"list": [i, 3.25, None]}} for i in range(30)]
+    f = tmp_path / "big.json"
+    f.write_text(json.dumps(items, ensure_ascii=False, indent=1), encoding="utf-8")
+    got = list(read_records([f]))
+    assert [r for r, _ in got] == items
+    lines = f.read_text(encoding="utf-8").splitlines()
+    for _, where in got:  # each where points at the line that opens the element
+        assert lines[int(where.rsplit(":", 1)[1]) - 1].strip() == "{"
+
+
+def test_json_file_variants(tmp_path):
+    (tmp_path / "one.json").write_text('{"text": "单个对象"}', encoding="utf-8")
+    (tmp_path / "seq.json").write_text('{"text": "甲"}\n{"text": "乙"}\n', encoding="utf-8")
+    (tmp_path / "empty.json").write_text("", encoding="utf-8")
+    (tmp_path / "empty_array.json").write_text("[ ]", encoding="utf-8")
+    (tmp_path / "broken.json").write_text('[{"text": "好"},\n{"text": \n', encoding="utf-8")
+    (tmp_path / "nocomma.json").write_text('[{"text": "一"} {"text": "二"}]', encoding="utf-8")
+    with RejectLog() as rejects:
+        got = {Path(w).name: r["text"] for r, w in read_records([tmp_path], rejects)}
+    assert got == {"broken.json:1": "好", "nocomma.json:1": "一", "one.json:1": "单个对象",
+                   "seq.json:1": "甲", "seq.json:2": "乙"}
+    assert rejects.counts == {"bad_json": 2}
+    assert [e["where"].rsplit("/", 1)[1] for e in rejects.examples["bad_json"]] == ["broken.json:2",
+                                                                                  "nocomma.json:1"]
+
+
+def test_gzip_and_empty_and_truncated_files(tmp_path):
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as g:
+        g.writelines(json.dumps({"text": f"第{i}行"}, ensure_ascii=False) + "\n" for i in range(2000))
+    (tmp_path / "b.txt.gz").write_bytes(gzip.compress("一\n二\n".encode()))
+    (tmp_path / "c.jsonl").write_bytes(b"")
+    data = (tmp_path / "a.jsonl.gz").read_bytes()
+    (tmp_path / "d.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with RejectLog() as rejects:
+        got = list(read_records([tmp_path], rejects))
+    by_file: dict[str, int] = {}
+    for _, where in got:
+        name = Path(where.rsplit(":", 1)[0]).name
+        by_file[name] = by_file.get(name, 0) + 1
+    assert by_file["a.jsonl.gz"] == 2000 and by_file["b.txt.gz"] == 2 and "c.jsonl" not in by_file
+    assert 0 < by_file["d.jsonl.gz"] < 2000  # what decompresses before the cut is kept
+    assert rejects.counts == {"unreadable_file": 1}
+
+
+def test_missing_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(XiaolmError, match="input not found") as e:
+        list(read_records([str(tmp_path / "nope.jsonl")]))
+    assert e.value.where == str(tmp_path / "nope.jsonl") and e.value.hint
+    with pytest.raises(XiaolmError, match="input not found"):
+        expand_inputs([str(tmp_path / "*.jsonl")])
+    (tmp_path / "table.csv").write_text("a,b\n")
+    with pytest.raises(XiaolmError, match="unsupported file type"):
+        expand_inputs([tmp_path / "table.csv"])
+
+
+def test_reject_log_without_a_file_only_counts(tmp_path):
+    log = RejectLog(None)
+    log.add("too_short", "x.jsonl:3", {"text": "短"})
+    assert log.total == 1
+    assert log.examples["too_short"] == [{"where": "x.jsonl:3", "record": '{"text": "短"}'}]
+    assert not list(tmp_path.iterdir())
