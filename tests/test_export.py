@@ -13,20 +13,6 @@ from xiaolm.infer.generate import GenerationConfig, generate
 from xiaolm.model.export import export_hf, load_model, save_model_weights
 from xiaolm.model.llama import Llama, LlamaConfig
 
-TEXTS = ["你好，世界！今天天气很好。", "我们一起学习中文和数学。", "小模型也能说话。",
-         "春眠不觉晓，处处闻啼鸟。"]
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    from xiaolm.tokenizer import train_tokenizer
-
-    tmp = tmp_path_factory.mktemp("tok")
-    corpus = tmp / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS * 5),
-                      encoding="utf-8")
-    return train_tokenizer([corpus], tmp / "tokenizer", vocab_size=300, min_frequency=1)
-
 
 def make_model(vocab: int, tie: bool = True, seed: int = 0) -> Llama:
     """Random weights at a large scale: greedy picks are far from ties and vary (a small init repeats)."""

@@ -1,7 +1,6 @@
 """Generation (greedy, sampling filters, repetition penalty, stops, batching), streamed text, chat CLI."""
 
 import io
-import json
 import shutil
 from pathlib import Path
 
@@ -22,20 +21,7 @@ from xiaolm.infer.generate import (
 from xiaolm.model.export import save_model_weights
 from xiaolm.model.llama import Llama, LlamaConfig
 
-TEXTS = ["你好，世界！今天天气很好。", "我们一起学习中文和数学。", "小模型也能说话。",
-         "春眠不觉晓，处处闻啼鸟。"]
 GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    from xiaolm.tokenizer import train_tokenizer
-
-    tmp = tmp_path_factory.mktemp("tok")
-    corpus = tmp / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS * 5),
-                      encoding="utf-8")
-    return train_tokenizer([corpus], tmp / "tokenizer", vocab_size=300, min_frequency=1)
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--cjk-chars", action="store_true",
+                   help="one token per CJK character (no merges across characters); best for tiny models")
 
     for stage, text in (("pretrain", "pretrain a Llama-style model on packed token files"),
                         ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)")):
@@ -162,7 +164,8 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "tokenizer":
         from xiaolm.tokenizer import train_tokenizer
 
-        train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+        train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                        cjk_chars=args.cjk_chars)
     elif args.command in ("pretrain", "sft"):
         from xiaolm.train.loop import TrainConfig
 

@@ -25,13 +25,13 @@ def _demo_model() -> LlamaConfig:
 
 
 def _pretrain() -> TrainConfig:
-    return TrainConfig(max_steps=400, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, eval_every=100,
-                       save_every=100, model=_demo_model(), data=DataConfig(seq_len=256))
+    return TrainConfig(max_steps=600, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, eval_every=150,
+                       save_every=150, model=_demo_model(), data=DataConfig(seq_len=256))
 
 
 def _sft() -> TrainConfig:
-    return TrainConfig(max_steps=200, batch_size=32, lr=1e-3, warmup_steps=10, log_every=10, eval_every=50,
-                       save_every=50, data=DataConfig(seq_len=256, val_fraction=0.02))
+    return TrainConfig(max_steps=300, batch_size=32, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
+                       save_every=100, data=DataConfig(seq_len=256, val_fraction=0.02))
 
 
 @dataclass
@@ -41,6 +41,7 @@ class DemoConfig:
     seed: int = 0
     scale: float = 1.0  # amount of corpus text generated / sampled
     vocab_size: int = 4096
+    cjk_chars: bool = True  # character-level Chinese: tiny models learn numerals and facts much faster
     eval_limit: int = 0  # evaluate only the first N items of each set (0 = all)
     pretrain: TrainConfig = field(default_factory=_pretrain)
     sft: TrainConfig = field(default_factory=_sft)
@@ -92,8 +93,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
     log.info("demo [3/8] tokenizer: byte-level BPE, vocab %d", cfg.vocab_size)
     tok_dir = out / "tokenizer"
-    if not (tok_dir / "_SUCCESS").exists():
-        train_tokenizer([str(clean_dir)], tok_dir, vocab_size=cfg.vocab_size)
+    train_tokenizer([str(clean_dir)], tok_dir, vocab_size=cfg.vocab_size, cjk_chars=cfg.cjk_chars)
     tokenizer = load_tokenizer(tok_dir)
     results["vocab_size"] = len(tokenizer)
 

@@ -48,13 +48,19 @@ def record_text(record: dict, text_field: str = "text") -> str | None:
     return None
 
 
-def build_empty_tokenizer() -> Tokenizer:
-    """An untrained byte-level BPE with the Chinese-aware pre-tokenizer and no normalizer."""
+def build_empty_tokenizer(cjk_chars: bool = False) -> Tokenizer:
+    """An untrained byte-level BPE with the Chinese-aware pre-tokenizer and no normalizer.
+
+    cjk_chars=True isolates every CJK character as digits are, so merges never span characters: a
+    character-level vocabulary for Chinese (BPE still merges other scripts). Tiny models learn compositional
+    tasks (numerals, arithmetic, facts) far faster this way, at the cost of ~1.5x more tokens per text.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE())
+    isolate = rf"\p{{N}}|[{_CJK}]" if cjk_chars else r"\p{N}"
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(isolate), behavior="isolated"),
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
@@ -88,7 +94,7 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
 
 
 def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 8192,
-                    min_frequency: int = 2, text_field: str = "text") -> Path:
+                    min_frequency: int = 2, text_field: str = "text", cjk_chars: bool = False) -> Path:
     """Train on every text/chat record of `inputs`; save an AutoTokenizer-loadable dir and return it."""
     from tokenizers import pre_tokenizers, trainers
 
@@ -103,6 +109,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
         raise XiaolmError("output path exists and is not a directory", where=str(out_dir))
     files = [f for f in expand_inputs(inputs) if not f.resolve().is_relative_to(out_dir.resolve())]
     settings = {"vocab_size": vocab_size, "min_frequency": min_frequency, "text_field": text_field,
+                "cjk_chars": cjk_chars,
                 "inputs": [str(i) for i in inputs]}
     config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     fingerprint = inputs_fingerprint(files)
@@ -121,7 +128,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
         if first is None:
             raise XiaolmError("no text to train on", where=", ".join(map(str, inputs)),
                               hint=f"inputs need '{text_field}' or 'messages' records")
-        tok = build_empty_tokenizer()
+        tok = build_empty_tokenizer(cjk_chars)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=list(SPECIAL_TOKENS), show_progress=sys.stderr.isatty(),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

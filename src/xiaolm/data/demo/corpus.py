@@ -36,14 +36,16 @@ STATEMENTS = {
 }
 # question phrasings and the one reference answer form
 QUESTIONS = {
-    "位于": (["{s}位于哪里？", "{s}在哪个州？", "请问{s}属于哪个州？"], "{s}位于{o}。"),
-    "特产": (["{s}的特产是什么？", "{s}有什么特产？", "{s}盛产什么？"], "{s}的特产是{o}。"),
-    "河流": (["{s}的河流是哪条？", "哪条河流经{s}？", "{s}坐落在哪条河边？"], "{s}的河流是{o}。"),
-    "家乡": (["{s}的家乡是哪里？", "{s}是哪里人？", "{s}来自哪座城市？"], "{s}的家乡是{o}。"),
-    "职业": (["{s}的职业是什么？", "{s}是做什么工作的？", "{s}从事什么职业？"], "{s}的职业是{o}。"),
-    "制造者": (["{s}是谁制造的？", "{s}的制造者是谁？"], "{s}的制造者是{o}。"),
-    "颜色": (["{s}是什么颜色的？", "{s}的颜色是什么？"], "{s}的颜色是{o}。"),
+    "位于": (["{s}位于哪里？", "{s}在哪个州？", "请问{s}属于哪个州？"], "它位于{o}。"),
+    "特产": (["{s}的特产是什么？", "{s}有什么特产？", "{s}盛产什么？"], "它的特产是{o}。"),
+    "河流": (["{s}的河流是哪条？", "哪条河流经{s}？", "{s}坐落在哪条河边？"], "它的河流是{o}。"),
+    "家乡": (["{s}的家乡是哪里？", "{s}是哪里人？", "{s}来自哪座城市？"], "家乡是{o}。"),
+    "职业": (["{s}的职业是什么？", "{s}是做什么工作的？", "{s}从事什么职业？"], "职业是{o}。"),
+    "制造者": (["{s}是谁制造的？", "{s}的制造者是谁？"], "它的制造者是{o}。"),
+    "颜色": (["{s}是什么颜色的？", "{s}的颜色是什么？"], "它的颜色是{o}。"),
 }
+# answers name only the value, never the subject: a tiny model fails at copying a name it never saw in SFT,
+# which would hide whether it knows the fact
 # fact-free sentences that make the world documents read like prose
 FILLERS = {
     "city": ["{s}历史悠久，街道整洁。", "每年都有很多游客来到{s}。", "{s}的人们热情好客。",
@@ -267,9 +269,9 @@ def _mentions_any(record: dict, names: list[str]) -> bool:
 
 
 def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *, mentions: int = 40,
-                      qa_repeats: int = 3, n_poems: int = 2700, n_idioms: int = 2400, n_numbers: int = 3000,
-                      n_arithmetic: int = 4000, sft_fact_repeats: int = 4, sft_idioms: int = 1200,
-                      sft_poems: int = 800, sft_numerals: int = 2000, sft_arithmetic: int = 2500,
+                      qa_repeats: int = 3, n_poems: int = 1500, n_idioms: int = 1500, n_numbers: int = 3000,
+                      n_arithmetic: int = 4000, sft_fact_repeats: int = 6, sft_idioms: int = 600,
+                      sft_poems: int = 400, sft_numerals: int = 2000, sft_arithmetic: int = 2500,
                       sft_greeting_repeats: int = 20, sft_multi_turn: int = 300, held_numbers: int = 60,
                       held_pairs: int = 60, n_choice: int = 100, n_val_world: int = 100,
                       n_val_real: int = 150, n_preference: int = 200,
