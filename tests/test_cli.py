@@ -35,12 +35,13 @@ def test_unknown_config_key_names_the_key(tmp_path, capsys):
     assert "unknown config key 'model.depth'" in line
 
 
-def test_malformed_only_chat_file_is_a_clear_error(tmp_path, capsys):
+def test_malformed_chat_file_is_a_clear_error(tmp_path, capsys, tokenizer_dir):
     bad = tmp_path / "chat.jsonl"
     bad.write_text('{"messages": [\n', encoding="utf-8")
-    line = error_line(["sft", f"data.path={bad}", f"out={tmp_path / 'run'}", f"init_from={tmp_path / 'none'}",
-                       f"data.tokenizer={tmp_path / 'tok'}"], capsys)
-    assert line.startswith("xiaolm: error:")
+    line = error_line(["sft", f"data.path={bad}", f"out={tmp_path / 'run'}", f"data.tokenizer={tokenizer_dir}",
+                       "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=1"], capsys)
+    assert line.startswith("xiaolm: error:") and "chat.jsonl" in line and "bad_json" in line
+    assert "rejects.jsonl" in line
 
 
 def test_eval_on_missing_model_is_a_clear_error(tmp_path, capsys):

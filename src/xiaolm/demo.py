@@ -30,7 +30,7 @@ def _pretrain() -> TrainConfig:
 
 
 def _sft() -> TrainConfig:
-    return TrainConfig(max_steps=300, batch_size=32, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
+    return TrainConfig(max_steps=350, batch_size=32, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
                        save_every=100, data=DataConfig(seq_len=256, val_fraction=0.02))
 
 

@@ -9,7 +9,7 @@ from xiaolm.io import atomic_write_text
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+    return f"{100 * x:.1f}%" if x == 0 or x >= 0.001 else f"{100 * x:.2g}%"
 
 
 def render_report(r: dict[str, Any]) -> str:
@@ -46,7 +46,9 @@ def render_report(r: dict[str, Any]) -> str:
                  f"{_pct(ch['chance'])} |")
     lines += ["", ("Facts questions ask about entities whose attributes appear only in the pretraining documents, "
               "never in SFT data: they measure whether pretraining knowledge reaches the chat model. "
-              "Numerals and arithmetic questions use numbers absent from all training data."), ""]
+              "Numerals and arithmetic questions use numbers absent from all training data. Perplexity after SFT "
+              "is measured on the same raw-text validation set; it rises because SFT trains only on chat-formatted "
+              "answers, so the chat model drifts away from plain prose."), ""]
     lines += ["## Sample answers", ""]
     for kind, m in r["exact"].items():
         for ex in m["examples"]:

@@ -105,8 +105,10 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
     if rejects.total:
         log.warning("sft: %d records rejected — see %s", rejects.total, out / "rejects.jsonl")
     if not train_set or not val:
-        raise XiaolmError(f"need training and validation chats, got {len(train_set)} and {len(val)}",
-                          where=cfg.data.path, hint="check the file holds {\"messages\": [...]} records")
+        rejected = f"; {rejects.total} records rejected ({rejects.summary()})" if rejects.total else ""
+        raise XiaolmError(f"need training and validation chats, got {len(train_set)} and {len(val)}{rejected}",
+                          where=cfg.data.path,
+                          hint=f"records must be {{\"messages\": [...]}}; see {out / 'rejects.jsonl'}")
     device = resolve_device(cfg.device)
     model = build_model(cfg, len(tokenizer), device)
     objective = SFTObjective(train_set, val, cfg.batch_size, cfg.seed, tokenizer.pad_token_id or 0,

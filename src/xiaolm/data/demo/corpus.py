@@ -270,8 +270,8 @@ def _mentions_any(record: dict, names: list[str]) -> bool:
 
 def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *, mentions: int = 40,
                       qa_repeats: int = 3, n_poems: int = 1500, n_idioms: int = 1500, n_numbers: int = 3000,
-                      n_arithmetic: int = 4000, sft_fact_repeats: int = 6, sft_idioms: int = 600,
-                      sft_poems: int = 400, sft_numerals: int = 2000, sft_arithmetic: int = 2500,
+                      n_arithmetic: int = 6000, sft_fact_repeats: int = 6, sft_idioms: int = 600,
+                      sft_poems: int = 400, sft_numerals: int = 2500, sft_arithmetic: int = 3500,
                       sft_greeting_repeats: int = 20, sft_multi_turn: int = 300, held_numbers: int = 60,
                       held_pairs: int = 60, n_choice: int = 100, n_val_world: int = 100,
                       n_val_real: int = 150, n_preference: int = 200,
