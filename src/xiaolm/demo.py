@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,16 +174,19 @@ def _sample_chats(model, tokenizer) -> list[tuple[str, str]]:
 
 
 def _print_summary(out: Path, r: dict) -> None:
+    from xiaolm.eval.report import pct
+
+    exe = sys.argv[0] if Path(sys.argv[0]).name == "xiaolm" else "xiaolm"
     print("\n" + "=" * 64)
     print(f"xiaolm demo finished in {r['seconds_total']:.0f} s")
     print(f"  perplexity: {r['ppl']['before']:.0f} before pretraining → {r['ppl']['after_pretrain']:.1f} after")
     for kind, m in r["exact"].items():
-        print(f"  exact match {kind:<11} {100 * m['accuracy']:5.1f}%  (chance {100 * m['chance']:.1f}%)")
+        print(f"  exact match {kind:<11} {pct(m['accuracy']):>6}  (chance {pct(m['chance'])})")
     ch = r["choice"]
-    print(f"  multiple choice    {100 * ch['accuracy']:5.1f}%  (chance {100 * ch['chance']:.1f}%)")
+    print(f"  multiple choice    {pct(ch['accuracy']):>6}  (chance {pct(ch['chance'])})")
     for q, a in r["samples"]:
         print(f"  > {q}\n    {a}")
     print(f"  stages:  {out}/{{corpus,data,tokenizer,pretrain,sft}}")
     print(f"  report:  {out / 'report.md'}")
-    print(f"  chat:    xiaolm chat {out / 'model'}")
+    print(f"  chat:    {exe} chat {out / 'model'}")
     print("=" * 64)

@@ -8,7 +8,8 @@ from typing import Any
 from xiaolm.io import atomic_write_text
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
+    """A share as a percentage; tiny chance levels keep two significant digits instead of showing 0.0%."""
     return f"{100 * x:.1f}%" if x == 0 or x >= 0.001 else f"{100 * x:.2g}%"
 
 
@@ -39,11 +40,11 @@ def render_report(r: dict[str, Any]) -> str:
     lines.append(f"| val perplexity after pretraining | {ppl['after_pretrain']:.1f} | |")
     lines.append(f"| val perplexity after SFT | {ppl['after_sft']:.1f} | |")
     for kind, m in r["exact"].items():
-        lines.append(f"| exact match: {kind} ({m['n']} held-out questions) | {_pct(m['accuracy'])} | "
-                     f"{_pct(m['chance'])} |")
+        lines.append(f"| exact match: {kind} ({m['n']} held-out questions) | {pct(m['accuracy'])} | "
+                     f"{pct(m['chance'])} |")
     ch = r["choice"]
-    lines.append(f"| multiple choice: idiom meaning ({ch['n']} items) | {_pct(ch['accuracy'])} | "
-                 f"{_pct(ch['chance'])} |")
+    lines.append(f"| multiple choice: idiom meaning ({ch['n']} items) | {pct(ch['accuracy'])} | "
+                 f"{pct(ch['chance'])} |")
     lines += ["", ("Facts questions ask about entities whose attributes appear only in the pretraining documents, "
               "never in SFT data: they measure whether pretraining knowledge reaches the chat model. "
               "Numerals and arithmetic questions use numbers absent from all training data. Perplexity after SFT "

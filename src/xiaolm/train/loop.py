@@ -281,6 +281,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                 scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
                 tokens_since += int(batch["x"].numel())
+                tokens_seen += int(batch["x"].numel())
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             scaler.step(optimizer)
@@ -294,7 +295,6 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 now = time.perf_counter()
                 tps = tokens_since / max(now - t_last, 1e-9)
-                tokens_seen += tokens_since
                 t_last, tokens_since = now, 0
                 row = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens_per_s": round(tps, 1),
                        "grad_norm": round(grad_norm, 4), "tokens": tokens_seen}
