@@ -313,7 +313,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                 checkpoint(step)
             if flag.stop:
                 raise XiaolmError(f"interrupted at step {step}; checkpoint saved", where=str(run_dir),
-                                  hint="rerun the same command to continue (add --resume to pretrain/sft; demo resumes by itself)")
+                                  hint="rerun the same command to continue "
+                                       "(add --resume to pretrain/sft; demo resumes by itself)")
     summary = {"stage": stage, "steps": step, "val_loss": last_val, "best_val_loss": best_val,
                "params": n_params, "tokens_seen": tokens_seen}
     from xiaolm.io import atomic_write_json
