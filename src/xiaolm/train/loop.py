@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -20,6 +22,7 @@ from xiaolm.config import save_config
 from xiaolm.errors import XiaolmError
 from xiaolm.model.llama import Llama, LlamaConfig
 from xiaolm.train.checkpoint import find_resumable, load_state, rng_state, save_checkpoint, set_rng_state
+from xiaolm.train.distributed import DistContext, barrier, mean_across
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +211,14 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Llam
 
 
 def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: str | Path,
-          resume: bool = False, stage: str = "train") -> dict[str, Any]:
-    """Run the loop to cfg.max_steps (resuming if asked) and return a summary of the run."""
+          resume: bool = False, stage: str = "train", ctx: DistContext | None = None) -> dict[str, Any]:
+    """Run the loop to cfg.max_steps (resuming if asked) and return a summary of the run.
+
+    Under torchrun every process runs this with its own shard of each batch (the objective slices by rank);
+    gradients are averaged by DistributedDataParallel and only rank 0 writes files.
+    """
+    ctx = ctx or DistContext()
+    main = ctx.is_main
     run_dir = Path(cfg.out)
     device = next(model.parameters()).device
     amp = resolve_autocast_dtype(cfg.dtype, device)
@@ -219,12 +228,14 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     if resumable is not None and not resume:
         raise XiaolmError("run directory already holds checkpoints", where=str(run_dir),
                           hint="pass --resume to continue it, or choose another out=")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    tok_dst = run_dir / "tokenizer"
-    if not tok_dst.exists():
-        shutil.copytree(tokenizer_dir, run_dir / ".tokenizer.tmp", dirs_exist_ok=True)
-        (run_dir / ".tokenizer.tmp").replace(tok_dst)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tok_dst = run_dir / "tokenizer"
+        if not tok_dst.exists():
+            shutil.copytree(tokenizer_dir, run_dir / ".tokenizer.tmp", dirs_exist_ok=True)
+            (run_dir / ".tokenizer.tmp").replace(tok_dst)
+    barrier(ctx)
 
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
@@ -241,17 +252,23 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_step, tokens_seen, best_val = state["step"], state["tokens_seen"], state["best_val"]
-        _truncate_log(log_path, start_step)
+        if main:
+            _truncate_log(log_path, start_step)
         log.info("%s: resumed from %s (step %d)", stage, resumable, start_step)
-    elif resume:
-        log.info("%s: nothing to resume in %s, starting fresh", stage, run_dir)
-        log_path.unlink(missing_ok=True)
     else:
-        log_path.unlink(missing_ok=True)
+        if resume:
+            log.info("%s: nothing to resume in %s, starting fresh", stage, run_dir)
+        if main:
+            log_path.unlink(missing_ok=True)
+    fwd_model: torch.nn.Module = model
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s: %.2fM parameters on %s (%s), %d steps × %d × %d sequences", stage, n_params / 1e6, device,
-             amp or "fp32", cfg.max_steps, cfg.batch_size, cfg.grad_accum)
+    log.info("%s: %.2fM parameters on %s (%s), %d steps × %d sequences × %d accumulation × %d processes", stage,
+             n_params / 1e6, device, amp or "fp32", cfg.max_steps, cfg.batch_size, cfg.grad_accum, ctx.world)
 
     from tqdm.auto import tqdm
 
@@ -261,12 +278,17 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     step = start_step
 
     def checkpoint(step: int) -> None:
+        if not main:
+            barrier(ctx)
+            return
         state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                  "step": step, "tokens_seen": tokens_seen, "best_val": best_val}
         save_checkpoint(run_dir, step, model, state, keep_last=cfg.keep_last, extra={"val_loss": last_val})
+        barrier(ctx)
 
-    with _StopFlag() as flag, open(log_path, "a", encoding="utf-8") as logf, \
-            tqdm(total=cfg.max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True) as bar:
+    with _StopFlag() as flag, open(log_path if main else os.devnull, "a", encoding="utf-8") as logf, \
+            tqdm(total=cfg.max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
+                 disable=not main) as bar:
         t_last = time.perf_counter()
         tokens_since = 0
         while step < cfg.max_steps:
@@ -276,18 +298,22 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in objective.train_batch(step * cfg.grad_accum + micro).items()}
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = objective.loss(model, batch) / cfg.grad_accum
-                scaler.scale(loss).backward()
+                last_micro = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or ctx.world == 1 else fwd_model.no_sync()
+                with sync:  # DDP all-reduces gradients only on the last micro-batch
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        loss = objective.loss(fwd_model, batch) / cfg.grad_accum
+                    scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
-                tokens_since += int(batch["x"].numel())
-                tokens_seen += int(batch["x"].numel())
+                tokens_since += int(batch["x"].numel()) * ctx.world
+                tokens_seen += int(batch["x"].numel()) * ctx.world
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            step_loss = mean_across(step_loss, ctx, device)
             if not math.isfinite(step_loss):
                 raise XiaolmError(f"loss became {step_loss} at step {step}", where=str(run_dir),
                                   hint="lower lr, or use dtype=fp32; the last checkpoint is intact")
@@ -306,8 +332,9 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                 best_val = min(best_val, last_val)
                 logf.write(json.dumps({"step": step, "val_loss": round(last_val, 6)}) + "\n")
                 logf.flush()
-                plot_losses(log_path, run_dir / "loss.png", title=stage)
-                bar.write(f"{stage} step {step}: val_loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.1f})")
+                if main:
+                    plot_losses(log_path, run_dir / "loss.png", title=stage)
+                    bar.write(f"{stage} step {step}: val_loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.1f})")
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.max_steps or flag.stop:
                 checkpoint(step)
@@ -319,7 +346,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                "params": n_params, "tokens_seen": tokens_seen}
     from xiaolm.io import atomic_write_json
 
-    atomic_write_json(run_dir / "done.json", summary)
+    if main:
+        atomic_write_json(run_dir / "done.json", summary)
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from xiaolm.data.read import RejectLog, read_records
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import encode_chat, load_tokenizer, normalize_chat
+from xiaolm.train import distributed
 from xiaolm.train.loop import TrainConfig, build_model, lm_loss, resolve_device, train
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,17 @@ class SFTObjective:
     loss = staticmethod(lm_loss)
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, seed: int, pad_id: int,
-                 eval_batches: int):
+                 eval_batches: int, rank: int = 0, world: int = 1):
         self.train, self.val = train, val
+        self.rank, self.world = rank, world
         self.batch_size, self.seed, self.pad_id, self.n_eval = batch_size, seed, pad_id, eval_batches
 
     def train_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """Micro-batch number `index`: consecutive slices of per-epoch permutations."""
+        """This process's share of micro-batch `index`: consecutive slices of per-epoch permutations."""
         n = len(self.train)
         picks = []
-        for k in range(index * self.batch_size, (index + 1) * self.batch_size):
+        first = (index * self.world + self.rank) * self.batch_size
+        for k in range(first, first + self.batch_size):
             epoch, pos = divmod(k, n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
             picks.append(self.train[order[pos]])
@@ -92,7 +96,8 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(tokenizer_dir)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with RejectLog(out / "rejects.jsonl") as rejects:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the rejects file
+    with RejectLog(out / "rejects.jsonl" if main else None) as rejects:
         examples = load_chat_examples(split_paths(cfg.data.path), tokenizer, cfg.data.seq_len, rejects)
         if cfg.data.val_path:
             val = load_chat_examples(split_paths(cfg.data.val_path), tokenizer, cfg.data.seq_len, rejects)
@@ -110,8 +115,10 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
                           where=cfg.data.path,
                           hint=f"records must be {{\"messages\": [...]}}; see {out / 'rejects.jsonl'}")
     device = resolve_device(cfg.device)
+    ctx = distributed.setup(device)
+    device = distributed.rank_device(device, ctx)
     model = build_model(cfg, len(tokenizer), device)
     objective = SFTObjective(train_set, val, cfg.batch_size, cfg.seed, tokenizer.pad_token_id or 0,
-                             cfg.eval_batches)
+                             cfg.eval_batches, rank=ctx.rank, world=ctx.world)
     log.info("sft: %d training chats, %d validation chats", len(train_set), len(val))
-    return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft")
+    return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
