@@ -114,3 +114,30 @@ def test_sequence_longer_than_model_context_is_refused(tmp_path):
     cfg.data.seq_len = 64
     with pytest.raises(XiaolmError, match="max_seq_len"):
         build_model(cfg, 64, torch.device("cpu"))
+
+
+def test_wsd_schedule_holds_then_decays_linearly():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(87, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(1 - 0.9 * 11 / 22)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    with pytest.raises(XiaolmError, match="schedule"):
+        lr_at(100, TrainConfig(schedule="linear"))
+
+
+def test_activation_checkpointing_gives_the_same_trajectory(tmp_path):
+    make_packed(tmp_path)
+    run(tiny_cfg(tmp_path, "plain", max_steps=4), tmp_path)
+    run(tiny_cfg(tmp_path, "ckpt", max_steps=4, activation_checkpointing=True), tmp_path)
+    plain, ckpt = losses(tmp_path / "plain"), losses(tmp_path / "ckpt")
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(plain, ckpt, strict=True))
+
+
+def test_resume_with_a_different_model_shape_is_refused(tmp_path):
+    make_packed(tmp_path)
+    run(tiny_cfg(tmp_path, "run", max_steps=4), tmp_path)
+    cfg = tiny_cfg(tmp_path, "run", max_steps=8)
+    cfg.model.n_layers = 3
+    with pytest.raises(XiaolmError, match="n_layers=3"):
+        run(cfg, tmp_path, resume=True)

@@ -52,6 +52,9 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: constant lr, then linear decay at the end)
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -105,9 +108,17 @@ def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | Non
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    """Linear warmup, then cosine (or warmup-stable-decay) down to lr * min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps * (1 - cfg.decay_fraction)
+        if step < decay_start:
+            return cfg.lr
+        frac = min(1.0, (step - decay_start) / max(1.0, cfg.max_steps - decay_start))
+        return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * frac)
+    if cfg.schedule != "cosine":
+        raise XiaolmError(f"unknown schedule {cfg.schedule!r}", where="schedule", hint="use cosine or wsd")
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
@@ -204,6 +215,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Llam
         cfg.model.check()
         torch.manual_seed(cfg.seed)
         model = Llama(cfg.model)
+    model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.data.seq_len > model.cfg.max_seq_len:
         raise XiaolmError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model.cfg.max_seq_len}",
                           hint="lower data.seq_len or raise model.max_seq_len (fresh models only)")
@@ -219,6 +231,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     """
     ctx = ctx or DistContext()
     main = ctx.is_main
+    lr_at(max(cfg.warmup_steps, cfg.max_steps), cfg)  # refuses an unknown schedule before any work
     run_dir = Path(cfg.out)
     device = next(model.parameters()).device
     amp = resolve_autocast_dtype(cfg.dtype, device)
@@ -245,6 +258,13 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
         from xiaolm.model.export import load_model
 
         restored, _ = load_model(resumable)
+        shape = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len",
+                 "tie_embeddings", "rope_theta")
+        clash = [f"{k}={getattr(model.cfg, k)} (checkpoint {getattr(restored.cfg, k)})" for k in shape
+                 if getattr(model.cfg, k) != getattr(restored.cfg, k)]
+        if clash:
+            raise XiaolmError(f"checkpoint has a different model shape: {', '.join(clash)}", where=str(resumable),
+                              hint="resume with the model.* settings of that run, or start a new out=")
         model.load_state_dict(restored.state_dict())
         state = load_state(resumable)
         optimizer.load_state_dict(state["optimizer"])
