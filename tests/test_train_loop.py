@@ -69,6 +69,7 @@ def test_training_reduces_loss_and_writes_run_dir(tmp_path):
     assert ls[-1][1] < ls[0][1] - 0.5
     for name in ("config.yaml", "log.jsonl", "loss.png", "latest", "done.json", "tokenizer/tokenizer.json"):
         assert (out / name).exists(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
     assert (out / "latest").read_text().strip() == "step-30"
     assert summary["steps"] == 30 and summary["val_loss"] is not None
     assert len(list((out / "checkpoints").glob("step-*"))) == cfg.keep_last

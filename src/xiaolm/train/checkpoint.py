@@ -59,8 +59,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
+    for stale in ckpt_root.glob(".tmp-step-*"):  # left behind by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model_weights(model, tmp)
     torch.save(state, tmp / STATE_FILE)

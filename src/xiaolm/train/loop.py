@@ -306,6 +306,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
         save_checkpoint(run_dir, step, model, state, keep_last=cfg.keep_last, extra={"val_loss": last_val})
         barrier(ctx)
 
+    tb = _tensorboard(run_dir / "tb") if main else None
     with _StopFlag() as flag, open(log_path if main else os.devnull, "a", encoding="utf-8") as logf, \
             tqdm(total=cfg.max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
                  disable=not main) as bar:
@@ -346,12 +347,18 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                        "grad_norm": round(grad_norm, 4), "tokens": tokens_seen}
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
+                if tb is not None:
+                    for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
+                        tb.add_scalar(f"train/{key}", row[key], step)
                 bar.set_postfix(loss=f"{ema_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last_val = evaluate(model, objective, device, amp)
                 best_val = min(best_val, last_val)
                 logf.write(json.dumps({"step": step, "val_loss": round(last_val, 6)}) + "\n")
                 logf.flush()
+                if tb is not None:
+                    tb.add_scalar("val/loss", last_val, step)
+                    tb.flush()
                 if main:
                     plot_losses(log_path, run_dir / "loss.png", title=stage)
                     bar.write(f"{stage} step {step}: val_loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.1f})")
@@ -362,6 +369,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                 raise XiaolmError(f"interrupted at step {step}; checkpoint saved", where=str(run_dir),
                                   hint="rerun the same command to continue "
                                        "(add --resume to pretrain/sft; demo resumes by itself)")
+    if tb is not None:
+        tb.close()
     summary = {"stage": stage, "steps": step, "val_loss": last_val, "best_val_loss": best_val,
                "params": n_params, "tokens_seen": tokens_seen}
     from xiaolm.io import atomic_write_json
@@ -369,6 +378,13 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     if main:
         atomic_write_json(run_dir / "done.json", summary)
     return summary
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard writer for the run (`tensorboard --logdir runs/`)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
