@@ -70,6 +70,11 @@ def test_training_reduces_loss_and_writes_run_dir(tmp_path):
     for name in ("config.yaml", "log.jsonl", "loss.png", "latest", "done.json", "tokenizer/tokenizer.json"):
         assert (out / name).exists(), name
     assert list((out / "tb").glob("events.out.tfevents.*"))
+    best = json.loads((out / "best" / "best.json").read_text())
+    vals = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert best["val_loss"] == pytest.approx(min(r["val_loss"] for r in vals if "val_loss" in r))
+    assert (out / "best" / "model.safetensors").is_file()
+    assert all(r["peak_mem_mb"] > 0 for r in vals if "loss" in r)
     assert (out / "latest").read_text().strip() == "step-30"
     assert summary["steps"] == 30 and summary["val_loss"] is not None
     assert len(list((out / "checkpoints").glob("step-*"))) == cfg.keep_last
@@ -142,3 +147,14 @@ def test_resume_with_a_different_model_shape_is_refused(tmp_path):
     cfg.model.n_layers = 3
     with pytest.raises(XiaolmError, match="n_layers=3"):
         run(cfg, tmp_path, resume=True)
+
+
+def test_best_and_step_checkpoints_load_with_the_run_tokenizer(tmp_path):
+    from xiaolm.model.export import resolve_model_dir
+
+    make_packed(tmp_path)
+    cfg = tiny_cfg(tmp_path, "run", max_steps=4, eval_every=2, save_every=2)
+    run(cfg, tmp_path)
+    out = Path(cfg.out)
+    assert resolve_model_dir(out / "best") == (out / "best", out / "tokenizer")
+    assert resolve_model_dir(out / "checkpoints" / "step-4") == (out / "checkpoints" / "step-4", out / "tokenizer")

@@ -65,13 +65,19 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
         tok = path / "tokenizer"
         return ckpt, tok if (tok / "tokenizer.json").is_file() else None
     if (path / CONFIG).is_file():
-        return path, path if (path / "tokenizer.json").is_file() else None
+        if (path / "tokenizer.json").is_file():
+            return path, path
+        # a checkpoint inside a run dir (run/best, run/checkpoints/step-N) uses the run's tokenizer
+        for run in (path.parent, path.parent.parent):
+            if (run / "tokenizer" / "tokenizer.json").is_file():
+                return path, run / "tokenizer"
+        return path, None
     raise XiaolmError("not a model: expected a run dir (with `latest`) or an HF model dir (with config.json)",
                       where=str(path), hint="pass a training run dir or an exported model dir")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[Llama, PreTrainedTokenizerFast | None]:
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               with_tokenizer: bool = True) -> tuple[Llama, PreTrainedTokenizerFast | None]:
     """(Llama in eval mode, tokenizer or None) from a run dir or an HF model dir; safetensors only."""
     weights_dir, tok_dir = resolve_model_dir(path)
     cfg_path, st_path = weights_dir / CONFIG, weights_dir / WEIGHTS
@@ -105,7 +111,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                           where=str(st_path), hint="the checkpoint belongs to a different model shape")
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     tokenizer = None
-    if tok_dir is not None:
+    if tok_dir is not None and with_tokenizer:
         from xiaolm.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tok_dir)

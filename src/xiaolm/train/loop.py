@@ -205,7 +205,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Llam
     if cfg.init_from:
         from xiaolm.model.export import load_model
 
-        model, _ = load_model(cfg.init_from)
+        model, _ = load_model(cfg.init_from, with_tokenizer=False)
         cfg.model = model.cfg
         if model.cfg.vocab_size < vocab_size:
             raise XiaolmError(f"init_from model has vocab_size {model.cfg.vocab_size} but the tokenizer has "
@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     if resume and resumable is not None:
         from xiaolm.model.export import load_model
 
-        restored, _ = load_model(resumable)
+        restored, _ = load_model(resumable, with_tokenizer=False)
         shape = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len",
                  "tie_embeddings", "rope_theta")
         clash = [f"{k}={getattr(model.cfg, k)} (checkpoint {getattr(restored.cfg, k)})" for k in shape
@@ -344,7 +344,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                 tps = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
                 row = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens_per_s": round(tps, 1),
-                       "grad_norm": round(grad_norm, 4), "tokens": tokens_seen}
+                       "grad_norm": round(grad_norm, 4), "tokens": tokens_seen,
+                       "peak_mem_mb": round(peak_memory_mb(device), 1)}
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
                 if tb is not None:
@@ -353,6 +354,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                 bar.set_postfix(loss=f"{ema_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 last_val = evaluate(model, objective, device, amp)
+                if last_val < best_val and main:
+                    _save_best(run_dir, model, step, last_val)
                 best_val = min(best_val, last_val)
                 logf.write(json.dumps({"step": step, "val_loss": round(last_val, 6)}) + "\n")
                 logf.flush()
@@ -372,12 +375,34 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     if tb is not None:
         tb.close()
     summary = {"stage": stage, "steps": step, "val_loss": last_val, "best_val_loss": best_val,
-               "params": n_params, "tokens_seen": tokens_seen}
+               "params": n_params, "tokens_seen": tokens_seen, "peak_mem_mb": round(peak_memory_mb(device), 1)}
     from xiaolm.io import atomic_write_json
 
     if main:
         atomic_write_json(run_dir / "done.json", summary)
     return summary
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated tensors on CUDA, resident set size of the process elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _save_best(run_dir: Path, model: Llama, step: int, val_loss: float) -> None:
+    """Keep the weights with the lowest validation loss in run_dir/best (config.json + model.safetensors)."""
+    from xiaolm.io import atomic_write_json
+    from xiaolm.model.export import save_model_weights
+
+    tmp = run_dir / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_weights(model, tmp)
+    atomic_write_json(tmp / "best.json", {"step": step, "val_loss": val_loss})
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+    tmp.replace(run_dir / "best")
 
 
 def _tensorboard(path: Path):
