@@ -1,6 +1,5 @@
 """torchrun with 2 CPU processes (gloo) follows the same loss trajectory as 1 process with the same global batch."""
 
-import json
 import os
 import socket
 import subprocess
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.test_train_loop import make_packed
+from tests.test_train_loop import losses, make_packed
 
 TOLERANCE = 1e-5  # fp32 all-reduce of two half-batch means vs one full-batch mean
 
@@ -17,11 +16,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def losses(run_dir) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def pretrain_args(tmp_path, out: str, batch_size: int) -> list[str]:

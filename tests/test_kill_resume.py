@@ -1,6 +1,5 @@
 """A pretraining process killed with SIGKILL mid-run and resumed reproduces the uninterrupted losses bitwise."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,12 +9,7 @@ import time
 import pytest
 
 from tests.test_distributed import pretrain_args
-from tests.test_train_loop import make_packed
-
-
-def losses(run_dir) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+from tests.test_train_loop import losses, make_packed
 
 
 @pytest.mark.slow

@@ -101,16 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_items(path: str, limit: int) -> list[dict]:
-    from xiaolm.data.read import RejectLog, read_records
-
-    with RejectLog(None) as rejects:
-        items = [rec for rec, _ in read_records([path], rejects)]
-    if rejects.total:
-        log.warning("eval: skipped %d unreadable lines in %s", rejects.total, path)
-    return items[:limit] if limit else items
-
-
 def cmd_eval(args: argparse.Namespace) -> dict:
     """`xiaolm eval`."""
     from xiaolm.eval.perplexity import perplexity
@@ -120,7 +110,9 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise XiaolmError("model has no tokenizer files", where=args.model, hint="export it with `xiaolm export`")
-    items = _read_items(args.data, args.limit)
+    from xiaolm.data.read import read_items
+
+    items = read_items(args.data, args.limit)
     if not items:
         raise XiaolmError("no records to evaluate", where=args.data)
     if args.task == "ppl":

@@ -62,6 +62,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.data.clean import CleanConfig, clean_files
     from xiaolm.data.demo.corpus import build_demo_corpus
     from xiaolm.data.pack import pack_files
+    from xiaolm.data.read import read_items
     from xiaolm.eval.perplexity import perplexity
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.eval.report import write_report
@@ -102,8 +103,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results["pack"] = pack_files([str(clean_dir)], tok_dir, out / "data" / "packed", val_fraction=0.02,
                                  seed=cfg.seed)
 
-    val_texts = [json.loads(line)["text"] for line in
-                 Path(paths["val_text"]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    val_texts = [r["text"] for r in read_items(paths["val_text"])]
     torch.manual_seed(cfg.pretrain.seed)
     init_cfg = LlamaConfig(**{**cfg.pretrain.model.__dict__, "vocab_size": len(tokenizer)})
     ppl = {"before": perplexity(Llama(init_cfg), tokenizer, val_texts, cfg.pretrain.data.seq_len)["ppl"]}
@@ -124,7 +124,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     sft.out, sft.data.path, sft.init_from, sft.seed = str(out / "sft"), str(paths["sft"]), pre.out, cfg.seed
     results["sft"] = _train_stage(run_sft, sft)
     results["sft"]["seconds"] = time.perf_counter() - start
-    results["sft_records"] = sum(1 for line in Path(paths["sft"]).read_text(encoding="utf-8").splitlines() if line)
+    results["sft_records"] = len(read_items(paths["sft"]))
 
     log.info("demo [7/8] export: Hugging Face model directory")
     model_dir = export_hf(sft.out, out / "model", dtype="fp32")
@@ -134,9 +134,9 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     model, tokenizer = load_model(model_dir)
     ppl["after_sft"] = perplexity(model, tokenizer, val_texts, sft.data.seq_len)["ppl"]
     results["ppl"] = ppl
-    qa = _jsonl(paths["eval_qa"], cfg.eval_limit)
+    qa = read_items(paths["eval_qa"], cfg.eval_limit)
     results["exact"] = exact_match(model, tokenizer, qa)
-    results["choice"] = choice_accuracy(model, tokenizer, _jsonl(paths["eval_choice"], cfg.eval_limit))
+    results["choice"] = choice_accuracy(model, tokenizer, read_items(paths["eval_choice"], cfg.eval_limit))
     results["samples"] = _sample_chats(model, tokenizer)
     results["seconds_total"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
@@ -150,11 +150,6 @@ def _train_stage(run, cfg: TrainConfig) -> dict:
         log.info("%s already finished; skipping", cfg.out)
         return json.loads((Path(cfg.out) / "done.json").read_text(encoding="utf-8"))
     return run(cfg, resume=True)
-
-
-def _jsonl(path: str | Path, limit: int) -> list[dict]:
-    items = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return items[:limit] if limit else items
 
 
 SAMPLE_QUESTIONS = ["你好，你是谁？", "把2024写成中文数字。", "十八加二十五等于多少？", "“画蛇添足”是什么意思？"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from xiaolm.config import config_to_dict, save_config
-from xiaolm.data.read import RejectLog, expand_inputs, inputs_fingerprint, read_records
+from xiaolm.config import config_to_dict
+from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
 
@@ -214,10 +214,6 @@ def _stable_id(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
-
-
 def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanConfig | None = None) -> dict:
     """Clean text or chat records into out_dir/part-00000.jsonl, with report.json and rejects.jsonl."""
     cfg = cfg or CleanConfig()
@@ -226,18 +222,14 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
                           f"min_cjk_ratio={cfg.min_cjk_ratio}", where="config",
                           hint="need 0 <= min_chars <= max_chars and 0 <= min_cjk_ratio <= 1")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise XiaolmError("output path exists and is not a directory", where=str(out_dir))
-    files = [f for f in expand_inputs(inputs) if not _inside(f, out_dir)]
+    files = stage_inputs(inputs, out_dir)
     fingerprint = inputs_fingerprint(files)
+    config_text = yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)
     done = out_dir / "_SUCCESS"
-    if done.is_file() and (out_dir / "report.json").is_file() and (out_dir / "config.yaml").is_file():
-        report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
-        saved = yaml.safe_load((out_dir / "config.yaml").read_text(encoding="utf-8"))
-        same_config = saved == config_to_dict(cfg)
-        if same_config and report.get("inputs") == fingerprint:
-            log.info("data/clean: %s is up to date (same inputs and config); skipping", out_dir)
-            return report
+    report = finished_stage(out_dir, config_text, fingerprint, "report.json")
+    if report is not None:
+        log.info("data/clean: %s is up to date (same inputs and config); skipping", out_dir)
+        return report
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +283,7 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
               "added_by_split": added_by_split, "examples": examples,
               "seconds": round(time.perf_counter() - start, 3), "inputs": fingerprint}
     atomic_write_json(out_dir / "report.json", report)
-    save_config(cfg, out_dir / "config.yaml")
+    atomic_write_text(out_dir / "config.yaml", config_text)
     atomic_write_text(done, "")
     log.info("data/clean: %d in, %d out, %d rejected (%s) — see %s", report["records_in"], records_out,
              rejects.total, rejects.summary(), out_dir / "rejects.jsonl")

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import numpy as np
 import yaml
 
-from xiaolm.data.read import RejectLog, expand_inputs, inputs_fingerprint, read_records
+from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
 
@@ -106,21 +106,17 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
         raise XiaolmError(f"val_fraction={val_fraction} is out of range", where="val_fraction",
                           hint="use a fraction in [0, 1), e.g. 0.01")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise XiaolmError("output path exists and is not a directory", where=str(out_dir))
     tok_hash = tokenizer_hash(tokenizer_dir)
-    files = [f for f in expand_inputs(inputs) if not f.resolve().is_relative_to(out_dir.resolve())]
+    files = stage_inputs(inputs, out_dir)
     settings = {"inputs": [str(i) for i in inputs], "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
                 "val_fraction": val_fraction, "seed": seed, "text_field": text_field}
     config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     fingerprint = inputs_fingerprint(files)
     done = out_dir / "_SUCCESS"
-    if done.is_file() and (out_dir / "meta.json").is_file() and (out_dir / "config.yaml").is_file():
-        meta = read_meta(out_dir)
-        if (out_dir / "config.yaml").read_text(encoding="utf-8") == config_text and \
-                meta.get("tokenizer_hash") == tok_hash and meta.get("inputs") == fingerprint:
-            log.info("data/pack: %s is up to date (same inputs, tokenizer and settings); skipping", out_dir)
-            return meta
+    meta = finished_stage(out_dir, config_text, fingerprint, "meta.json")
+    if meta is not None and meta.get("tokenizer_hash") == tok_hash:
+        log.info("data/pack: %s is up to date (same inputs, tokenizer and settings); skipping", out_dir)
+        return meta
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)

@@ -133,6 +133,34 @@ def inputs_fingerprint(inputs: Sequence[str | Path]) -> list[dict]:
     return out
 
 
+def read_items(path: str | Path, limit: int = 0) -> list[dict]:
+    """All records of one small file (an eval set), the first `limit` if given; unreadable lines are skipped."""
+    with RejectLog(None) as rejects:
+        items = [record for record, _ in read_records([path], rejects)]
+    if rejects.total:
+        log.warning("skipped %d unreadable lines in %s (%s)", rejects.total, path, rejects.summary())
+    return items[:limit] if limit else items
+
+
+def stage_inputs(inputs: Sequence[str | Path], out_dir: Path) -> list[Path]:
+    """A stage's input files, leaving out anything inside its own output dir (never read back as input)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise XiaolmError("output path exists and is not a directory", where=str(out_dir))
+    out = out_dir.resolve()
+    return [f for f in expand_inputs(inputs) if not f.resolve().is_relative_to(out)]
+
+
+def finished_stage(out_dir: Path, config_text: str, fingerprint: list[dict], record: str,
+                   required: Sequence[str] = ()) -> dict | None:
+    """The saved `record` (report.json, meta.json) of a completed run with this config and these inputs, else None."""
+    if not all((out_dir / f).is_file() for f in ("_SUCCESS", "config.yaml", record, *required)):
+        return None
+    if (out_dir / "config.yaml").read_text(encoding="utf-8") != config_text:
+        return None
+    saved = json.loads((out_dir / record).read_text(encoding="utf-8"))
+    return saved if saved.get("inputs") == fingerprint else None
+
+
 def _open_bytes(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 

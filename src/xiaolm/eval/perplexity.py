@@ -7,6 +7,7 @@ import math
 import torch
 
 from xiaolm.model.llama import Llama
+from xiaolm.train.sft import collate
 
 
 @torch.no_grad()
@@ -23,16 +24,9 @@ def perplexity(model: Llama, tokenizer, texts: list[str], seq_len: int = 256, ba
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for b in range(0, n_windows, batch_size):
-        rows = []
-        for w in range(b, min(n_windows, b + batch_size)):
-            chunk = ids[w * seq_len: w * seq_len + seq_len + 1]
-            rows.append(chunk)
-        width = max(len(r) for r in rows) - 1
-        x = torch.full((len(rows), width), eos, dtype=torch.long)
-        y = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, :len(r) - 1] = torch.tensor(r[:-1])
-            y[i, :len(r) - 1] = torch.tensor(r[1:])
+        rows = [ids[w * seq_len: w * seq_len + seq_len + 1] for w in range(b, min(n_windows, b + batch_size))]
+        batch = collate([(r, r) for r in rows], eos)  # every next token counts: labels are the ids themselves
+        x, y = batch["x"], batch["y"]
         _, loss = model(x.to(device), y.to(device))
         n = int((y != -100).sum())
         total_loss += float(loss) * n

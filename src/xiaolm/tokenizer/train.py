@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import sys
 import time
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from xiaolm.data.read import RejectLog, expand_inputs, inputs_fingerprint, read_records
+from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json, atomic_write_text
 from xiaolm.tokenizer.chat import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS
@@ -105,21 +104,16 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
     if vocab_size > 65535:
         log.warning("tokenizer: vocab_size %d exceeds 65535, so token files will be uint32", vocab_size)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise XiaolmError("output path exists and is not a directory", where=str(out_dir))
-    files = [f for f in expand_inputs(inputs) if not f.resolve().is_relative_to(out_dir.resolve())]
+    files = stage_inputs(inputs, out_dir)
     settings = {"vocab_size": vocab_size, "min_frequency": min_frequency, "text_field": text_field,
                 "cjk_chars": cjk_chars,
                 "inputs": [str(i) for i in inputs]}
     config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     fingerprint = inputs_fingerprint(files)
     done = out_dir / "_SUCCESS"
-    if done.is_file() and all((out_dir / f).is_file() for f in (*OUTPUT_FILES, "config.yaml", "report.json")):
-        report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
-        if (out_dir / "config.yaml").read_text(encoding="utf-8") == config_text and \
-                report.get("inputs") == fingerprint:
-            log.info("tokenizer: %s is up to date (same inputs and settings); skipping", out_dir)
-            return out_dir
+    if finished_stage(out_dir, config_text, fingerprint, "report.json", required=OUTPUT_FILES) is not None:
+        log.info("tokenizer: %s is up to date (same inputs and settings); skipping", out_dir)
+        return out_dir
     start = time.perf_counter()
     stats = {"texts": 0, "skipped": 0}
     with RejectLog(None) as rejects:

@@ -310,8 +310,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     with _StopFlag() as flag, open(log_path if main else os.devnull, "a", encoding="utf-8") as logf, \
             tqdm(total=cfg.max_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
                  disable=not main) as bar:
-        t_last = time.perf_counter()
-        tokens_since = 0
+        t_last, tokens_at_last = time.perf_counter(), tokens_seen
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -326,7 +325,6 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                         loss = objective.loss(fwd_model, batch) / cfg.grad_accum
                     scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
-                tokens_since += int(batch["x"].numel()) * ctx.world
                 tokens_seen += int(batch["x"].numel()) * ctx.world
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -341,8 +339,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
             ema_loss = step_loss if ema_loss is None else 0.9 * ema_loss + 0.1 * step_loss
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 now = time.perf_counter()
-                tps = tokens_since / max(now - t_last, 1e-9)
-                t_last, tokens_since = now, 0
+                tps = (tokens_seen - tokens_at_last) / max(now - t_last, 1e-9)
+                t_last, tokens_at_last = now, tokens_seen
                 row = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens_per_s": round(tps, 1),
                        "grad_norm": round(grad_norm, 4), "tokens": tokens_seen,
                        "peak_mem_mb": round(peak_memory_mb(device), 1)}
