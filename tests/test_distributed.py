@@ -1,6 +1,8 @@
-"""torchrun with 2 CPU processes (gloo) follows the same loss trajectory as 1 process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo), DDP or FSDP2, follows the same loss trajectory as 1 process with the same
+global batch, and its checkpoints resume on a different number of processes."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import pytest
 
 from tests.test_train_loop import losses, make_packed
 
-TOLERANCE = 1e-5  # fp32 all-reduce of two half-batch means vs one full-batch mean
+TOLERANCE = 1e-5  # fp32 all-reduce of two half-batch means vs one full-batch mean (log rounds to 1e-6)
 
 
 def free_port() -> int:
@@ -20,24 +22,52 @@ def free_port() -> int:
 
 def pretrain_args(tmp_path, out: str, batch_size: int) -> list[str]:
     return ["pretrain", f"out={tmp_path / out}", f"data.path={tmp_path / 'packed'}",
-            f"data.tokenizer={tmp_path / 'tok'}", "data.seq_len=32", "device=cpu", "max_steps=6",
+            f"data.tokenizer={tmp_path / 'tok'}", "data.seq_len=32", "device=cpu", "dtype=fp32", "max_steps=6",
             f"batch_size={batch_size}", "lr=3e-3", "warmup_steps=2", "log_every=1", "eval_every=3",
             "eval_batches=1", "save_every=3", "model.dim=32", "model.n_layers=2", "model.n_heads=4",
             "model.n_kv_heads=2", "model.max_seq_len=32"]
 
 
-@pytest.mark.slow
-def test_two_process_gloo_matches_single_process(tmp_path):
-    make_packed(tmp_path)
+def xiaolm(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "xiaolm", *pretrain_args(tmp_path, "single", 8)],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "xiaolm", *pretrain_args(tmp_path, "ddp", 4)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
-    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) < TOLERANCE
-    assert (tmp_path / "ddp" / "checkpoints" / "step-6").is_dir()
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
+                     f"--master_port={free_port()}"]
+    done = subprocess.run([*launcher, "-m", "xiaolm", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def max_gap(a, b) -> float:
+    assert [s for s, _ in a] == [s for s, _ in b]
+    return max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(tmp_path, parallel):
+    make_packed(tmp_path)
+    xiaolm(pretrain_args(tmp_path, "single", 8))
+    xiaolm([*pretrain_args(tmp_path, "multi", 4), f"parallel={parallel}"], processes=2)
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    assert [s for s, _ in a] == list(range(1, 7))
+    assert max_gap(a, b) < TOLERANCE
+    assert (tmp_path / "multi" / "checkpoints" / "step-6" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_one_process(tmp_path):
+    make_packed(tmp_path)
+    common = ["global_batch_size=8", "keep_last=3"]
+    xiaolm([*pretrain_args(tmp_path, "single", 4), *common])  # 1 process: 2 passes of 4 per step
+    xiaolm([*pretrain_args(tmp_path, "fsdp", 4), *common, "parallel=fsdp"], processes=2)
+    two = losses(tmp_path / "fsdp")
+    run = tmp_path / "fsdp"
+    shutil.rmtree(run / "checkpoints" / "step-6")  # as if the 2-process run had died after step 3
+    (run / "done.json").unlink()
+    xiaolm([*pretrain_args(tmp_path, "fsdp", 4), *common, "--resume"])
+    resumed = losses(run)
+    assert [s for s, _ in resumed] == list(range(1, 7))
+    assert max_gap(resumed, two) < TOLERANCE
+    assert max_gap(resumed, losses(tmp_path / "single")) < TOLERANCE

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xiaolm.errors import XiaolmError
-from xiaolm.model.llama import Llama, LlamaConfig, flops_per_token
+from xiaolm.model.llama import Llama, LlamaConfig, document_mask, flops_per_token
 
 
 def tiny(**kw) -> LlamaConfig:
@@ -108,7 +108,7 @@ def test_loss_ignores_minus_100_and_is_float32():
     x = torch.randint(0, 96, (2, 12))
     y = torch.randint(0, 96, (2, 12))
     y[:, :5] = -100
-    logits, loss = model(x, y)
+    logits, loss = model(x)[0], model(x, y)[1]
     manual = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 96), y[:, 5:].reshape(-1))
     assert loss.dtype == torch.float32 and abs(loss.item() - manual.item()) < 1e-6
     assert abs(loss.item() - math.log(96)) < 0.2  # small init: near-uniform predictions
@@ -192,3 +192,25 @@ def test_flops_per_token():
     # matmul weights: everything but the norms; the tied embedding counts once, as the output head
     n = model.num_params() - sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
     assert flops_per_token(cfg, 256) == 6 * n + 12 * 4 * 256 * 256
+
+
+def test_documents_packed_in_a_row_do_not_see_each_other():
+    torch.manual_seed(6)
+    model = Llama(tiny())
+    first, second = torch.randint(1, 96, (7,)), torch.randint(1, 96, (9,))
+    row = torch.cat([first, second])[None]
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9])
+    _, positions = document_mask(doc_ids)
+    assert positions.tolist() == [list(range(7)) + list(range(9))]
+    y = torch.randint(0, 96, (1, 16))
+    packed = model(row, y, doc_ids=doc_ids)[1]
+    alone = (model(first[None], y[:, :7])[1] * 7 + model(second[None], y[:, 7:])[1] * 9) / 16
+    assert abs(packed.item() - alone.item()) < 1e-5
+    other_first = torch.cat([torch.randint(1, 96, (7,)), second])[None]
+    with torch.no_grad():
+        hidden = [model.model.norm(model.model.embed_tokens(r)) for r in (row, other_first)]
+    assert not torch.equal(hidden[0], hidden[1])  # the rows really differ in the first document
+    y2 = y.clone()
+    y2[:, :7] = -100  # loss on the second document only: unaffected by what the first one says
+    assert abs(model(row, y2, doc_ids=doc_ids)[1].item() - model(other_first, y2, doc_ids=doc_ids)[1].item()) < 1e-5
+    assert abs(model(row, y2)[1].item() - model(other_first, y2)[1].item()) > 1e-4  # without doc_ids it is

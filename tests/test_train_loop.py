@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from xiaolm.errors import XiaolmError
-from xiaolm.model.llama import LlamaConfig
+from xiaolm.model.llama import LlamaConfig, flops_per_token
 from xiaolm.train.checkpoint import find_resumable
-from xiaolm.train.loop import DataConfig, TrainConfig, build_model, lr_at, train
+from xiaolm.train.loop import (
+    DataConfig,
+    TrainConfig,
+    build_model,
+    lr_at,
+    peak_flops,
+    resolve_accum,
+    resolve_compile,
+    train,
+)
 from xiaolm.train.pretrain import PretrainObjective
 
 
@@ -35,7 +44,7 @@ def make_packed(tmp: Path, vocab: int = 64, n: int = 20_000) -> Path:
 def tiny_cfg(tmp: Path, out: str, **kw) -> TrainConfig:
     model = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
     base = dict(out=str(tmp / out), max_steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1,
-                eval_every=6, eval_batches=2, save_every=4, device="cpu", model=model,
+                eval_every=6, eval_batches=2, save_every=4, device="cpu", dtype="fp32", model=model,
                 data=DataConfig(path=str(tmp / "packed"), seq_len=32))
     base.update(kw)
     return TrainConfig(**base)
@@ -43,7 +52,7 @@ def tiny_cfg(tmp: Path, out: str, **kw) -> TrainConfig:
 
 def run(cfg: TrainConfig, tmp: Path, resume: bool = False) -> dict:
     model = build_model(cfg, 64, torch.device("cpu"))
-    objective = PretrainObjective(cfg.data.path, cfg.data.seq_len, cfg.batch_size, cfg.seed, cfg.eval_batches)
+    objective = PretrainObjective(cfg.data.path, cfg.data.seq_len, cfg.seed, cfg.eval_batches, cfg.batch_size)
     return train(cfg, objective, model, tmp / "tok", resume=resume, stage="test")
 
 
@@ -158,3 +167,68 @@ def test_best_and_step_checkpoints_load_with_the_run_tokenizer(tmp_path):
     out = Path(cfg.out)
     assert resolve_model_dir(out / "best") == (out / "best", out / "tokenizer")
     assert resolve_model_dir(out / "checkpoints" / "step-4") == (out / "checkpoints" / "step-4", out / "tokenizer")
+
+
+def test_global_batch_sets_accumulation_and_refuses_an_uneven_split():
+    assert resolve_accum(TrainConfig(batch_size=4, grad_accum=3), world=2) == (3, 24)
+    assert resolve_accum(TrainConfig(batch_size=4, global_batch_size=32), world=2) == (4, 32)
+    with pytest.raises(XiaolmError, match="global_batch_size=30 is not a multiple of batch_size × processes"):
+        resolve_accum(TrainConfig(batch_size=4, global_batch_size=30), world=2)
+
+
+def test_accumulated_passes_follow_the_same_trajectory_as_one_big_batch(tmp_path):
+    make_packed(tmp_path)
+    run(tiny_cfg(tmp_path, "big", max_steps=4, batch_size=8), tmp_path)
+    run(tiny_cfg(tmp_path, "accum", max_steps=4, batch_size=2, global_batch_size=8), tmp_path)
+    big, accum = losses(tmp_path / "big"), losses(tmp_path / "accum")
+    assert max(abs(a - b) for (_, a), (_, b) in zip(big, accum, strict=True)) < 1e-5
+
+
+def test_mfu_is_logged_against_the_given_peak(tmp_path):
+    make_packed(tmp_path)
+    cfg = tiny_cfg(tmp_path, "run", max_steps=3, peak_tflops=0.001)
+    run(cfg, tmp_path)
+    rows = [json.loads(x) for x in (Path(cfg.out) / "log.jsonl").read_text().splitlines()]
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+    for r in (r for r in rows if "loss" in r):
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9, abs=1e-4)
+    assert peak_flops(TrainConfig(), torch.device("cpu")) is None  # unknown CPU: no made-up MFU
+
+
+def test_compile_setting_is_auto_true_or_false():
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile("auto", torch.device("cuda")) is True
+    assert resolve_compile("True", torch.device("cpu")) is True
+    with pytest.raises(XiaolmError, match="compile"):
+        resolve_compile("fast", torch.device("cpu"))
+
+
+def test_pretrain_windows_number_documents_after_each_eos(tmp_path):
+    make_packed(tmp_path)
+    objective = PretrainObjective(tmp_path / "packed", 32, seed=0, eval_batches=1, eval_batch_size=2, eos_id=5)
+    batch = objective.train_batch(0, 3)
+    for x, doc in zip(batch["x"].tolist(), batch["doc"].tolist(), strict=True):
+        expected, current = [], 0
+        for token in x:
+            expected.append(current)
+            current += token == 5
+        assert doc == expected
+    assert torch.equal(objective.train_batch(1, 2)["x"], batch["x"][1:])  # rows do not depend on the split
+
+
+def test_corrupted_optimizer_shard_falls_back_to_previous(tmp_path):
+    make_packed(tmp_path)
+    cfg = tiny_cfg(tmp_path, "run", keep_last=3)
+    run(cfg, tmp_path)
+    shard = next((Path(cfg.out) / "checkpoints" / "step-12" / "optimizer").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-7])  # a partial write
+    assert find_resumable(Path(cfg.out)).name == "step-8"
+
+
+def test_wandb_requested_but_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    make_packed(tmp_path)
+    with pytest.raises(XiaolmError, match="wandb"):
+        run(tiny_cfg(tmp_path, "run", max_steps=2, wandb_project="xiaolm-test"), tmp_path)

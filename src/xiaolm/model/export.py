@@ -37,17 +37,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def save_model_weights(model: Llama, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write model.safetensors (HF names; a tied lm_head omitted, as HF does) and config.json, atomically."""
+    save_weights(model.state_dict(), model.cfg, out_dir, dtype or model.model.embed_tokens.weight.dtype)
+
+
+def save_weights(state: dict[str, torch.Tensor], cfg: LlamaConfig, out_dir: str | Path,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """save_model_weights for a state dict already gathered (e.g. from a sharded model)."""
     out_dir = Path(out_dir)
-    dtype = dtype or model.model.embed_tokens.weight.dtype
     if dtype not in DTYPE_NAMES:
         raise XiaolmError(f"cannot save weights as {dtype}", hint="use float32, float16 or bfloat16")
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
+    if cfg.tie_embeddings:
         # safetensors refuses two names for one storage; HF re-ties lm_head from embed_tokens on load
         state.pop("lm_head.weight", None)
     with atomic_open(out_dir / WEIGHTS, "wb") as f:
         f.write(safetensors_bytes(state, metadata={"format": "pt"}))
-    atomic_write_json(out_dir / CONFIG, model.cfg.hf_config(DTYPE_NAMES[dtype]))
+    atomic_write_json(out_dir / CONFIG, cfg.hf_config(DTYPE_NAMES[dtype]))
 
 
 def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:

@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from xiaolm.errors import XiaolmError
+from xiaolm.model.loss import linear_cross_entropy
 
 WHERE = "model config"
 
@@ -301,11 +302,13 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits [B,T,V], mean cross-entropy over already-shifted targets != -100, or None)."""
+                position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits [B,T,V], None) without targets; (None, mean cross-entropy over targets != -100) with them."""
         # With a kv_cache, positions continue from cache.length and new keys/values are appended.
         # attn_mask (bool [B,1,T,S], True = may attend) and position_ids [B,T] replace the causal mask and
-        # the positions: generate_batch uses them for left-padded prompts.
+        # the positions: generate_batch uses them for left-padded prompts. doc_ids [B,T] (packed documents
+        # numbered along each row) keep attention inside each document and restart positions at its start.
         b, t = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + t > self.cfg.max_seq_len:
@@ -315,6 +318,8 @@ class Llama(nn.Module):
         if kv_cache is not None and start + t > kv_cache.max_len:
             raise XiaolmError(f"KV cache holds {kv_cache.max_len} tokens, {start + t} needed",
                               hint="create it with a larger max_len")
+        if doc_ids is not None:
+            attn_mask, position_ids = document_mask(doc_ids)
         x = self.model.embed_tokens(input_ids)
         if position_ids is None:
             cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
@@ -333,13 +338,11 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.length += t
-        logits = self.lm_head(self.model.norm(x))
-        loss = None
-        if targets is not None:
-            # float32 for the softmax: bf16/fp16 logits lose the small differences the loss is made of
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+        x = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(x), None
+        # the [tokens, vocab] logits never materialize at once: see model/loss.py
+        return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied embedding counted once); optionally without the token embedding table."""
@@ -351,6 +354,18 @@ class Llama(nn.Module):
         if torch_dtype is None:
             torch_dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
         return self.cfg.hf_config(torch_dtype)
+
+
+def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask [B,1,T,T] (causal, within a document) and positions [B,T] restarting at each document."""
+    t = doc_ids.shape[1]
+    idx = torch.arange(t, device=doc_ids.device)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, 0).cummax(dim=1).values  # index of each token's document start
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None], idx - first
 
 
 # N counts the weights used in matmuls (attention and MLP projections plus the output head; the embedding

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from xiaolm.io import atomic_write_json, atomic_write_text
-from xiaolm.model.export import save_model_weights
+from xiaolm.model.export import save_weights
+from xiaolm.train.distributed import DistContext, barrier, full_state_dict, save_optimizer
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+OPTIMIZER_DIR = "optimizer"
 MANIFEST = "manifest.json"
 
 
@@ -53,28 +55,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep_last: int = 2,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write checkpoints/step-N atomically, point `latest` at it, and prune older checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], ctx: DistContext, keep_last: int = 2,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write checkpoints/step-N atomically, point `latest` at it, and prune older ones (every process calls it).
+
+    Layout: model.safetensors + config.json (whole weights, loadable by `xiaolm export`), optimizer/ (a torch
+    distributed checkpoint, one shard per process), state.pt (step, RNG, counters), manifest.json (sha256 of
+    every file). On several machines checkpoints/ must be on storage they share.
+    """
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step}"
-    for stale in ckpt_root.glob(".tmp-step-*"):  # left behind by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = ckpt_root / f".tmp-step-{step}-{os.getpid()}"
-    tmp.mkdir()
-    save_model_weights(model, tmp)
-    torch.save(state, tmp / STATE_FILE)
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, **(extra or {})})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(run_dir / "latest", final.name + "\n")
-    steps = sorted((int(p.name.split("-")[1]), p) for p in ckpt_root.glob("step-*") if p.name.split("-")[1].isdigit())
-    for _, old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    tmp = ckpt_root / f".tmp-step-{step}"
+    if ctx.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".tmp-step-*"):  # left behind by a process killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier(ctx)
+    weights = full_state_dict(model)
+    save_optimizer(tmp / OPTIMIZER_DIR, model, optimizer)
+    barrier(ctx)
+    if ctx.is_main:
+        save_weights(weights, model.cfg, tmp)
+        torch.save(state, tmp / STATE_FILE)
+        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, **(extra or {})})
+        final = ckpt_root / f"step-{step}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(run_dir / "latest", final.name + "\n")
+        steps = sorted((int(p.name.split("-")[1]), p) for p in ckpt_root.glob("step-*")
+                       if p.name.split("-")[1].isdigit())
+        for _, old in steps[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(ctx)
 
 
 def verify_checkpoint(ckpt: Path) -> bool:
@@ -100,5 +115,5 @@ def find_resumable(run_dir: Path) -> Path | None:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    """Load training state (optimizer, step, RNG) without unpickling arbitrary objects."""
+    """Load training state (step, RNG, counters) without unpickling arbitrary objects."""
     return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)

@@ -15,16 +15,17 @@ from xiaolm.train.loop import TrainConfig, build_model, lm_loss, resolve_device,
 
 
 class PretrainObjective:
-    """Batches are a pure function of (seed, index), so resume needs no data-position bookkeeping."""
+    """Windows of the packed token file; row k of the stream starts at a hash of (seed, k), so batches are a
+    pure function of their position and resume needs no data-position bookkeeping."""
 
     loss = staticmethod(lm_loss)
 
-    def __init__(self, data_dir: str | Path, seq_len: int, batch_size: int, seed: int, eval_batches: int,
-                 rank: int = 0, world: int = 1):
+    def __init__(self, data_dir: str | Path, seq_len: int, seed: int, eval_batches: int, eval_batch_size: int,
+                 eos_id: int | None = None):
         self.train_tokens = load_tokens(data_dir, "train")
         self.val_tokens = load_tokens(data_dir, "val")
-        self.seq_len, self.batch_size, self.seed, self.n_eval = seq_len, batch_size, seed, eval_batches
-        self.rank, self.world = rank, world
+        self.seq_len, self.seed, self.n_eval, self.eval_batch_size = seq_len, seed, eval_batches, eval_batch_size
+        self.eos_id = eos_id  # set: number the documents in each window so attention stays inside them
         for split, arr in (("train", self.train_tokens), ("val", self.val_tokens)):
             if len(arr) <= seq_len + 1:
                 raise XiaolmError(f"{split}.bin holds {len(arr)} tokens, fewer than data.seq_len+2={seq_len + 2}",
@@ -33,20 +34,33 @@ class PretrainObjective:
     def _windows(self, tokens: np.ndarray, starts: np.ndarray) -> dict[str, torch.Tensor]:
         chunk = np.stack([tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         chunk = torch.from_numpy(chunk)
-        return {"x": chunk[:, :-1].contiguous(), "y": chunk[:, 1:].contiguous()}
+        batch = {"x": chunk[:, :-1].contiguous(), "y": chunk[:, 1:].contiguous()}
+        if self.eos_id is not None:  # an EOS ends its document: the next token starts a new one
+            is_eos = (batch["x"] == self.eos_id).long()
+            batch["doc"] = is_eos.cumsum(dim=1) - is_eos
+        return batch
 
-    def train_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """This process's share of global micro-batch `index` (the same windows whatever the process count)."""
-        rng = np.random.default_rng([self.seed, index])
-        starts = rng.integers(0, len(self.train_tokens) - self.seq_len - 1, size=self.batch_size * self.world)
-        return self._windows(self.train_tokens, starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+    def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        """Windows for stream rows first … first+count-1 (the same rows whatever the process count)."""
+        rows = np.arange(first, first + count, dtype=np.uint64)
+        return self._windows(self.train_tokens, mix64(rows, self.seed) % np.uint64(len(self.train_tokens)
+                                                                                     - self.seq_len - 1))
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Fixed, evenly spread windows of val.bin."""
-        n = self.n_eval * self.batch_size
+        n = self.n_eval * self.eval_batch_size
         starts = np.linspace(0, len(self.val_tokens) - self.seq_len - 1, num=n).astype(np.int64)
-        for i in range(0, n, self.batch_size):
-            yield self._windows(self.val_tokens, starts[i:i + self.batch_size])
+        for i in range(0, n, self.eval_batch_size):
+            yield self._windows(self.val_tokens, starts[i:i + self.eval_batch_size])
+
+
+def mix64(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A well-mixed uint64 per row (splitmix64 of seed and row): random-looking, reproducible, vectorized."""
+    with np.errstate(over="ignore"):
+        z = rows * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed * 0xD1B54A32D192ED03 % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -62,6 +76,6 @@ def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
     ctx = distributed.setup(device)
     device = distributed.rank_device(device, ctx)
     model = build_model(cfg, meta["vocab_size"], device)
-    objective = PretrainObjective(cfg.data.path, cfg.data.seq_len, cfg.batch_size, cfg.seed, cfg.eval_batches,
-                                  rank=ctx.rank, world=ctx.world)
+    objective = PretrainObjective(cfg.data.path, cfg.data.seq_len, cfg.seed, cfg.eval_batches, cfg.batch_size,
+                                  eos_id=meta.get("eos_id") if cfg.data.doc_mask else None)
     return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="pretrain", ctx=ctx)

@@ -58,17 +58,15 @@ class SFTObjective:
     loss = staticmethod(lm_loss)
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, seed: int, pad_id: int,
-                 eval_batches: int, rank: int = 0, world: int = 1):
+                 eval_batches: int):
         self.train, self.val = train, val
-        self.rank, self.world = rank, world
         self.batch_size, self.seed, self.pad_id, self.n_eval = batch_size, seed, pad_id, eval_batches
 
-    def train_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """This process's share of micro-batch `index`: consecutive slices of per-epoch permutations."""
+    def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        """Stream rows first … first+count-1: consecutive slices of per-epoch permutations of the chats."""
         n = len(self.train)
         picks = []
-        first = (index * self.world + self.rank) * self.batch_size
-        for k in range(first, first + self.batch_size):
+        for k in range(first, first + count):
             epoch, pos = divmod(k, n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
             picks.append(self.train[order[pos]])
@@ -119,6 +117,6 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
     device = distributed.rank_device(device, ctx)
     model = build_model(cfg, len(tokenizer), device)
     objective = SFTObjective(train_set, val, cfg.batch_size, cfg.seed, tokenizer.pad_token_id or 0,
-                             cfg.eval_batches, rank=ctx.rank, world=ctx.world)
+                             cfg.eval_batches)
     log.info("sft: %d training chats, %d validation chats", len(train_set), len(val))
     return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
