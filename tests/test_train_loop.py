@@ -232,3 +232,24 @@ def test_wandb_requested_but_missing_is_a_clear_error(tmp_path, monkeypatch):
     make_packed(tmp_path)
     with pytest.raises(XiaolmError, match="wandb"):
         run(tiny_cfg(tmp_path, "run", max_steps=2, wandb_project="xiaolm-test"), tmp_path)
+
+
+def test_token_files_of_another_tokenizer_are_refused(tmp_path):
+    from xiaolm.train.pretrain import run_pretrain
+
+    packed = make_packed(tmp_path)
+    meta = json.loads((packed / "meta.json").read_text())
+    (packed / "meta.json").write_text(json.dumps({**meta, "tokenizer_hash": "not-this-tokenizer"}))
+    cfg = tiny_cfg(tmp_path, "run")
+    cfg.data.tokenizer = str(tmp_path / "tok")
+    with pytest.raises(XiaolmError, match="packed with another tokenizer"):
+        run_pretrain(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(tmp_path):
+    make_packed(tmp_path)
+    run(tiny_cfg(tmp_path, "eager", max_steps=3), tmp_path)
+    run(tiny_cfg(tmp_path, "compiled", max_steps=3, compile="true"), tmp_path)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert max(abs(a - b) for (_, a), (_, b) in zip(eager, compiled, strict=True)) < 1e-4

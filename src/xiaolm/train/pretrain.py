@@ -72,6 +72,13 @@ def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
     if not tokenizer_dir or not Path(tokenizer_dir, "tokenizer.json").is_file():
         raise XiaolmError(f"tokenizer not found at '{tokenizer_dir}'", where="data.tokenizer",
                           hint="set data.tokenizer to the `xiaolm tokenizer train` output")
+    if meta.get("tokenizer_hash"):
+        from xiaolm.tokenizer.train import tokenizer_hash
+
+        if tokenizer_hash(tokenizer_dir) != meta["tokenizer_hash"]:
+            raise XiaolmError(f"the token files in {cfg.data.path} were packed with another tokenizer than "
+                              f"{tokenizer_dir}", where="data.tokenizer",
+                              hint=f"use the one in meta.json ({meta.get('tokenizer_dir')}) or pack again")
     device = resolve_device(cfg.device)
     ctx = distributed.setup(device)
     device = distributed.rank_device(device, ctx)
