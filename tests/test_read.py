@@ -122,9 +122,9 @@ def test_missing_inputs_are_clear_errors(tmp_path):
     assert e.value.where == str(tmp_path / "nope.jsonl") and e.value.hint
     with pytest.raises(XiaolmError, match="input not found"):
         expand_inputs([str(tmp_path / "*.jsonl")])
-    (tmp_path / "table.csv").write_text("a,b\n")
+    (tmp_path / "table.xlsx").write_text("a,b\n")
     with pytest.raises(XiaolmError, match="unsupported file type"):
-        expand_inputs([tmp_path / "table.csv"])
+        expand_inputs([tmp_path / "table.xlsx"])
 
 
 def test_reject_log_without_a_file_only_counts(tmp_path):
@@ -133,3 +133,53 @@ def test_reject_log_without_a_file_only_counts(tmp_path):
     assert log.total == 1
     assert log.examples["too_short"] == [{"where": "x.jsonl:3", "record": '{"text": "短"}'}]
     assert not list(tmp_path.iterdir())
+
+
+def test_csv_and_tsv_rows_are_records_and_ragged_rows_are_rejected(tmp_path):
+    (tmp_path / "a.csv").write_text('\ufeffask,answer\n"头疼,怎么办","多休息"\nonly-one-field\n\n问,答\n',
+                                    encoding="utf-8")
+    (tmp_path / "b.tsv").write_text("title\tcontent\n标题\t正文\n", encoding="utf-8")
+    with RejectLog(None) as rejects:
+        got = list(read_records([tmp_path / "a.csv", tmp_path / "b.tsv"], rejects))
+    assert [r for r, _ in got] == [{"ask": "头疼,怎么办", "answer": "多休息"}, {"ask": "问", "answer": "答"},
+                                   {"title": "标题", "content": "正文"}]
+    assert [w.rsplit("/", 1)[1] for _, w in got] == ["a.csv:2", "a.csv:5", "b.tsv:2"]
+    assert rejects.counts == {"bad_csv_row": 1} and rejects.examples["bad_csv_row"][0]["where"].endswith("a.csv:3")
+
+
+def test_csv_in_another_encoding_is_read_when_named_and_rejected_otherwise(tmp_path):
+    (tmp_path / "med.csv").write_bytes("department,ask\n内科,头疼\n".encode("gb18030"))
+    assert [r for r, _ in read_records([tmp_path / "med.csv"], encoding="gb18030")] == [
+        {"department": "内科", "ask": "头疼"}]
+    with RejectLog(None) as rejects:
+        assert list(read_records([tmp_path / "med.csv"], rejects)) == []
+    assert rejects.counts == {"invalid_utf8": 1}
+
+
+def test_zstd_compressed_jsonl_streams_and_a_truncated_one_is_rejected(tmp_path):
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"第{i}行"}, ensure_ascii=False) + "\n" for i in range(20000))
+    blob = zstandard.ZstdCompressor().compress(lines.encode("utf-8"))
+    (tmp_path / "a.jsonl.zst").write_bytes(blob)
+    got = list(read_records([tmp_path / "a.jsonl.zst"]))
+    assert len(got) == 20000 and got[-1] == ({"text": "第19999行"}, f"{tmp_path / 'a.jsonl.zst'}:20000")
+    (tmp_path / "cut.jsonl.zst").write_bytes(blob[: len(blob) // 2])
+    with RejectLog(None) as rejects:
+        partial = list(read_records([tmp_path / "cut.jsonl.zst"], rejects))
+    assert 0 < len(partial) < 20000 and rejects.counts == {"unreadable_file": 1}
+
+
+def test_parquet_rows_stream_in_batches_with_row_provenance(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"INSTRUCTION": [f"问题{i}" for i in range(2500)], "RESPONSE": ["回答"] * 2500})
+    pq.write_table(table, tmp_path / "z.parquet", row_group_size=700)
+    got = list(read_records([tmp_path]))
+    assert len(got) == 2500
+    assert got[1234] == ({"INSTRUCTION": "问题1234", "RESPONSE": "回答"}, f"{tmp_path / 'z.parquet'}:row 1235")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with RejectLog(None) as rejects:
+        assert list(read_records([tmp_path / "bad.parquet"], rejects)) == []
+    assert rejects.counts == {"unreadable_file": 1}

@@ -1,10 +1,17 @@
-"""Streaming record readers (jsonl, json, txt; optionally .gz) with file:line provenance and rejects."""
+"""Streaming record readers with file:line provenance and rejects.
+
+Formats: .jsonl, .json (an array or a sequence of values, streamed), .txt (one document a line), .csv/.tsv
+(a header row names the fields), .parquet (read in row batches); each of the text formats also gzip (.gz) or
+zstandard (.zst) compressed. Memory stays flat whatever the file size.
+"""
 
 from __future__ import annotations
 
 import codecs
+import csv
 import glob
 import gzip
+import io
 import json
 import logging
 import zlib
@@ -18,7 +25,8 @@ from xiaolm.io import atomic_open
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".json", ".txt")
+SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet")
+COMPRESSIONS = (".gz", ".zst")
 # files our own stages write next to their records; a directory or glob input skips them
 ARTIFACTS = frozenset({"rejects.jsonl", "report.json", "meta.json"})
 MAX_EXAMPLES = 3
@@ -73,7 +81,10 @@ def _preview(record: Any, limit: int = 200) -> str:
 
 
 def _base_suffix(path: Path) -> str:
-    return Path(path.name.removesuffix(".gz")).suffix.lower()
+    name = path.name
+    for ext in COMPRESSIONS:
+        name = name.removesuffix(ext)
+    return Path(name).suffix.lower()
 
 
 def _is_record_file(path: Path, root: Path | None = None) -> bool:
@@ -105,12 +116,12 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if _is_record_file(f, path))
             if not found:
-                log.warning("%s: no .jsonl/.json/.txt files (optionally .gz) in this directory", path)
+                log.warning("%s: no .jsonl/.json/.txt/.csv/.tsv/.parquet files in this directory", path)
             files.extend(found)
         elif path.is_file():
             if _base_suffix(path) not in SUFFIXES:
                 raise XiaolmError(f"unsupported file type '{''.join(path.suffixes)}'", where=text,
-                                  hint="use .jsonl, .json or .txt, optionally gzipped (.gz)")
+                                  hint="use .jsonl, .json, .txt, .csv, .tsv (optionally .gz or .zst) or .parquet")
             files.append(path)
         else:
             raise XiaolmError("input not found", where=text, hint="pass existing files, globs or directories")
@@ -162,10 +173,59 @@ def finished_stage(out_dir: Path, config_text: str, fingerprint: list[dict], rec
 
 
 def _open_bytes(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(_ZstdReader(path, zstandard.ZstdDecompressor()), buffer_size=_CHUNK)
+    return open(path, "rb")
 
 
-_READ_ERRORS = (EOFError, OSError, zlib.error)
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a .zst file frame by frame; a file that ends inside a frame raises EOFError, as gzip does."""
+
+    def __init__(self, path: Path, decompressor: Any):
+        self._file, self._zstd = open(path, "rb"), decompressor
+        self._frame = decompressor.decompressobj()
+        self._pending = b""
+        self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = self._file.read(_CHUNK)
+            if not chunk:
+                if self._started and not self._frame.eof:
+                    raise EOFError("compressed file ended before the end of its zstd frame")
+                return 0
+            self._started = True
+            self._pending = self._frame.decompress(chunk)
+            while self._frame.eof and self._frame.unused_data:  # the next frame begins in this chunk
+                rest = self._frame.unused_data
+                self._frame = self._zstd.decompressobj()
+                self._pending += self._frame.decompress(rest)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _zstd_error() -> tuple[type[Exception], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
+
+
+_READ_ERRORS = (EOFError, OSError, zlib.error, *_zstd_error())
 
 
 def _lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str]]:
@@ -298,12 +358,66 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
         _unreadable(path, line, e, rejects)
 
 
-def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None
-                 ) -> Iterator[tuple[dict, str]]:
-    """Yield (record, "file:line") from every input; malformed records go to `rejects`, reading goes on."""
+def _read_csv(path: Path, rejects: RejectLog | None, encoding: str = "utf-8") -> Iterator[tuple[dict, str]]:
+    """Rows of a CSV (or tab-separated .tsv) file with a header row, as dicts; ragged rows go to rejects."""
+    delimiter = "\t" if _base_suffix(path) == ".tsv" else ","
+    line = 1
+    try:
+        with io.TextIOWrapper(_open_bytes(path), encoding=encoding, newline="") as text:
+            reader = csv.reader(text, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None:
+                return
+            header = [h.removeprefix("\ufeff").strip() for h in header]
+            line = reader.line_num + 1
+            for row in reader:
+                where = f"{path}:{line}"
+                line = reader.line_num + 1
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    _reject(rejects, "bad_csv_row", where, delimiter.join(row),
+                            detail=f"{len(row)} fields, the header has {len(header)}")
+                    continue
+                yield dict(zip(header, row, strict=True)), where
+    except UnicodeDecodeError as e:
+        _reject(rejects, "invalid_utf8", f"{path}:{line}", None,
+                detail=f"not {encoding} ({e.reason}); stopped reading this file")
+    except csv.Error as e:
+        _reject(rejects, "bad_csv_row", f"{path}:{line}", None, detail=f"{e}; stopped reading this file")
+    except _READ_ERRORS as e:
+        _unreadable(path, line, e, rejects)
+
+
+def _read_parquet(path: Path, rejects: RejectLog | None, batch_rows: int = 1024) -> Iterator[tuple[dict, str]]:
+    """Rows of a Parquet file as dicts, read batch by batch; provenance is `file:row N` (1-based)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise XiaolmError("reading .parquet needs pyarrow", where=str(path), hint="pip install pyarrow") from None
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            for record in batch.to_pylist():
+                row += 1
+                yield record, f"{path}:row {row}"
+    except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for damaged files
+        _unreadable(path, row + 1, e, rejects)
+
+
+def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None,
+                 encoding: str = "utf-8") -> Iterator[tuple[dict, str]]:
+    """Yield (record, "file:line") from every input; malformed records go to `rejects`, reading goes on.
+
+    `encoding` applies to CSV/TSV files (some public Chinese CSVs are GB18030); JSON and text are UTF-8.
+    """
     for path in expand_inputs(inputs):
         suffix = _base_suffix(path)
         if suffix == ".json":
             yield from _read_json(path, rejects)
+        elif suffix in (".csv", ".tsv"):
+            yield from _read_csv(path, rejects, encoding)
+        elif suffix == ".parquet":
+            yield from _read_parquet(path, rejects)
         else:
             yield from _read_lines(path, rejects, as_text=suffix == ".txt")
