@@ -4,8 +4,8 @@ import pytest
 
 from xiaolm.cli import main
 
-STAGES = [["demo"], ["data", "clean"], ["data", "pack"], ["tokenizer", "train"], ["pretrain"], ["sft"],
-          ["export"], ["chat"], ["eval"]]
+STAGES = [["demo"], ["data", "import"], ["data", "clean"], ["data", "pack"], ["tokenizer", "train"], ["pretrain"],
+          ["sft"], ["export"], ["chat"], ["eval"]]
 
 
 @pytest.mark.parametrize("argv", STAGES, ids=lambda a: " ".join(a))

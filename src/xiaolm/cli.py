@@ -25,6 +25,12 @@ def _add_parser(sub, name: str, help_text: str, epilog: str) -> argparse.Argumen
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _recipes() -> dict:
+    from xiaolm.data.sources import RECIPES
+
+    return RECIPES
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line grammar."""
     p = argparse.ArgumentParser(prog="xiaolm", description="Train a small Chinese chat model from scratch.",
@@ -39,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="YAML file with demo settings")
     d.add_argument("overrides", nargs="*", metavar="key=value")
 
-    data = sub.add_parser("data", help="data stages: clean, pack").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="data stages: import, clean, pack")
+    data = data.add_subparsers(dest="data_cmd", required=True)
     c = _add_parser(data, "clean", "normalize and filter text/chat records; rejects go to rejects.jsonl",
                     "examples:\n  xiaolm data clean raw/*.jsonl --out data/clean\n"
                     "  xiaolm data clean raw/ --out data/clean min_chars=20 t2s=false")
@@ -47,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--config")
     c.add_argument("overrides", nargs="*", metavar="key=value", default=[])
+    recipes_help = "\n".join(f"  {name:16s} {r.kind:4s}  {r.layout}" for name, r in _recipes().items())
+    im = _add_parser(data, "import", "convert a public Chinese dataset's files into xiaolm records",
+                     "examples:\n  xiaolm data import belle Belle_open_source_0.5M.json --out data/belle\n"
+                     "  xiaolm data import zhwiki extracted/ --out data/zhwiki\nrecipes:\n" + recipes_help)
+    im.add_argument("recipe", metavar="RECIPE", help="one of the recipes listed below")
+    im.add_argument("inputs", nargs="+", metavar="INPUT")
+    im.add_argument("--out", required=True)
     k = _add_parser(data, "pack", "tokenize records into train.bin / val.bin + meta.json",
                     "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed")
     k.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -149,6 +163,10 @@ def run(argv: list[str] | None = None) -> int:
         from xiaolm.data.clean import CleanConfig, clean_files
 
         clean_files(args.inputs, args.out, load_config(CleanConfig, args.config, args.overrides))
+    elif args.command == "data" and args.data_cmd == "import":
+        from xiaolm.data.sources import import_records
+
+        import_records(args.recipe, args.inputs, args.out)
     elif args.command == "data" and args.data_cmd == "pack":
         from xiaolm.data.pack import pack_files
 

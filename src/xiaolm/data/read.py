@@ -172,7 +172,8 @@ def finished_stage(out_dir: Path, config_text: str, fingerprint: list[dict], rec
     return saved if saved.get("inputs") == fingerprint else None
 
 
-def _open_bytes(path: Path) -> IO[bytes]:
+def open_bytes(path: Path) -> IO[bytes]:
+    """A binary stream of the file's content, gunzipped or zstd-decompressed by its name's ending."""
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
@@ -232,7 +233,7 @@ def _lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line without its newline); undecodable lines go to rejects."""
     n = 0
     try:
-        with _open_bytes(path) as f:
+        with open_bytes(path) as f:
             for n, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8")
@@ -286,7 +287,7 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
     buf, pos, line, eof, first = "", 0, 1, False, True
     in_array = closed = need_comma = False
     try:
-        with _open_bytes(path) as f:
+        with open_bytes(path) as f:
 
             def fill() -> None:
                 nonlocal buf, pos, eof, first
@@ -360,10 +361,10 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
 
 def _read_csv(path: Path, rejects: RejectLog | None, encoding: str = "utf-8") -> Iterator[tuple[dict, str]]:
     """Rows of a CSV (or tab-separated .tsv) file with a header row, as dicts; ragged rows go to rejects."""
-    delimiter = "\t" if _base_suffix(path) == ".tsv" else ","
+    delimiter = "\t" if path.name.endswith((".tsv", ".tsv.gz", ".tsv.zst")) else ","
     line = 1
     try:
-        with io.TextIOWrapper(_open_bytes(path), encoding=encoding, newline="") as text:
+        with io.TextIOWrapper(open_bytes(path), encoding=encoding, newline="") as text:
             reader = csv.reader(text, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
@@ -412,12 +413,18 @@ def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None,
     `encoding` applies to CSV/TSV files (some public Chinese CSVs are GB18030); JSON and text are UTF-8.
     """
     for path in expand_inputs(inputs):
-        suffix = _base_suffix(path)
-        if suffix == ".json":
-            yield from _read_json(path, rejects)
-        elif suffix in (".csv", ".tsv"):
-            yield from _read_csv(path, rejects, encoding)
-        elif suffix == ".parquet":
-            yield from _read_parquet(path, rejects)
-        else:
-            yield from _read_lines(path, rejects, as_text=suffix == ".txt")
+        yield from read_file(path, rejects, encoding=encoding)
+
+
+def read_file(path: Path, rejects: RejectLog | None, fmt: str | None = None,
+              encoding: str = "utf-8") -> Iterator[tuple[dict, str]]:
+    """(record, "file:line") of one file in format `fmt` (".jsonl", ".csv", …; default: from its name)."""
+    suffix = fmt or _base_suffix(path)
+    if suffix == ".json":
+        yield from _read_json(path, rejects)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_csv(path, rejects, encoding)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path, rejects)
+    else:
+        yield from _read_lines(path, rejects, as_text=suffix == ".txt")

@@ -1,0 +1,287 @@
+"""Recipes that map public Chinese datasets, in the layout they are downloaded in, to xiaolm's record kinds.
+
+`xiaolm data import RECIPE FILE... --out DIR` streams the files, converts every record (text: {"text"}; chat:
+{"messages"}), keeps an `id` and the `source`, and writes part-NNNNN.jsonl shards, report.json and rejects.jsonl.
+A file that does not look like the recipe's layout (its fields are missing from most of the first records)
+stops the import at once with the fields expected and the fields found.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from xiaolm.data.read import (
+    RejectLog,
+    finished_stage,
+    inputs_fingerprint,
+    open_bytes,
+    read_file,
+    read_records,
+    stage_inputs,
+)
+from xiaolm.errors import XiaolmError
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SHARD_RECORDS = 100_000
+LAYOUT_CHECK, PROBE = 20, 200  # after 20 and 200 records: stop if most lack the recipe's fields
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one public dataset's records become ours."""
+
+    name: str
+    kind: str  # text | chat
+    url: str
+    licence: str
+    fields: tuple[str, ...]  # every record must carry these, non-empty
+    convert: Callable[[dict], dict]
+    encoding: str = "utf-8"  # for CSV files
+    read: Callable[[list[Path], RejectLog], Iterator[tuple[dict, str]]] | None = None  # default: read_records
+    layout: str = ""
+
+
+def _chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user.strip()},
+                         {"role": "assistant", "content": assistant.strip()}]}
+
+
+def _question(title: str, desc: str | None) -> str:
+    """A forum question: the title, then the description when it adds something."""
+    title, desc = (title or "").strip(), (desc or "").strip()
+    return f"{title}\n{desc}" if desc and desc != title and desc not in title else title
+
+
+def _instruction(r: dict) -> dict:
+    """alpaca layout: instruction (+ input) → output."""
+    extra = (r.get("input") or "").strip()
+    return _chat(f"{r['instruction']}\n{extra}" if extra else r["instruction"], r["output"])
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _conversations(r: dict) -> dict:
+    """BELLE multi-turn layout: conversations [{from: human|assistant, value}] → messages."""
+    messages = []
+    for turn in r["conversations"]:
+        role = _ROLES.get(str(turn.get("from", "")).lower())
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn with from={turn.get('from')!r} is neither human nor assistant")
+        messages.append({"role": role, "content": turn["value"].strip()})
+    return {"messages": messages}
+
+
+def _read_wikiextractor(files: list[Path], rejects: RejectLog) -> Iterator[tuple[dict, str]]:
+    """WikiExtractor output: `<doc id=.. url=.. title=..>` blocks in files named wiki_NN, or its --json lines."""
+    for path in files:
+        with _open_text(path) as f:
+            first = f.readline()
+            f.seek(0)
+            if first.lstrip().startswith("{"):
+                yield from read_file(path, rejects, fmt=".jsonl")
+                continue
+            doc: dict | None = None
+            lines: list[str] = []
+            start = 0
+            for n, line in enumerate(f, 1):
+                if line.startswith("<doc "):
+                    doc, lines, start = dict(_DOC_ATTR.findall(line)), [], n
+                elif line.startswith("</doc>") and doc is not None:
+                    body = lines[1:] if lines and lines[0].strip() == doc.get("title", "") else lines
+                    yield {**doc, "text": "".join(body).strip()}, f"{path}:{start}"
+                    doc = None
+                elif doc is not None:
+                    lines.append(line)
+            if doc is not None:
+                rejects.add("bad_record", f"{path}:{start}", doc, detail="<doc> without </doc>: file cut short?")
+
+
+_DOC_ATTR = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _open_text(path: Path) -> IO[str]:
+    return io.TextIOWrapper(open_bytes(path), encoding="utf-8", errors="replace")
+
+
+def _wiki_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """WikiExtractor writes extensionless wiki_NN files in AA/, AB/, … folders: take every visible file."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise XiaolmError("input not found", where=str(p), hint="pass WikiExtractor's output folder or files")
+    return files
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("webtext2019zh", "chat", "https://github.com/brightmart/nlp_chinese_corpus",
+           "see the repository's terms", ("title", "content"),
+           lambda r: {**_chat(_question(r["title"], r.get("desc")), r["content"]),
+                      "id": r.get("answer_id") or r.get("qid"), "topic": r.get("topic"), "star": r.get("star")},
+           layout="JSON lines: qid, title, desc, topic, star, content, answer_id, answerer_tags"),
+    Recipe("baike_qa2019", "chat", "https://github.com/brightmart/nlp_chinese_corpus",
+           "see the repository's terms", ("title", "answer"),
+           lambda r: {**_chat(_question(r["title"], r.get("desc")), r["answer"]), "id": r.get("qid"),
+                      "category": r.get("category")},
+           layout="JSON lines: qid, category, title, desc, answer"),
+    Recipe("medical-dialogue", "chat", "https://github.com/Toyhom/Chinese-medical-dialogue-data",
+           "see the repository's terms", ("ask", "answer"),
+           lambda r: {**_chat(r["ask"] if len(r["ask"]) >= len(r.get("title") or "") else r["title"], r["answer"]),
+                      "department": r.get("department")},
+           encoding="gb18030", layout="CSV in GB18030: department, title, ask, answer (one file per department)"),
+    Recipe("zhihu-kol", "chat", "https://huggingface.co/datasets/wangrui6/Zhihu-KOL",
+           "no licence tag on the dataset page; check its terms", ("INSTRUCTION", "RESPONSE"),
+           lambda r: {**_chat(r["INSTRUCTION"], r["RESPONSE"]), "origin": r.get("SOURCE")},
+           layout="Parquet: INSTRUCTION, RESPONSE, SOURCE, METADATA"),
+    Recipe("belle", "chat", "https://huggingface.co/BelleGroup (train_0.5M_CN, train_1M_CN, train_2M_CN)",
+           "GPL-3.0 per the dataset pages; BELLE restricts use to research", ("instruction", "output"),
+           _instruction, layout="JSON lines: instruction, input, output"),
+    Recipe("belle-multiturn", "chat", "https://huggingface.co/datasets/BelleGroup/train_3.5M_CN",
+           "GPL-3.0 per the dataset page; BELLE restricts use to research", ("conversations",),
+           lambda r: {**_conversations(r), "id": r.get("id")},
+           layout="JSON lines: id, conversations [{from: human|assistant, value}]"),
+    Recipe("firefly", "chat", "https://huggingface.co/datasets/YeungNLP/firefly-train-1.1M",
+           "see the dataset page", ("input", "target"),
+           lambda r: {**_chat(r["input"], r["target"]), "task": r.get("kind")},
+           layout="JSON lines: kind, input, target"),
+    Recipe("alpaca-gpt4-zh", "chat", "https://github.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM",
+           "CC BY-NC 4.0 per the source repository (research use)", ("instruction", "output"),
+           _instruction, layout="a JSON array of {instruction, input, output} (alpaca_gpt4_data_zh.json)"),
+    Recipe("zhwiki", "text", "https://dumps.wikimedia.org/zhwiki/ (then WikiExtractor)",
+           "CC BY-SA 4.0 (Wikipedia text)", ("title", "text"),
+           lambda r: {"text": html.unescape(r["text"]), "id": r.get("id"), "title": r["title"]},
+           read=_read_wikiextractor, layout="WikiExtractor output: <doc id url title> blocks, or --json lines"),
+    Recipe("skypile", "text", "https://huggingface.co/datasets/Skywork/SkyPile-150B",
+           "Skywork community licence per the dataset page", ("text",), lambda r: {"text": r["text"]},
+           layout="JSON lines: text"),
+]}
+
+
+def _missing(record: dict, fields: tuple[str, ...]) -> list[str]:
+    return [f for f in fields if not record.get(f) or not isinstance(record[f], str | list)]
+
+
+def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str | Path,
+                   shard_records: int = SHARD_RECORDS) -> dict:
+    """Convert one public dataset's files into our records under out_dir; return the report."""
+    recipe = RECIPES.get(recipe_name)
+    if recipe is None:
+        raise XiaolmError(f"unknown recipe {recipe_name!r}", hint=f"one of: {', '.join(RECIPES)}")
+    out_dir = Path(out_dir)
+    files = _wiki_files(inputs) if recipe.read is not None else stage_inputs(inputs, out_dir)
+    if not files:
+        raise XiaolmError("no input files", where=", ".join(map(str, inputs)))
+    fingerprint = inputs_fingerprint(files) if recipe.read is None else [
+        {"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    config_text = f"recipe: {recipe.name}\nshard_records: {shard_records}\n"
+    report = finished_stage(out_dir, config_text, fingerprint, "report.json")
+    if report is not None:
+        log.info("data/import: %s is up to date (same inputs and recipe); skipping", out_dir)
+        return report
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "_SUCCESS").unlink(missing_ok=True)
+    for old in out_dir.glob("part-*.jsonl"):
+        old.unlink()
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    counts: Counter[str] = Counter()
+    shards: list[str] = []
+    writer = _ShardWriter(out_dir, shard_records, shards)
+    with RejectLog(out_dir / "rejects.jsonl") as rejects, writer, \
+            tqdm(desc=f"data/import {recipe.name}", unit="rec", disable=None) as bar:
+        stream = (recipe.read(files, rejects) if recipe.read is not None
+                  else read_records(files, rejects, encoding=recipe.encoding))
+        probed: list[bool] = []  # whether each of the first records lacks a needed field
+        record, where = {}, ", ".join(map(str, files))
+        for record, where in stream:
+            counts["read"] += 1
+            bar.update(1)
+            missing = _missing(record, recipe.fields)
+            if len(probed) < PROBE:
+                probed.append(bool(missing))
+                if len(probed) in (LAYOUT_CHECK, PROBE):
+                    _check_layout(recipe, probed, record, where)
+            if missing:
+                rejects.add("missing_field", where, record, detail=f"needs {', '.join(missing)}")
+                continue
+            try:
+                out = recipe.convert(record)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                rejects.add("bad_record", where, record, detail=str(e))
+                continue
+            out = {k: v for k, v in out.items() if v not in (None, "")}
+            out.setdefault("id", f"{recipe.name}:{Path(where.rsplit(':', 1)[0]).name}:{where.rsplit(':', 1)[1]}")
+            out["source"] = recipe.name
+            writer.write(out)
+            counts["written"] += 1
+        if 0 < len(probed) < LAYOUT_CHECK:
+            _check_layout(recipe, probed, record, where)
+    report = {"recipe": recipe.name, "kind": recipe.kind, "inputs": fingerprint, "records_read": counts["read"],
+              "records_written": counts["written"], "rejected": dict(rejects.counts), "shards": shards,
+              "examples_rejected": dict(rejects.examples), "seconds": round(time.perf_counter() - start, 2)}
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "config.yaml", config_text)
+    atomic_write_text(out_dir / "_SUCCESS", "")
+    log.info("data/import %s: %d records read, %d written to %d shard(s), %d rejected (%s) — %s", recipe.name,
+             counts["read"], counts["written"], len(shards), rejects.total, rejects.summary(), out_dir)
+    return report
+
+
+def _check_layout(recipe: Recipe, probed: list[bool], record: dict, where: str) -> None:
+    """Stop when most of the first records lack the recipe's fields: wrong recipe or wrong file."""
+    bad = sum(probed)
+    if bad * 2 > len(probed):
+        found = ", ".join(list(record)[:12]) or "none"
+        raise XiaolmError(f"{bad} of the first {len(probed)} records lack the fields recipe '{recipe.name}' "
+                          f"needs ({', '.join(recipe.fields)}); this record has: {found}", where=where,
+                          hint=f"'{recipe.name}' expects {recipe.layout}; pick the recipe matching the file "
+                               "(`xiaolm data import --help` lists them)")
+
+
+class _ShardWriter:
+    """part-00000.jsonl, part-00001.jsonl, … each written atomically, shard_records records apiece."""
+
+    def __init__(self, out_dir: Path, shard_records: int, names: list[str]):
+        self.out_dir, self.limit, self.names = out_dir, shard_records, names
+        self._ctx: Any = None
+        self._file: IO[str] | None = None
+        self._n = 0
+
+    def write(self, record: dict) -> None:
+        if self._file is None or self._n >= self.limit:
+            self._close()
+            name = f"part-{len(self.names):05d}.jsonl"
+            self.names.append(name)
+            self._ctx = atomic_open(self.out_dir / name, "w")
+            self._file, self._n = self._ctx.__enter__(), 0
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._n += 1
+
+    def _close(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx, self._file = self._ctx, None, None
+            ctx.__exit__(*(exc or (None, None, None)))
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close(*exc)

@@ -1,0 +1,103 @@
+"""Each public-dataset recipe turns a small fixture in the dataset's real layout into our record kinds."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from xiaolm.data.sources import RECIPES, import_records
+from xiaolm.errors import XiaolmError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sources"
+
+
+def imported(recipe: str, tmp_path: Path, **kw) -> tuple[dict, list[dict], list[dict]]:
+    report = import_records(recipe, [FIXTURES / recipe], tmp_path / recipe, **kw)
+    records = [json.loads(line) for shard in report["shards"]
+               for line in (tmp_path / recipe / shard).read_text(encoding="utf-8").splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / recipe / "rejects.jsonl").read_text().splitlines()]
+    return report, records, rejects
+
+
+def test_every_recipe_has_a_fixture_and_writes_records_of_its_kind(tmp_path):
+    assert sorted(RECIPES) == sorted(p.name for p in FIXTURES.iterdir())
+    for name, recipe in RECIPES.items():
+        report, records, _ = imported(name, tmp_path)
+        assert report["records_written"] == len(records) >= 1, name
+        for r in records:
+            assert r["source"] == name and r["id"]
+            if recipe.kind == "chat":
+                roles = [m["role"] for m in r["messages"]]
+                assert roles[0] == "user" and roles[-1] == "assistant" and all(m["content"] for m in r["messages"])
+            else:
+                assert r["text"].strip()
+
+
+def test_forum_questions_join_title_and_description(tmp_path):
+    _, records, rejects = imported("webtext2019zh", tmp_path)
+    question = "AlphaGo只会下围棋吗？阿法狗能写小说吗？\n那么现在会不会有能写小说的AI呢"
+    assert records[0]["messages"][0]["content"] == question
+    assert records[1]["messages"][0]["content"] == "怎样才能坚持早起？"  # desc repeating the title is dropped
+    assert records[0]["id"] == "545576062" and records[0]["star"] == 3
+    assert [r["reason"] for r in rejects] == ["bad_json"]  # the cut-off last line
+
+
+def test_empty_answers_are_rejected_with_the_missing_field(tmp_path):
+    report, records, rejects = imported("baike_qa2019", tmp_path)
+    assert len(records) == 2 and report["rejected"] == {"missing_field": 1}
+    assert rejects[0]["detail"] == "needs answer" and rejects[0]["where"].endswith("baike_qa_valid.json:3")
+
+
+def test_medical_csv_is_read_as_gb18030(tmp_path):
+    _, records, _ = imported("medical-dialogue", tmp_path)
+    assert records[0]["department"] == "心血管科"
+    assert records[0]["messages"][0]["content"].startswith("我有高血压")
+
+
+def test_parquet_and_alpaca_layouts(tmp_path):
+    _, zhihu, _ = imported("zhihu-kol", tmp_path)
+    assert zhihu[1]["messages"][1]["content"].startswith("先选一门") and zhihu[0]["origin"] == "Zhihu"
+    assert zhihu[0]["id"].endswith(":row 1")
+    _, alpaca, _ = imported("alpaca-gpt4-zh", tmp_path)
+    assert alpaca[1]["messages"][0]["content"] == "解释为什么以下分数等同于1/4\n4/16"
+
+
+def test_belle_multiturn_keeps_turns_and_rejects_unknown_speakers(tmp_path):
+    _, records, rejects = imported("belle-multiturn", tmp_path)
+    assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert records[0]["id"] == "77771"
+    assert rejects[0]["reason"] == "bad_record" and "robot" in rejects[0]["detail"]
+
+
+def test_wikiextractor_doc_blocks_and_json_lines(tmp_path):
+    _, records, _ = imported("zhwiki", tmp_path)
+    assert [r["title"] for r in records] == ["數學", "哲學", "文學"]
+    assert records[0]["text"] == "數學是研究數量、結構以及空間等概念的一門學科。\n\n它從計數、計算和測量中產生。"
+    assert "<例如>" in records[1]["text"]  # entities unescaped; the title line is not repeated in the text
+
+
+def test_wrong_recipe_stops_early_naming_the_expected_fields(tmp_path):
+    with pytest.raises(XiaolmError, match=r"lack the fields recipe 'firefly' needs \(input, target\)") as e:
+        import_records("firefly", [FIXTURES / "belle"], tmp_path / "out")
+    assert "instruction" in str(e.value) and "JSON lines: kind, input, target" in e.value.hint
+    assert not list((tmp_path / "out").glob("part-*.jsonl"))
+    with pytest.raises(XiaolmError, match="unknown recipe"):
+        import_records("nope", [FIXTURES / "belle"], tmp_path / "out")
+
+
+def test_shards_split_and_a_rerun_skips_finished_work(tmp_path, caplog):
+    report = import_records("firefly", [FIXTURES / "firefly"], tmp_path / "ff", shard_records=1)
+    assert report["shards"] == ["part-00000.jsonl", "part-00001.jsonl"]
+    caplog.set_level("INFO")
+    again = import_records("firefly", [FIXTURES / "firefly"], tmp_path / "ff", shard_records=1)
+    assert again == report and "up to date" in caplog.text
+
+
+def test_cli_import(tmp_path):
+    from xiaolm.cli import main
+
+    for recipe, source, code in [("skypile", "skypile", 0), ("firefly", "belle", 2)]:
+        with pytest.raises(SystemExit) as e:
+            main(["data", "import", recipe, str(FIXTURES / source), "--out", str(tmp_path / recipe)])
+        assert e.value.code == code
+    assert json.loads((tmp_path / "skypile" / "report.json").read_text())["records_written"] == 2
