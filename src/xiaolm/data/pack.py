@@ -34,7 +34,7 @@ def is_val(key: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
-class _Unusable(Exception):
+class Unusable(Exception):
     """A record with no usable text: a short reason code and an optional detail."""
 
     def __init__(self, reason: str, detail: str | None = None):
@@ -42,21 +42,21 @@ class _Unusable(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _document(record: dict, text_field: str) -> tuple[str, bool]:
-    """(text, is_chat) of a text record or a chat record rendered as ChatML; _Unusable otherwise."""
+def document_text(record: dict, text_field: str) -> tuple[str, bool]:
+    """(text, is_chat) of a text record or a chat record rendered as ChatML; Unusable otherwise."""
     from xiaolm.tokenizer.chat import normalize_chat, render_chat
 
     text = record.get(text_field)
     if isinstance(text, str):
         if not text.strip():
-            raise _Unusable("empty_text")
+            raise Unusable("empty_text")
         return text, False
     if "messages" in record or ("prompt" in record and "response" in record):
         try:
             return render_chat(normalize_chat(record)), True
         except ValueError as e:
-            raise _Unusable("bad_chat", str(e)) from None
-    raise _Unusable("missing_field", f"no string '{text_field}' and not a chat record")
+            raise Unusable("bad_chat", str(e)) from None
+    raise Unusable("missing_field", f"no string '{text_field}' and not a chat record")
 
 
 class _Writer:
@@ -158,8 +158,8 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
 
         for record, where in read_records(files, rejects):
             try:
-                text, is_chat = _document(record, text_field)
-            except _Unusable as e:
+                text, is_chat = document_text(record, text_field)
+            except Unusable as e:
                 rejects.add(e.reason, where, record, e.detail)
                 continue
             has_id = record.get("id") is not None

@@ -137,6 +137,15 @@ def mean_across(value: float, ctx: DistContext, device: torch.device) -> float:
     return float(t) / ctx.world
 
 
+def gather_objects(obj: object, ctx: DistContext) -> list:
+    """Every process's `obj`, in rank order (a list of one for a single process)."""
+    if ctx.world == 1:
+        return [obj]
+    out: list = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait for every process (e.g. until rank 0 has written a checkpoint)."""
     if ctx.world > 1:

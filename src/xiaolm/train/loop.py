@@ -32,6 +32,7 @@ from xiaolm.train.distributed import (
     DistContext,
     barrier,
     full_state_dict,
+    gather_objects,
     gradient_sync,
     load_optimizer,
     mean_across,
@@ -45,12 +46,13 @@ log = logging.getLogger(__name__)
 class DataConfig:
     """Where a training stage reads its data."""
 
-    path: str = ""  # pretrain: packed token dir; sft: chat JSONL file(s), comma separated
-    val_path: str = ""  # sft: held-out chat records; empty → a val_fraction split of `path`
+    path: str = ""  # pretrain: packed token dir, or record files/dirs to stream; sft: chat files, comma separated
+    val_path: str = ""  # held-out records (sft: empty → a val_fraction split of `path`; streaming: required)
     val_fraction: float = 0.02
     tokenizer: str = ""  # tokenizer dir; empty → the one recorded by pack / the init_from run
     seq_len: int = 256
     doc_mask: bool = True  # pretrain: attention stays inside each packed document, positions restart at it
+    shuffle_buffer: int = 1024  # pretrain from record files (no meta.json in path): windows mixed in memory
 
 
 @dataclass
@@ -340,6 +342,12 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        if hasattr(objective, "load_state_dict"):
+            if len(state.get("data") or []) != ctx.world:
+                raise XiaolmError(f"the checkpoint holds the data position of {len(state.get('data') or [])} "
+                                  f"process(es), this run has {ctx.world}", where=str(resumable),
+                                  hint="resume a streaming run with the process count it was saved with")
+            objective.load_state_dict(state["data"][ctx.rank])
         if main:
             _truncate_log(log_path, start_step)
         log.info("%s: resumed from %s (step %d)", stage, resumable, start_step)
@@ -367,6 +375,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
     def checkpoint(step: int) -> None:
         state = {"scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "tokens_seen": tokens_seen,
                  "best_val": best_val}
+        if hasattr(objective, "state_dict"):  # a streaming objective's position, one entry per process
+            state["data"] = gather_objects(objective.state_dict(), ctx)
         save_checkpoint(run_dir, step, model, optimizer, state, ctx, keep_last=cfg.keep_last,
                         extra={"val_loss": last_val})
 

@@ -64,9 +64,12 @@ def mix64(rows: np.ndarray, seed: int) -> np.ndarray:
 
 
 def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
-    """The `xiaolm pretrain` stage."""
+    """The `xiaolm pretrain` stage: from packed token files, or streamed from record files."""
     if not cfg.data.path:
-        raise XiaolmError("data.path is empty", where="config", hint="set data.path to a `xiaolm data pack` output")
+        raise XiaolmError("data.path is empty", where="config",
+                          hint="set data.path to a `xiaolm data pack` output, or to record files to stream")
+    if not Path(cfg.data.path, "meta.json").is_file():
+        return _run_streaming(cfg, resume)
     meta = read_meta(cfg.data.path)
     tokenizer_dir = cfg.data.tokenizer or meta.get("tokenizer_dir", "")
     if not tokenizer_dir or not Path(tokenizer_dir, "tokenizer.json").is_file():
@@ -86,3 +89,28 @@ def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
     objective = PretrainObjective(cfg.data.path, cfg.data.seq_len, cfg.seed, cfg.eval_batches, cfg.batch_size,
                                   eos_id=meta.get("eos_id") if cfg.data.doc_mask else None)
     return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="pretrain", ctx=ctx)
+
+
+def _run_streaming(cfg: TrainConfig, resume: bool) -> dict:
+    """Pretraining straight from record files through a shuffle buffer (data/stream.py)."""
+    from xiaolm.data.stream import StreamingPretrainObjective, TokenStream, validation_windows
+    from xiaolm.tokenizer import load_tokenizer
+
+    if not cfg.data.tokenizer:
+        raise XiaolmError("streaming from record files needs data.tokenizer", where="data.tokenizer",
+                          hint="set it to a `xiaolm tokenizer train` output (or point data.path at packed data)")
+    if not cfg.data.val_path:
+        raise XiaolmError("streaming from record files needs data.val_path (held-out records)",
+                          where="data.val_path", hint="point it at a few MB of records kept out of data.path")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    device = resolve_device(cfg.device)
+    ctx = distributed.setup(device)
+    device = distributed.rank_device(device, ctx)
+    model = build_model(cfg, len(tokenizer), device)
+    split = [p.strip() for p in cfg.data.path.split(",") if p.strip()]
+    stream = TokenStream(split, tokenizer, cfg.data.seq_len, cfg.data.shuffle_buffer, seed=cfg.seed,
+                         rank=ctx.rank, world=ctx.world)
+    val = validation_windows([p.strip() for p in cfg.data.val_path.split(",") if p.strip()], tokenizer,
+                             cfg.data.seq_len, cfg.eval_batches * cfg.batch_size)
+    objective = StreamingPretrainObjective(stream, val, cfg.batch_size, cfg.eval_batches, cfg.data.doc_mask)
+    return train(cfg, objective, model, cfg.data.tokenizer, resume=resume, stage="pretrain", ctx=ctx)

@@ -1,0 +1,114 @@
+"""Streaming pretraining data: windows cover the documents, the shuffle buffer is bounded, resume is exact."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xiaolm.data.stream import TokenStream, validation_windows
+from xiaolm.errors import XiaolmError
+from xiaolm.tokenizer import load_tokenizer
+
+
+def write_docs(path, n=60, start=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(start, start + n):
+            text = f"第{i}篇文章。" + "春眠不觉晓，处处闻啼鸟。" * (1 + i % 3)
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+def test_unshuffled_windows_are_the_documents_joined_by_eos(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    write_docs(tmp_path / "d" / "a.jsonl", 20)
+    stream = TokenStream([tmp_path / "d"], tok, seq_len=15, buffer_size=1)
+    expected = []
+    for line in (tmp_path / "d" / "a.jsonl").read_text(encoding="utf-8").splitlines():
+        expected += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [stream.eos]
+    got = np.concatenate([next(stream) for _ in range(len(expected) // 16)])
+    assert got.tolist() == expected[: len(got)]
+
+
+def test_shuffle_buffer_mixes_windows_and_holds_at_most_its_size(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    write_docs(tmp_path / "a.jsonl", 200)
+    plain = TokenStream([tmp_path / "a.jsonl"], tok, seq_len=15, buffer_size=1)
+    mixed = TokenStream([tmp_path / "a.jsonl"], tok, seq_len=15, buffer_size=32, seed=3)
+    a = [tuple(next(plain)) for _ in range(100)]
+    b = [tuple(next(mixed)) for _ in range(100)]
+    assert a != b and len(set(a) & set(b)) > 50  # same material, another order
+    assert len(mixed.buffer) == 32
+
+
+def test_state_dict_resumes_with_exactly_the_next_windows(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    write_docs(tmp_path / "a.jsonl", 50)
+    write_docs(tmp_path / "b.jsonl", 50, start=50)
+
+    def fresh():
+        return TokenStream([tmp_path], tok, seq_len=15, buffer_size=16, seed=1)
+
+    whole = fresh()
+    expected = [next(whole) for _ in range(400)]  # more than one epoch of these files
+    first = fresh()
+    head = [next(first) for _ in range(137)]
+    state = first.state_dict()
+    torch.save(state, tmp_path / "s.pt")
+    resumed = fresh()
+    resumed.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    tail = [next(resumed) for _ in range(263)]
+    assert all(np.array_equal(x, y) for x, y in zip(head + tail, expected, strict=True))
+    assert resumed.epoch >= 1
+
+
+def test_processes_read_disjoint_records_and_refuse_another_process_count(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    write_docs(tmp_path / "a.jsonl", 40)
+    ranks = [TokenStream([tmp_path], tok, seq_len=15, rank=r, world=2) for r in range(2)]
+    texts = [[t for batch, _ in s._text_batches(skip=0) for t in batch] for s in ranks]
+    assert len(texts[0]) == len(texts[1]) == 20 and not set(texts[0]) & set(texts[1])
+    one = TokenStream([tmp_path], tok, seq_len=15)
+    with pytest.raises(XiaolmError, match="same number of processes"):
+        one.load_state_dict(ranks[1].state_dict())
+
+
+def test_validation_windows_are_one_pass_and_too_little_text_is_refused(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    write_docs(tmp_path / "v.jsonl", 10)
+    windows = validation_windows([tmp_path / "v.jsonl"], tok, seq_len=15, limit=1000)
+    assert 1 <= len(windows) < 1000 and windows.shape[1] == 16
+    (tmp_path / "tiny.jsonl").write_text('{"text": "短"}\n', encoding="utf-8")
+    with pytest.raises(XiaolmError, match="less than one window"):
+        validation_windows([tmp_path / "tiny.jsonl"], tok, seq_len=15, limit=10)
+
+
+def test_pretraining_streams_from_records_and_resumes_bitwise(tmp_path, tiny_tokenizer_dir):
+    from tests.test_train_loop import losses
+    from xiaolm.model.llama import LlamaConfig
+    from xiaolm.train.loop import DataConfig, TrainConfig
+    from xiaolm.train.pretrain import run_pretrain
+
+    write_docs(tmp_path / "train" / "a.jsonl", 80)
+    write_docs(tmp_path / "val.jsonl", 10, start=500)
+
+    def cfg(out, steps=8):
+        return TrainConfig(out=str(tmp_path / out), max_steps=steps, batch_size=4, lr=3e-3, warmup_steps=2,
+                           log_every=1, eval_every=4, eval_batches=2, save_every=4, device="cpu", dtype="fp32",
+                           model=LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32),
+                           data=DataConfig(path=str(tmp_path / "train"), val_path=str(tmp_path / "val.jsonl"),
+                                           tokenizer=str(tiny_tokenizer_dir), seq_len=32, shuffle_buffer=8))
+
+    run_pretrain(cfg("full"))
+    run_pretrain(cfg("cut", steps=8))
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-8")  # as if killed after step 4
+    (tmp_path / "cut" / "done.json").unlink()
+    run_pretrain(cfg("cut"), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    with pytest.raises(XiaolmError, match="data.val_path"):
+        bad = cfg("x")
+        bad.data.val_path = ""
+        run_pretrain(bad)
