@@ -14,9 +14,13 @@ from xiaolm.data.clean import (
     clean_files,
     collapse_space,
     nfkc,
+    normalize_punct,
     split_long,
     strip_control,
+    strip_emails,
     strip_markup,
+    strip_urls,
+    strip_wiki,
 )
 from xiaolm.errors import XiaolmError
 
@@ -124,7 +128,7 @@ def test_rules_can_be_switched_off(tmp_path):
 def test_long_documents_are_split_and_counts_still_add_up(tmp_path):
     paras = [f"第{n}段的内容。" * 20 for n in "一二三"]  # 140 characters each
     src = write(tmp_path / "raw.jsonl", [{"id": "long", "text": "\n\n".join(paras)}, {"text": "短"}])
-    report = clean_files([src], tmp_path / "out", CleanConfig(max_chars=150))
+    report = clean_files([src], tmp_path / "out", CleanConfig(max_chars=150, max_dup_ngram_ratio=1.0))
     kept = rows(tmp_path / "out" / "part-00000.jsonl")
     assert [(r["id"], r["text"]) for r in kept] == [(f"long-{i}", p) for i, p in enumerate(paras)]
     assert report["added_by_split"] == 2 and report["modified"]["split_long"] == 1
@@ -155,3 +159,48 @@ def test_bad_settings_fail_before_reading(tmp_path):
         clean_files([tmp_path / "missing.jsonl"], tmp_path / "out", CleanConfig(min_chars=50, max_chars=10))
     with pytest.raises(XiaolmError, match="input not found"):
         clean_files([tmp_path / "missing.jsonl"], tmp_path / "out")
+
+
+def test_wiki_markup_urls_and_emails_are_scrubbed():
+    wiki = ("== 历史 ==\n'''北京'''是[[中华人民共和国|中国]]的首都{{cite|年份=2020{{注}}}}，"
+            "见[https://example.org 官网]。<ref name=a>注释</ref>")
+    assert strip_wiki(wiki) == "历史\n北京是中国的首都，见官网。"
+    assert strip_urls("详见https://example.org/a?b=1，或www.example.cn。") == "详见，或。"
+    assert strip_emails("联系 someone.name+x@mail.example.com 即可") == "联系  即可"
+    assert normalize_punct("你好,世界!真的吗?是的:对;好。。。。。") == "你好，世界！真的吗？是的：对；好。。。"
+    assert normalize_punct("3,14 and a,b") == "3,14 and a,b"  # only after Chinese
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("哈" * 25 + "，这个笑话太好笑了，大家都笑了起来。", "char_repetition"),
+    ("欢迎光临本店\n欢迎光临本店\n欢迎光临本店\n今日特价商品", "line_repetition"),
+    ("点击这里领取优惠券马上领取" * 6 + "结束。", "ngram_repetition"),
+])
+def test_repetition_filters_reject_with_their_reason(tmp_path, text, reason):
+    src = write(tmp_path / "raw.jsonl", [{"text": text}, {"text": "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"}])
+    report = clean_files([src], tmp_path / "out", CleanConfig())
+    assert report["rejected"] == {reason: 1} and report["records_out"] == 1
+    assert report["examples"][reason][0]["where"].endswith("raw.jsonl:1")
+    off = ["max_char_run=0", "max_dup_line_ratio=1", "max_dup_ngram_ratio=1"]  # repeats trip several of them
+    again = clean_files([src], tmp_path / "off", load_config(CleanConfig, None, off))
+    assert again["rejected"] == {} and again["records_out"] == 2
+
+
+def test_chat_filters_block_list_and_language(tmp_path):
+    def chat(user, answer):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+    chats = [chat("你好", " "), chat("问" * 50, "好的，明白了。"), chat("今天天气怎么样？", "晴天。")]
+    texts = [{"text": "这是一段包含违禁词甲的中文句子，不能保留。"},
+             {"text": "這是一個繁體中文的句子，用來測試語言識別。"},
+             {"text": "これは日本語の文章です。中国語ではありません。"}]
+    (tmp_path / "block.txt").write_text("# keywords\n违禁词甲\n", encoding="utf-8")
+    src = write(tmp_path / "raw.jsonl", chats + texts)
+    cfg = load_config(CleanConfig, None, ["max_prompt_chars=40", f"block_list={tmp_path / 'block.txt'}", "lang=zh",
+                                          "min_cjk_ratio=0"])
+    report = clean_files([src], tmp_path / "out", cfg)
+    assert report["rejected"] == {"answer_too_short": 1, "prompt_too_long": 1, "blocked_keyword": 1,
+                                  "wrong_language": 1}
+    assert report["records_out"] == 2
+    with pytest.raises(XiaolmError, match="block list"):
+        clean_files([src], tmp_path / "x", CleanConfig(block_list=str(tmp_path / "missing.txt")))

@@ -31,14 +31,25 @@ class CleanConfig:
     """Each rule can be switched off; the filters apply to the text after normalization."""
 
     text_field: str = "text"  # field holding a document's text; chat records use "messages" instead
+    strip_wiki: bool = True  # wiki markup: [[link|text]] → text, {{templates}}, bold quotes, == headings ==, <ref>
     strip_markup: bool = True  # HTML tags, comments, scripts and entities
+    strip_urls: bool = True  # http(s):// and www. addresses
+    strip_emails: bool = True  # e-mail addresses
     strip_control: bool = True  # control and zero-width characters except newline and tab; CR/CRLF → LF
     nfkc: bool = True  # Unicode NFKC (full-width ASCII → half-width), Chinese punctuation stays full width
     t2s: bool = True  # Traditional → Simplified Chinese (OpenCC t2s)
+    normalize_punct: bool = True  # ASCII , ; : ? ! after Chinese → full width; runs of one mark cut to three
     collapse_space: bool = True  # trailing spaces, runs of blank lines, leading/trailing whitespace
     min_chars: int = 8  # shorter documents are rejected
     max_chars: int = 20000  # longer documents are split at paragraph (then line, then sentence) boundaries
     min_cjk_ratio: float = 0.3  # share of CJK ideographs among non-space characters
+    max_char_run: int = 20  # reject text with one character repeated more times in a row (0 = off)
+    max_dup_line_ratio: float = 0.3  # reject text whose lines repeat earlier lines more than this share (≥ 3 lines)
+    max_dup_ngram_ratio: float = 0.5  # reject text whose characters sit in repeated 10-grams more than this share
+    min_answer_chars: int = 1  # chat: reject when an assistant answer is shorter
+    max_prompt_chars: int = 8000  # chat: reject when the user turns together are longer
+    block_list: str = ""  # file with one keyword per line: documents containing any are rejected
+    lang: str = ""  # e.g. zh: reject documents another language wins for (needs `pip install langid`)
     exact_dedup: bool = True  # drop documents whose normalized text (whitespace removed) was seen before
 
 
@@ -93,6 +104,81 @@ def collapse_space(text: str) -> str:
     return _BLANKS.sub("\n\n", _TRAILING.sub("\n", text)).strip()
 
 
+_WIKI_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref\s*>", re.I | re.S)
+_WIKI_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_WIKI_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
+_WIKI_EXTERNAL = re.compile(r"\[(?:https?://|www\.)\S+\s+([^\]]+)\]")
+_WIKI_HEADING = re.compile(r"^(={2,6})\s*(.*?)\s*\1\s*$", re.M)
+_WIKI_QUOTES = re.compile(r"'{2,5}")
+_URL = re.compile(r"(?:https?://|www\.)[^\s\u3000-\u303f\uff00-\uffef<>\"'）)\]]+", re.I)
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_HALF_PUNCT = re.compile(r"(?<=[\u3400-\u9fff])([,;:?!])(?=[\u3400-\u9fff\u201c\u300a]|[ \t]*$)", re.M)
+_FULL = {",": "，", ";": "；", ":": "：", "?": "？", "!": "！"}
+_PUNCT_RUN = re.compile(r"([，。！？；：、…~～])\1{3,}")
+
+
+def strip_wiki(text: str) -> str:
+    """Wiki markup to plain text: [[target|label]] → label, templates and <ref> notes dropped, headings kept."""
+    if not any(mark in text for mark in ("[[", "{{", "''", "==", "<ref")):
+        return text
+    text = _WIKI_REF.sub("", text)
+    for _ in range(3):  # nested templates, innermost first
+        text, n = _WIKI_TEMPLATE.subn("", text)
+        if not n:
+            break
+    text = _WIKI_EXTERNAL.sub(r"\1", _WIKI_LINK.sub(r"\1", text))
+    return _WIKI_QUOTES.sub("", _WIKI_HEADING.sub(r"\2", text))
+
+
+def strip_urls(text: str) -> str:
+    """Remove web addresses."""
+    return _URL.sub("", text) if ("http" in text or "www." in text) else text
+
+
+def strip_emails(text: str) -> str:
+    """Remove e-mail addresses."""
+    return _EMAIL.sub("", text) if "@" in text else text
+
+
+def normalize_punct(text: str) -> str:
+    """ASCII , ; : ? ! right after Chinese become full width; a run of one Chinese mark is cut to three."""
+    text = _HALF_PUNCT.sub(lambda m: _FULL[m.group(1)], text)
+    return _PUNCT_RUN.sub(r"\1\1\1", text)
+
+
+def longest_char_run(text: str) -> int:
+    """Length of the longest run of one repeated character (whitespace ignored)."""
+    best, run, prev = 0, 0, ""
+    for ch in _SPACE.sub("", text):
+        run = run + 1 if ch == prev else 1
+        prev = ch
+        best = max(best, run)
+    return best
+
+
+def dup_line_ratio(text: str) -> float:
+    """Share of non-empty lines that repeat an earlier line (0 for fewer than 3 lines)."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    if len(lines) < 3:
+        return 0.0
+    return 1 - len(set(lines)) / len(lines)
+
+
+def dup_ngram_ratio(text: str, n: int = 10) -> float:
+    """Share of characters covered by character n-grams that occur more than once (whitespace removed)."""
+    chars = _SPACE.sub("", text)
+    if len(chars) < 2 * n:
+        return 0.0
+    first: dict[str, int] = {}
+    covered = bytearray(len(chars))
+    for i in range(len(chars) - n + 1):
+        j = first.setdefault(chars[i:i + n], i)
+        if j != i:
+            covered[i:i + n] = b"\x01" * n
+            covered[j:j + n] = b"\x01" * n
+    return sum(covered) / len(chars)
+
+
 def cjk_ratio(text: str) -> float:
     """Share of CJK ideographs among non-space characters."""
     chars = _SPACE.sub("", text)
@@ -137,18 +223,28 @@ class Cleaner:
     def __init__(self, cfg: CleanConfig):
         self.cfg = cfg
         self.rules: list[tuple[str, Callable[[str], str]]] = []
+        if cfg.strip_wiki:
+            self.rules.append(("strip_wiki", strip_wiki))
         if cfg.strip_markup:
             self.rules.append(("strip_markup", strip_markup))
+        if cfg.strip_urls:
+            self.rules.append(("strip_urls", strip_urls))
+        if cfg.strip_emails:
+            self.rules.append(("strip_emails", strip_emails))
         if cfg.strip_control:
             self.rules.append(("strip_control", strip_control))
         if cfg.nfkc:
             self.rules.append(("nfkc", nfkc))
         if cfg.t2s:
             self.rules.append(("t2s", _t2s()))
+        if cfg.normalize_punct:
+            self.rules.append(("normalize_punct", normalize_punct))
         if cfg.collapse_space:
             self.rules.append(("collapse_space", collapse_space))
         self.modified: Counter[str] = Counter()
         self.examples: dict[str, list[dict]] = defaultdict(list)
+        self.blocked = _block_list(cfg.block_list)
+        self.classify = _language_id(cfg.lang)
 
     def normalize(self, text: str) -> str:
         """Run every normalizer in order."""
@@ -173,7 +269,53 @@ class Cleaner:
             return "too_long"
         if self.cfg.min_cjk_ratio > 0 and cjk_ratio(text) < self.cfg.min_cjk_ratio:
             return "low_cjk_ratio"
+        if self.cfg.max_char_run > 0 and longest_char_run(text) > self.cfg.max_char_run:
+            return "char_repetition"
+        if self.cfg.max_dup_line_ratio < 1 and dup_line_ratio(text) > self.cfg.max_dup_line_ratio:
+            return "line_repetition"
+        if self.cfg.max_dup_ngram_ratio < 1 and dup_ngram_ratio(text) > self.cfg.max_dup_ngram_ratio:
+            return "ngram_repetition"
+        if self.blocked is not None and self.blocked.search(text):
+            return "blocked_keyword"
+        if self.classify is not None and self.classify(text) != self.cfg.lang:
+            return "wrong_language"
         return None
+
+    def chat_reject_reason(self, messages: list[dict]) -> str | None:
+        """Name of the first chat-only filter the conversation fails, or None."""
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        if any(len(a.strip()) < self.cfg.min_answer_chars for a in answers):
+            return "answer_too_short"
+        if sum(len(m["content"]) for m in messages if m["role"] == "user") > self.cfg.max_prompt_chars:
+            return "prompt_too_long"
+        return None
+
+
+def _block_list(path: str) -> re.Pattern | None:
+    """One regex matching any keyword of the block-list file (one a line, # comments), or None."""
+    if not path:
+        return None
+    try:
+        words = [w.strip() for w in Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise XiaolmError(f"cannot read the block list ({e})", where=path,
+                          hint="block_list must be a UTF-8 file, one keyword a line") from None
+    words = sorted({w for w in words if w and not w.startswith("#")}, key=len, reverse=True)
+    if not words:
+        raise XiaolmError("the block list holds no keywords", where=path)
+    return re.compile("|".join(map(re.escape, words)))
+
+
+def _language_id(lang: str) -> Callable[[str], str] | None:
+    """text → language code by langid.py, when a language is required."""
+    if not lang:
+        return None
+    try:
+        import langid
+    except ImportError:
+        raise XiaolmError(f"lang={lang} needs the langid package", where="lang",
+                          hint="pip install langid (or xiaolm[lang]), or leave lang empty") from None
+    return lambda text: langid.classify(text)[0]
 
 
 def _chat_fields(record: dict) -> list[dict] | None:
@@ -207,7 +349,14 @@ def _outputs(record: dict, cleaner: Cleaner, cfg: CleanConfig
     else:
         out = {**record, "prompt": clean[0]["content"], "response": clean[1]["content"]}
     joined = "\n".join(m["content"] for m in clean)
+    reason = cleaner.chat_reject_reason(clean)
+    if reason:
+        raise _Rejected(reason)
     return [out], [joined], ["\n".join(f"{m['role']}\x00{m['content']}" for m in clean)]
+
+
+class _Rejected(Exception):
+    """A whole record fails a filter (the reason code is the message)."""
 
 
 def _stable_id(text: str) -> str:
@@ -251,6 +400,9 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
             bar.update(1)
             try:
                 result = _outputs(record, cleaner, cfg)
+            except _Rejected as e:
+                reject(str(e), where, record)
+                continue
             except ValueError as e:
                 reject("bad_chat", where, record, str(e))
                 continue
