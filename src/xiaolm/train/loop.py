@@ -358,7 +358,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
             log_path.unlink(missing_ok=True)
 
     n_params = model.num_params()
-    flops_per_step = flops_per_token(model.cfg, cfg.data.seq_len)
+    flops_per_tok = flops_per_token(model.cfg, cfg.data.seq_len)
     peak = peak_flops(cfg, device)
     log.info("%s: %.2fM parameters on %s (%s%s), %d steps × %d sequences (%d per pass × %d accumulation × "
              "%d processes%s)", stage, n_params / 1e6, device, amp or "fp32", ", compiled" if use_compile else "",
@@ -420,7 +420,7 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                        "peak_mem_mb": round(peak_memory_mb(device), 1)}
                 postfix = {"loss": f"{ema_loss:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{tps:,.0f}"}
                 if peak is not None:
-                    row["mfu"] = round(tps * flops_per_step / (peak * ctx.world), 4)
+                    row["mfu"] = round(tps * flops_per_tok / (peak * ctx.world), 4)
                     postfix["mfu"] = f"{row['mfu']:.1%}"
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
@@ -476,9 +476,13 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: allocated tensors on CUDA, resident set size of the process elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    try:  # VmHWM: this process's own peak (ru_maxrss would carry a launcher's peak over fork + exec)
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def _save_best(run_dir: Path, model: Llama, step: int, val_loss: float, ctx: DistContext) -> None:
