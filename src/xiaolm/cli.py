@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="YAML file with demo settings")
     d.add_argument("overrides", nargs="*", metavar="key=value")
 
-    data = sub.add_parser("data", help="data stages: clean, pack").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="data stages: clean, dedup, pack").add_subparsers(dest="data_cmd", required=True)
     c = _add_parser(data, "clean", "normalize and filter text/chat records; rejects go to rejects.jsonl",
                     "examples:\n  xiaolm data clean raw/*.jsonl --out data/clean\n"
                     "  xiaolm data clean raw/ --out data/clean min_chars=20 t2s=false")
@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--config")
     c.add_argument("overrides", nargs="*", metavar="key=value", default=[])
+    dd = _add_parser(data, "dedup", "remove exact and near-duplicate records (MinHash + LSH on character n-grams)",
+                     "examples:\n  xiaolm data dedup data/clean --out data/dedup\n"
+                     "  xiaolm data dedup data/clean --out data/dedup --threshold 0.7 --workers 8\n"
+                     "  xiaolm data dedup data/clean --out data/dedup --executor ray  # Ray cluster (RAY_ADDRESS)\n"
+                     "  xiaolm data dedup raw/ --out data/dedup ngram=7 partition_mb=64")
+    dd.add_argument("inputs", nargs="+", metavar="INPUT")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--threshold", type=float, help="Jaccard similarity of duplicates (default 0.8)")
+    dd.add_argument("--executor", default="local", choices=["local", "ray"],
+                    help="local process pool (default) or Ray (pip install 'xiaolm[ray]')")
+    dd.add_argument("--workers", type=int, default=0, help="local processes (default: all CPU cores)")
+    dd.add_argument("--config")
+    dd.add_argument("overrides", nargs="*", metavar="key=value", default=[])
     k = _add_parser(data, "pack", "tokenize records into train.bin / val.bin + meta.json",
                     "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed")
     k.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -149,6 +162,12 @@ def run(argv: list[str] | None = None) -> int:
         from xiaolm.data.clean import CleanConfig, clean_files
 
         clean_files(args.inputs, args.out, load_config(CleanConfig, args.config, args.overrides))
+    elif args.command == "data" and args.data_cmd == "dedup":
+        from xiaolm.data.dedup import DedupConfig, dedup_files
+
+        threshold = [f"threshold={args.threshold}"] if args.threshold is not None else []
+        cfg = load_config(DedupConfig, args.config, [*args.overrides, *threshold])
+        dedup_files(args.inputs, args.out, cfg, executor=args.executor, workers=args.workers)
     elif args.command == "data" and args.data_cmd == "pack":
         from xiaolm.data.pack import pack_files
 
