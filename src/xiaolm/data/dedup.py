@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from collections import Counter
@@ -40,11 +39,11 @@ REMOVED = "_removed.jsonl"  # leading underscore: later stages reading this dire
 WORK = "_work"
 ROW = np.dtype([("bucket", "<u8"), ("doc", "<u8")])  # one band bucket of one document
 SHARD_BITS = 40  # a document key is (input file index << 40) | position in that file: sorting keys = input order
-_SPACE = re.compile(r"\s+")
 _M64 = np.uint64(0xFF51AFD7ED558CCD)
 _BASE = np.uint64(0x100000001B3)
 _EXACT_DOMAIN = 0x9E3779B97F4A7C15
 _PREVIEW = 120
+_CHUNK = 1 << 17
 
 
 @dataclass
@@ -103,7 +102,7 @@ def _check(cfg: DedupConfig) -> None:
 
 def normalize(text: str) -> str:
     """The text that is compared: whitespace removed."""
-    return _SPACE.sub("", text)
+    return "".join(text.split())
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,15 +146,20 @@ def shingle_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray
 
 def minhash(texts: list[str], ngram: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """MinHash signatures, shape (len(texts), len(a)) uint32, of the texts' character n-gram sets."""
-    if not texts:
-        return np.zeros((0, len(a)), dtype=np.uint32)
-    h, firsts = shingle_hashes(texts, ngram)
     sig = np.empty((len(a), len(texts)), dtype=np.uint32)
-    buf = np.empty_like(h)
-    for p in range(len(a)):  # one pass per permutation over the whole batch keeps the working set in cache
-        np.multiply(h, a[p], out=buf)
-        buf += b[p]
-        np.minimum.reduceat(buf, firsts, out=sig[p])
+    if not texts:
+        return sig.T
+    h, firsts = shingle_hashes(texts, ngram)
+    # groups of documents with about _CHUNK shingles: one pass per permutation over a group stays in the CPU cache
+    bounds = np.unique(np.searchsorted(firsts, np.arange(0, len(h), _CHUNK)))
+    for lo, hi in zip(bounds, [*bounds[1:], len(texts)], strict=True):
+        start, stop = firsts[lo], firsts[hi] if hi < len(texts) else len(h)
+        part, offsets = h[start:stop], firsts[lo:hi] - start
+        buf = np.empty_like(part)
+        for p in range(len(a)):
+            np.multiply(part, a[p], out=buf)
+            buf += b[p]
+            np.minimum.reduceat(buf, offsets, out=sig[p, lo:hi])
     return np.ascontiguousarray(sig.T)
 
 
@@ -204,8 +208,16 @@ def connected_first(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def bucket_pairs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs (a < b) from bucket rows: each document with its bucket's first and previous document."""
-    rows = np.sort(rows, order=["bucket", "doc"])
-    bucket, doc = rows["bucket"], rows["doc"]
+    bucket = rows["bucket"]
+    order = np.argsort(bucket)
+    sorted_buckets = bucket[order]
+    same = sorted_buckets[1:] == sorted_buckets[:-1]
+    shared = np.zeros(len(rows), dtype=bool)  # rows in a bucket with another row: few, sorted fully below
+    shared[1:] |= same
+    shared[:-1] |= same
+    rows = rows[order[shared]]
+    order = np.lexsort((rows["doc"], rows["bucket"]))
+    bucket, doc = rows["bucket"][order], rows["doc"][order]
     n = len(rows)
     if n < 2:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
@@ -226,12 +238,12 @@ def bucket_pairs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def document_text(record: dict, text_field: str) -> str | None:
     """The text to compare: the text field, or a chat's message contents joined; None if neither; ValueError
     for a malformed chat."""
-    from xiaolm.tokenizer.chat import normalize_chat
-
     value = record.get(text_field)
     if isinstance(value, str):
         return value
     if "messages" in record or ("prompt" in record and "response" in record):
+        from xiaolm.tokenizer.chat import normalize_chat
+
         return "\n".join(m["content"] for m in normalize_chat(record))
     return None
 
@@ -261,21 +273,19 @@ def record_id(record: dict, text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def _line(where: str) -> int:
-    return int(where.rsplit(":", 1)[1])
-
-
 # ---------------------------------------------------------------- the stages' tasks (module level: picklable)
 
 
 def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: int) -> dict:
-    """Signatures, exact hashes, ids and bucket rows of one input file, written batch by batch."""
+    """Records (with id and source), line numbers, signatures, exact hashes and bucket rows of one input file."""
     bands, rows = _lsh_shape(cfg)
     a, b = permutations(cfg.num_perm, cfg.seed)
     files = [open(out / f"buckets-{p:05d}.bin", "wb") for p in range(partitions)]
     n = batches = max_batch = 0
     texts: list[str] = []
     exact: list[int] = []
+    lines: list[int] = []
+    source = Path(path).name
 
     def flush() -> None:
         nonlocal n, batches, max_batch
@@ -285,6 +295,7 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
         ex = np.array(exact, dtype=np.uint64)
         sig.tofile(sig_file)
         ex.tofile(exact_file)
+        np.array(lines, dtype=np.uint32).tofile(lines_file)
         buckets = band_buckets(sig, ex, bands, rows)
         docs = (np.uint64(shard) << np.uint64(SHARD_BITS)) + np.arange(n, n + len(texts), dtype=np.uint64)
         table = np.empty(buckets.size, dtype=ROW)
@@ -300,11 +311,13 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
         max_batch = max(max_batch, sum(map(len, texts)))
         texts.clear()
         exact.clear()
+        lines.clear()
 
     chars = 0
     try:
         with RejectLog(out / "rejects.jsonl") as rejects, open(out / "sig.bin", "wb") as sig_file, \
-                open(out / "exact.bin", "wb") as exact_file, open(out / "ids.jsonl", "w", encoding="utf-8") as ids:
+                open(out / "exact.bin", "wb") as exact_file, open(out / "lines.bin", "wb") as lines_file, \
+                open(out / "records.jsonl", "w", encoding="utf-8") as records:
             for record, where, text in read_documents(Path(path), cfg.text_field, rejects):
                 if texts and chars + len(text) > cfg.batch_chars:
                     flush()
@@ -312,7 +325,9 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
                 texts.append(text)
                 exact.append(exact_hash(text))
                 chars += len(text)
-                ids.write(json.dumps([record_id(record, text), _line(where)], ensure_ascii=False) + "\n")
+                lines.append(int(where.rsplit(":", 1)[1]))
+                rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
+                records.write(json.dumps(rec, ensure_ascii=False) + "\n")
             flush()
     finally:
         for f in files:
@@ -382,7 +397,7 @@ def cluster_all(out: Path, pairs_dir: str, sign_dir: str, docs: list[int], parti
         with atomic_open(out / f"removed-{i:05d}.jsonl", "w") as f:
             for p, k, j, x in zip(pos[mask].tolist(), kept[mask].tolist(), jaccard[mask].tolist(),
                                   exact[mask].tolist(), strict=True):
-                f.write(json.dumps([p, k, ids[k][0], round(j, 4), x], ensure_ascii=False) + "\n")
+                f.write(json.dumps([p, k, ids[k], round(j, 4), x], ensure_ascii=False) + "\n")
     cluster_roots, sizes = np.unique(roots, return_counts=True)
     # examples: the largest clusters, then the least similar near duplicates (the ones the threshold decides)
     largest = cluster_roots[np.argsort(-sizes, kind="stable")[:examples]].tolist()
@@ -402,45 +417,48 @@ def cluster_all(out: Path, pairs_dir: str, sign_dir: str, docs: list[int], parti
             "examples": shown}
 
 
-def _lookup_ids(sign_dir: Path, keys: np.ndarray) -> dict[int, list]:
-    """[id, line] of the given documents, reading each needed ids file once."""
-    out: dict[int, list] = {}
+def _lookup_ids(sign_dir: Path, keys: np.ndarray) -> dict[int, str]:
+    """Record ids of the given documents, reading each needed shard's records once."""
+    out: dict[int, str] = {}
     shard = keys >> np.uint64(SHARD_BITS)
     for i in np.unique(shard).tolist():
         wanted = {k & ((1 << SHARD_BITS) - 1): k for k in keys[shard == i].tolist()}
-        with open(sign_dir / f"{i:05d}" / "ids.jsonl", encoding="utf-8") as f:
+        with open(sign_dir / f"{i:05d}" / "records.jsonl", encoding="utf-8") as f:
             for pos, line in enumerate(f):
                 if pos in wanted:
-                    out[wanted[pos]] = json.loads(line)
+                    out[wanted[pos]] = json.loads(line)["id"]
     return out
 
 
-def filter_shard(out: Path, shard: int, path: str, cluster_dir: str, target: str, cfg: DedupConfig,
-                 preview: list[int]) -> dict:
-    """Write one input file's kept records to `target` and its removed ones (with the kept id) to out/."""
+def filter_shard(out: Path, shard: int, path: str, sign_dir: str, cluster_dir: str, target: str,
+                 text_field: str, preview: list[int]) -> dict:
+    """Copy one input file's kept records to `target`; its removed ones, with the kept id, go to out/."""
     removed = {}
     with open(Path(cluster_dir) / f"removed-{shard:05d}.jsonl", encoding="utf-8") as f:
         for line in f:
             pos, _, kept_id, jaccard, exact = json.loads(line)
             removed[pos] = (kept_id, jaccard, exact)
+    signed = Path(sign_dir) / f"{shard:05d}"
+    lines = np.fromfile(signed / "lines.bin", dtype=np.uint32)
     base = shard << SHARD_BITS
-    want = set(preview)
+    want = {k - base for k in preview if k >> SHARD_BITS == shard}
     previews = {}
     kept = 0
-    with atomic_open(target, "w") as part, open(out / "removed.jsonl", "w", encoding="utf-8") as gone:
-        for pos, (record, where, text) in enumerate(read_documents(Path(path), cfg.text_field, None)):
-            rec = {**record, "id": record_id(record, text),
-                   "source": record.get("source") or Path(path).name}
-            if base + pos in want:
-                previews[str(base + pos)] = {"id": rec["id"], "where": where,
+    with open(signed / "records.jsonl", encoding="utf-8") as src, atomic_open(target, "w") as part, \
+            open(out / "removed.jsonl", "w", encoding="utf-8") as gone:
+        for pos, line in enumerate(src):  # records were parsed once, by the sign task; copied as text here
+            if pos in want:
+                rec = json.loads(line)
+                text = normalize(document_text(rec, text_field) or "")
+                previews[str(base + pos)] = {"id": rec["id"], "where": f"{path}:{lines[pos]}",
                                              "text": text[:_PREVIEW] + ("…" if len(text) > _PREVIEW else "")}
             if pos in removed:
                 kept_id, jaccard, exact = removed[pos]
-                row = {"id": rec["id"], "kept_id": kept_id, "exact": exact, "jaccard": jaccard, "where": where,
-                       "record": rec}
-                gone.write(json.dumps(row, ensure_ascii=False) + "\n")
+                row = {"id": json.loads(line)["id"], "kept_id": kept_id, "exact": exact, "jaccard": jaccard,
+                       "where": f"{path}:{lines[pos]}"}
+                gone.write(json.dumps(row, ensure_ascii=False)[:-1] + ', "record": ' + line.rstrip("\n") + "}\n")
             else:
-                part.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                part.write(line)
                 kept += 1
     return {"kept": kept, "removed": len(removed), "previews": previews}
 
@@ -535,6 +553,7 @@ def dedup_files(inputs: list[str | Path], out_dir: str | Path, cfg: DedupConfig 
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "config.yaml", config_text)
     atomic_write_text(out_dir / "_SUCCESS", "")
+    shutil.rmtree(work)  # the intermediate files (a copy of the corpus and its signatures) are not needed now
     log.info("data/dedup: %d in, %d out, %d removed (%d exact, %d near) in %d clusters, %d rejected (%s) — see %s",
              report["records_in"], kept, removed, clustered["removed_exact"], clustered["removed_near"],
              clustered["clusters"], sum(rejected.values()),
@@ -558,8 +577,9 @@ def _run_stages(runner: StageRunner, files: list[Path], out_dir: Path, cfg: Dedu
                                                      MAX_EXAMPLES))], cluster_dir, desc="data/dedup clusters")
     lap("clusters")
     preview = sorted({k for e in clustered["examples"] for k in [e["kept"], *(m[0] for m in e["removed"])]})
-    filtered = runner.run(filter_shard, [(f"{i:05d}", (i, str(f), str(cluster_dir / "all"),
-                                                       str(out_dir / f"part-{i:05d}.jsonl"), cfg, preview))
+    filtered = runner.run(filter_shard, [(f"{i:05d}", (i, str(f), str(sign_dir), str(cluster_dir / "all"),
+                                                       str(out_dir / f"part-{i:05d}.jsonl"), cfg.text_field,
+                                                       preview))
                                          for i, f in enumerate(files)], work / "filter", desc="data/dedup filter")
     lap("filter")
     return signed, paired, clustered, filtered
