@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 from xiaolm.errors import XiaolmError
 
 log = logging.getLogger("xiaolm")
+_SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
 
 TRAIN_EPILOG = """examples:
   xiaolm {stage} --config configs/{stage}.yaml
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "examples:\n  xiaolm data dedup data/clean --out data/dedup\n"
                      "  xiaolm data dedup data/clean --out data/dedup --threshold 0.7 --workers 8\n"
                      "  xiaolm data dedup data/clean --out data/dedup --executor ray  # Ray cluster (RAY_ADDRESS)\n"
-                     "  xiaolm data dedup raw/ --out data/dedup ngram=7 partition_mb=64")
+                     "  xiaolm data dedup raw/ ngram=7 partition_mb=64 --out data/dedup   # settings before --out")
     dd.add_argument("inputs", nargs="+", metavar="INPUT")
     dd.add_argument("--out", required=True)
     dd.add_argument("--threshold", type=float, help="Jaccard similarity of duplicates (default 0.8)")
@@ -165,9 +167,12 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "data" and args.data_cmd == "dedup":
         from xiaolm.data.dedup import DedupConfig, dedup_files
 
+        # `key=value` settings may sit among the inputs (argparse gives every positional to INPUT...)
+        settings = [a for a in args.inputs if _SETTING.match(a) and not Path(a).exists()]
+        inputs = [a for a in args.inputs if a not in settings]
         threshold = [f"threshold={args.threshold}"] if args.threshold is not None else []
-        cfg = load_config(DedupConfig, args.config, [*args.overrides, *threshold])
-        dedup_files(args.inputs, args.out, cfg, executor=args.executor, workers=args.workers)
+        cfg = load_config(DedupConfig, args.config, [*settings, *args.overrides, *threshold])
+        dedup_files(inputs, args.out, cfg, executor=args.executor, workers=args.workers)
     elif args.command == "data" and args.data_cmd == "pack":
         from xiaolm.data.pack import pack_files
 
