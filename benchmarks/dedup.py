@@ -1,6 +1,7 @@
 """Near-duplicate detection: xiaolm `data dedup` vs datasketch (MinHash + MinHashLSH), same corpus and settings.
 
     python benchmarks/dedup.py [--docs 200000 --files 8 --chars 100 --pairs 5000 --exact 2000 --workers 2]
+                               [--skip-datasketch] [--settings batch_chars=250000 partition_mb=16]
     (needs `pip install 'xiaolm[bench]'` for datasketch)
 
 The corpus: random Chinese text drawn from the character frequencies of the embedded demo corpus (poems and
@@ -119,16 +120,19 @@ def make_corpus(out: Path, docs: int, files: int, chars: int, pairs: int, exact:
 # ---------------------------------------------------------------- the two systems (each run in a subprocess)
 
 
-def run_xiaolm(corpus: Path, work: Path, workers: int) -> list[tuple[str, str]]:
+def run_xiaolm(corpus: Path, work: Path, workers: int, settings: list[str]) -> list[tuple[str, str]]:
     """xiaolm dedup_files; the pairs are (removed id, kept id)."""
+    from xiaolm.config import load_config
     from xiaolm.data.dedup import REMOVED, DedupConfig, dedup_files
 
-    dedup_files([corpus], work, DedupConfig(threshold=THRESHOLD, ngram=NGRAM, num_perm=NUM_PERM), workers=workers)
+    cfg = load_config(DedupConfig, None, [f"threshold={THRESHOLD}", f"ngram={NGRAM}", f"num_perm={NUM_PERM}",
+                                          *settings])
+    dedup_files([corpus], work, cfg, workers=workers)
     with open(work / REMOVED, encoding="utf-8") as f:
         return [(row["id"], row["kept_id"]) for row in map(json.loads, f)]
 
 
-def run_datasketch(corpus: Path, work: Path, workers: int) -> list[tuple[str, str]]:
+def run_datasketch(corpus: Path, work: Path, workers: int, settings: list[str]) -> list[tuple[str, str]]:
     """datasketch MinHash (update_batch) + MinHashLSH: query each document, then insert it."""
     from datasketch import MinHash, MinHashLSH
 
@@ -145,20 +149,20 @@ def run_datasketch(corpus: Path, work: Path, workers: int) -> list[tuple[str, st
     return found
 
 
-def child(system: str, corpus: str, work: str, workers: int) -> None:
+def child(system: str, corpus: str, work: str, workers: int, settings: list[str]) -> None:
     """Subprocess entry: run one system, print its timing, peak RSS and pairs as one JSON line."""
     start = time.perf_counter()
     fn = run_xiaolm if system == "xiaolm" else run_datasketch
-    pairs = fn(Path(corpus), Path(work), workers)
+    pairs = fn(Path(corpus), Path(work), workers, settings)
     seconds = time.perf_counter() - start
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "rss_mb": own, "worker_rss_mb": workers_rss, "pairs": pairs}))
 
 
-def measure(system: str, corpus: Path, work: Path, workers: int) -> dict:
+def measure(system: str, corpus: Path, work: Path, workers: int, settings: list[str]) -> dict:
     """Run one system in a fresh Python process."""
-    cmd = [sys.executable, __file__, "--child", system, str(corpus), str(work), str(workers)]
+    cmd = [sys.executable, __file__, "--child", system, str(corpus), str(work), str(workers), *settings]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode:
         sys.exit(f"{system} failed:\n{done.stderr[-3000:]}")
@@ -215,10 +219,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-datasketch", action="store_true")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--settings", nargs="*", default=[], metavar="key=value",
+                   help="xiaolm DedupConfig settings, e.g. batch_chars=250000 partition_mb=16")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.child[0], a.child[1], a.child[2], int(a.child[3]))
+        child(a.child[0], a.child[1], a.child[2], int(a.child[3]), a.child[4:])
         return
     with tempfile.TemporaryDirectory(prefix="xiaolm-bench-dedup-") as tmp:
         corpus = Path(tmp) / "corpus"
@@ -239,17 +245,19 @@ def main() -> None:
             runs.append(("datasketch", 1))
         results = {}
         for system, workers in runs:
-            r = measure(system, corpus, Path(tmp) / f"{system}-{workers}", workers)
+            load = os.getloadavg()[0]
+            r = measure(system, corpus, Path(tmp) / f"{system}-{workers}", workers, a.settings)
+            r["load"] = f"{load:.1f}–{os.getloadavg()[0]:.1f}"
             r.update(score(r.pop("pairs"), planted, texts))
             results[(system, workers)] = r
         head = (f"| system | processes | docs/s | peak RSS MB (main / largest worker) | pairs | precision | recall ≥ "
-                f"{THRESHOLD} | " + " | ".join(f"found @{lv}" for lv in planted) + " |")
+                f"{THRESHOLD} | " + " | ".join(f"found @{lv}" for lv in planted) + " | load avg (1 min) |")
         print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
         for (system, workers), r in results.items():
             rss = f"{r['rss_mb']:.0f}" + (f" / {r['worker_rss_mb']:.0f}" if workers > 1 else "")
             print(f"| {system} | {workers} | {len(texts) / r['seconds']:,.0f} | {rss} | {r['pairs']:,} | "
                   f"{r['precision']:.4f} | {r['recall']:.4f} | "
-                  + " | ".join(f"{v:.3f}" for v in r["by_level"].values()) + " |")
+                  + " | ".join(f"{v:.3f}" for v in r["by_level"].values()) + f" | {r['load']} |")
         if ("datasketch", 1) in results:
             base = results[("datasketch", 1)]["seconds"]
             for (system, workers), r in results.items():

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -337,29 +338,25 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
 
 
 class _Signatures:
-    """Random access to the signatures and exact hashes of all signed shards (memory-mapped, read on demand)."""
+    """The signatures and exact hashes of given documents, read row by row from the signed shards' files."""
 
-    def __init__(self, sign_dir: Path, docs: list[int], num_perm: int):
-        self.dirs = [sign_dir / f"{i:05d}" for i in range(len(docs))]
-        self.docs, self.num_perm = docs, num_perm
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if i not in self._maps:
-            shape = (self.docs[i], self.num_perm)
-            self._maps[i] = (np.memmap(self.dirs[i] / "sig.bin", np.uint32, "r", shape=shape),
-                             np.memmap(self.dirs[i] / "exact.bin", np.uint64, "r", shape=(self.docs[i],)))
-        return self._maps[i]
+    def __init__(self, sign_dir: Path, num_perm: int):
+        self.sign_dir, self.num_perm = sign_dir, num_perm
 
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(signatures, exact hashes) of documents by key."""
+        """(signatures, exact hashes) of documents by key; memory grows with len(keys), not with the shards."""
         sig = np.empty((len(keys), self.num_perm), np.uint32)
         exact = np.empty(len(keys), np.uint64)
         shard, pos = keys >> np.uint64(SHARD_BITS), keys & np.uint64((1 << SHARD_BITS) - 1)
-        for i in np.unique(shard):
-            mask = shard == i
-            s, e = self._shard(int(i))
-            sig[mask], exact[mask] = s[pos[mask]], e[pos[mask]]
+        width = self.num_perm * 4
+        for i in np.unique(shard).tolist():
+            rows = np.flatnonzero(shard == i)
+            folder = self.sign_dir / f"{i:05d}"
+            with open(folder / "sig.bin", "rb") as s, open(folder / "exact.bin", "rb") as e:
+                sig_fd, exact_fd = s.fileno(), e.fileno()
+                for row, p in zip(rows.tolist(), pos[rows].tolist(), strict=True):
+                    sig[row] = np.frombuffer(os.pread(sig_fd, width, p * width), np.uint32)
+                    exact[row] = int.from_bytes(os.pread(exact_fd, 8, p * 8), "little")
         return sig, exact
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -374,7 +371,7 @@ def pair_partition(out: Path, part: int, sign_dir: str, docs: list[int], cfg: De
     rows = np.concatenate([np.fromfile(Path(sign_dir) / f"{i:05d}" / f"buckets-{part:05d}.bin", dtype=ROW)
                            for i in range(len(docs))] or [np.zeros(0, ROW)])
     a, b = bucket_pairs(rows)
-    jaccard, exact = _Signatures(Path(sign_dir), docs, cfg.num_perm).similarity(a, b)
+    jaccard, exact = _Signatures(Path(sign_dir), cfg.num_perm).similarity(a, b)
     keep = exact | (jaccard >= cfg.threshold)
     np.stack([a[keep], b[keep]], axis=1).astype(np.uint64).tofile(out / "edges.bin")
     return {"rows": int(len(rows)), "candidates": int(len(a)), "verified": int(keep.sum())}
@@ -388,7 +385,7 @@ def cluster_all(out: Path, pairs_dir: str, sign_dir: str, docs: list[int], parti
     keys, roots = connected_first(edges[:, 0], edges[:, 1])
     gone = keys != roots
     removed, kept = keys[gone], roots[gone]
-    jaccard, exact = _Signatures(Path(sign_dir), docs, cfg.num_perm).similarity(removed, kept)
+    jaccard, exact = _Signatures(Path(sign_dir), cfg.num_perm).similarity(removed, kept)
     ids = _lookup_ids(Path(sign_dir), np.unique(kept))
     shard = removed >> np.uint64(SHARD_BITS)
     pos = removed & np.uint64((1 << SHARD_BITS) - 1)
