@@ -149,13 +149,20 @@ def run_datasketch(corpus: Path, work: Path, workers: int, settings: list[str]) 
     return found
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since exec (VmHWM; ru_maxrss would include the forking parent's)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def child(system: str, corpus: str, work: str, workers: int, settings: list[str]) -> None:
     """Subprocess entry: run one system, print its timing, peak RSS and pairs as one JSON line."""
     start = time.perf_counter()
     fn = run_xiaolm if system == "xiaolm" else run_datasketch
     pairs = fn(Path(corpus), Path(work), workers, settings)
     seconds = time.perf_counter() - start
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = peak_rss_mb()
+    # the largest worker's high-water mark; fork-then-exec counts the parent's size at fork time as well
     workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "rss_mb": own, "worker_rss_mb": workers_rss, "pairs": pairs}))
 
