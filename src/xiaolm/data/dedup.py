@@ -58,7 +58,7 @@ class DedupConfig:
     rows: int = 0
     seed: int = 1
     text_field: str = "text"  # chat records ({"messages"} or {"prompt","response"}) use their joined contents
-    batch_chars: int = 2_000_000  # text signed at once by one task (≈ 40 bytes of memory per character)
+    batch_chars: int = 250_000  # text signed at once by one task (≈ 40 bytes of memory per character)
     partitions: int = 0  # bucket files; 0: enough that each holds about partition_mb of rows
     partition_mb: int = 256
 
