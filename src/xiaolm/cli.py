@@ -54,14 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "  xiaolm data dedup data/clean --out data/dedup --threshold 0.7 --workers 8\n"
                      "  xiaolm data dedup data/clean --out data/dedup --executor ray  # Ray cluster (RAY_ADDRESS)\n"
                      "  xiaolm data dedup raw/ ngram=7 partition_mb=64 --out data/dedup   # settings before --out")
-    dd.add_argument("inputs", nargs="+", metavar="INPUT")
+    dd.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs, directories; and key=value settings")
     dd.add_argument("--out", required=True)
     dd.add_argument("--threshold", type=float, help="Jaccard similarity of duplicates (default 0.8)")
     dd.add_argument("--executor", default="local", choices=["local", "ray"],
                     help="local process pool (default) or Ray (pip install 'xiaolm[ray]')")
     dd.add_argument("--workers", type=int, default=0, help="local processes (default: all CPU cores)")
     dd.add_argument("--config")
-    dd.add_argument("overrides", nargs="*", metavar="key=value", default=[])
     k = _add_parser(data, "pack", "tokenize records into train.bin / val.bin + meta.json",
                     "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed")
     k.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -167,11 +166,11 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "data" and args.data_cmd == "dedup":
         from xiaolm.data.dedup import DedupConfig, dedup_files
 
-        # `key=value` settings may sit among the inputs (argparse gives every positional to INPUT...)
+        # argparse gives every positional before --out to INPUT...: `key=value` settings are picked out here
         settings = [a for a in args.inputs if _SETTING.match(a) and not Path(a).exists()]
         inputs = [a for a in args.inputs if a not in settings]
         threshold = [f"threshold={args.threshold}"] if args.threshold is not None else []
-        cfg = load_config(DedupConfig, args.config, [*settings, *args.overrides, *threshold])
+        cfg = load_config(DedupConfig, args.config, [*settings, *threshold])
         dedup_files(inputs, args.out, cfg, executor=args.executor, workers=args.workers)
     elif args.command == "data" and args.data_cmd == "pack":
         from xiaolm.data.pack import pack_files
