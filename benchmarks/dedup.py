@@ -8,7 +8,9 @@ The corpus: random Chinese text drawn from the character frequencies of the embe
 idiom explanations), ~`--chars` characters a document, split over `--files` JSONL files, in shuffled order. Planted
 near-duplicates: `--pairs` copies edited to each character-5-gram Jaccard level (0.5, 0.7, 0.85, 0.95) and
 `--exact` verbatim copies. Truth is the true 5-gram Jaccard of a pair: a pair is a duplicate when it is ≥ 0.8.
-Each system runs in its own subprocess (docs/s over the whole job: reading JSON to finding the pairs; peak RSS).
+Each system runs in its own subprocess: docs/s over the whole job (reading JSON to finding the pairs), docs per
+CPU-second (user + system time of the process and its workers: less sensitive to other load on the machine), peak
+RSS.
 Precision: share of the pairs a system reports (xiaolm: removed → kept; datasketch: each query's candidates) whose
 true Jaccard is ≥ 0.8. Recall: share of planted pairs that end in the same cluster (connected components of the
 reported pairs), per level.
@@ -164,7 +166,10 @@ def child(system: str, corpus: str, work: str, workers: int, settings: list[str]
     own = peak_rss_mb()
     # the largest worker's high-water mark; fork-then-exec counts the parent's size at fork time as well
     workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "rss_mb": own, "worker_rss_mb": workers_rss, "pairs": pairs}))
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "rss_mb": own, "worker_rss_mb": workers_rss,
+                      "pairs": pairs}))
 
 
 def measure(system: str, corpus: Path, work: Path, workers: int, settings: list[str]) -> dict:
@@ -257,19 +262,23 @@ def main() -> None:
             r["load"] = f"{load:.1f}–{os.getloadavg()[0]:.1f}"
             r.update(score(r.pop("pairs"), planted, texts))
             results[(system, workers)] = r
-        head = (f"| system | processes | docs/s | peak RSS MB (main / largest worker) | pairs | precision | recall ≥ "
-                f"{THRESHOLD} | " + " | ".join(f"found @{lv}" for lv in planted) + " | load avg (1 min) |")
+        head = ("| system | processes | docs/s | docs per CPU-second | peak RSS MB (main / largest worker) | pairs | "
+                f"precision | recall ≥ {THRESHOLD} | " + " | ".join(f"found @{lv}" for lv in planted)
+                + " | load avg (1 min) |")
         print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
         for (system, workers), r in results.items():
             rss = f"{r['rss_mb']:.0f}" + (f" / {r['worker_rss_mb']:.0f}" if workers > 1 else "")
-            print(f"| {system} | {workers} | {len(texts) / r['seconds']:,.0f} | {rss} | {r['pairs']:,} | "
+            print(f"| {system} | {workers} | {len(texts) / r['seconds']:,.0f} | {len(texts) / r['cpu_seconds']:,.0f} "
+                  f"| {rss} | {r['pairs']:,} | "
                   f"{r['precision']:.4f} | {r['recall']:.4f} | "
                   + " | ".join(f"{v:.3f}" for v in r["by_level"].values()) + f" | {r['load']} |")
         if ("datasketch", 1) in results:
-            base = results[("datasketch", 1)]["seconds"]
+            base = results[("datasketch", 1)]
             for (system, workers), r in results.items():
                 if system == "xiaolm":
-                    print(f"xiaolm with {workers} process(es) / datasketch: {base / r['seconds']:.1f}x docs/s")
+                    print(f"xiaolm with {workers} process(es) / datasketch: "
+                          f"{base['seconds'] / r['seconds']:.1f}x docs/s, "
+                          f"{base['cpu_seconds'] / r['cpu_seconds']:.1f}x docs per CPU-second")
 
 
 if __name__ == "__main__":
