@@ -328,7 +328,10 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
                 chars += len(text)
                 lines.append(int(where.rsplit(":", 1)[1]))
                 rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
-                records.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                try:
+                    records.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): keep it escaped
+                    records.write(json.dumps(rec) + "\n")
             flush()
     finally:
         for f in files:
@@ -400,6 +403,7 @@ def cluster_all(out: Path, pairs_dir: str, sign_dir: str, docs: list[int], parti
     largest = cluster_roots[np.argsort(-sizes, kind="stable")[:examples]].tolist()
     near = np.flatnonzero(~exact)
     borderline = near[np.argsort(jaccard[near], kind="stable")[:examples]]
+
     def member(i: int) -> list:
         return [int(removed[i]), round(float(jaccard[i]), 4), bool(exact[i])]
 
