@@ -4,7 +4,8 @@ Contract: a task is `fn(out_dir, *args) -> dict`, a picklable module-level funct
 `out_dir` (a fresh temporary directory). When it returns, the executor saves the dict as `result.json`, writes the
 completion marker `_DONE` and renames the directory to `STAGE_DIR/NAME`, so a task's directory exists only when
 the task finished. A rerun (after a crash or a SIGKILL) skips every task whose directory exists and reads its
-saved result; half-written temporary directories are removed.
+saved result; half-written temporary directories are removed. The local pool starts its workers with `spawn`, so
+a script that runs a stage must guard its entry point with `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
