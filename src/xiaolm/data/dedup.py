@@ -1,12 +1,14 @@
 """Deduplication: exact hashes + MinHash/LSH on character n-grams, in disk-backed shard-parallel stages.
 
-Stages, each a set of tasks run by `executor.run_tasks` (a rerun skips finished tasks):
-  sign      one task per input file: text → MinHash signature (numpy, a batch of documents at once), exact hash,
-            and one bucket row per LSH band (plus one for the exact hash), appended to `partitions` bucket files
+Stages, each a set of tasks run by `executor.StageRunner` (a rerun skips finished tasks):
+  sign      one task per input file: the parsed records (with id and source), text → MinHash signature (numpy, a
+            batch of documents at once), exact hash, and one bucket row per LSH band (plus one for the exact
+            hash), appended to `partitions` bucket files
   pairs     one task per bucket partition: sort the rows, pair documents sharing a bucket, keep a pair if it is
             an exact duplicate or its signatures agree on ≥ threshold of the permutations (estimated Jaccard)
   clusters  one task: union-find over the kept pairs; each cluster keeps its first document in input order
-  filter    one task per input file: kept records → part-NNNNN.jsonl, removed ones (with the kept id) aside
+  filter    one task per input file: kept records → part-NNNNN.jsonl (copied as text), removed ones (with the
+            kept id) aside
 Memory: a sign task holds `batch_chars` characters of text at once, a pairs task one partition of bucket rows
 (about 3 × `partition_mb`), the cluster task the duplicate pairs only; nothing holds the corpus.
 """
