@@ -47,3 +47,16 @@ def test_malformed_chat_file_is_a_clear_error(tmp_path, capsys, tokenizer_dir):
 def test_eval_on_missing_model_is_a_clear_error(tmp_path, capsys):
     line = error_line(["eval", str(tmp_path / "nomodel"), "--task", "ppl", "--data", "x.jsonl"], capsys)
     assert "nomodel" in line
+
+
+def test_clean_settings_may_follow_the_output_option(tmp_path, capsys):
+    src = tmp_path / "raw.jsonl"
+    src.write_text('{"text": "春眠不觉晓，处处闻啼鸟。"}\n{"text": "短"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["data", "clean", str(src), "--out", str(tmp_path / "out"), "min_chars=1", "t2s=false"])
+    assert e.value.code == 0
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["records_out"] == 2
+    assert "unrecognized arguments" in error_line(["export", str(tmp_path), "--out", "x", "a=b"], capsys)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 from xiaolm.errors import XiaolmError
 
 log = logging.getLogger("xiaolm")
+_SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
 
 TRAIN_EPILOG = """examples:
   xiaolm {stage} --config configs/{stage}.yaml
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="YAML file with demo settings")
     d.add_argument("overrides", nargs="*", metavar="key=value")
 
-    data = sub.add_parser("data", help="data stages: import, clean, pack")
+    data = sub.add_parser("data", help="data stages: import, clean, dedup, pack")
     data = data.add_subparsers(dest="data_cmd", required=True)
     c = _add_parser(data, "clean", "normalize and filter text/chat records; rejects go to rejects.jsonl",
                     "examples:\n  xiaolm data clean raw/*.jsonl --out data/clean\n"
@@ -53,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("inputs", nargs="+", metavar="INPUT")
     c.add_argument("--out", required=True)
     c.add_argument("--config")
-    c.add_argument("overrides", nargs="*", metavar="key=value", default=[])
     recipes_help = "\n".join(f"  {name:16s} {r.kind:4s}  {r.layout}" for name, r in _recipes().items())
     im = _add_parser(data, "import", "convert a public Chinese dataset's files into xiaolm records",
                      "examples:\n  xiaolm data import belle Belle_open_source_0.5M.json --out data/belle\n"
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("recipe", metavar="RECIPE", help="one of the recipes listed below")
     im.add_argument("inputs", nargs="+", metavar="INPUT")
     im.add_argument("--out", required=True)
+    dd = _add_parser(data, "dedup", "remove exact and near-duplicate records (MinHash + LSH on character n-grams)",
+                     "examples:\n  xiaolm data dedup data/clean --out data/dedup\n"
+                     "  xiaolm data dedup data/clean --out data/dedup --threshold 0.7 --workers 8\n"
+                     "  xiaolm data dedup data/clean --out data/dedup --executor ray  # Ray cluster (RAY_ADDRESS)\n"
+                     "  xiaolm data dedup raw/ ngram=7 partition_mb=64 --out data/dedup   # settings before --out")
+    dd.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs, directories; and key=value settings")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--threshold", type=float, help="Jaccard similarity of duplicates (default 0.8)")
+    dd.add_argument("--executor", default="local", choices=["local", "ray"],
+                    help="local process pool (default) or Ray (pip install 'xiaolm[ray]')")
+    dd.add_argument("--workers", type=int, default=0, help="local processes (default: all CPU cores)")
+    dd.add_argument("--config")
     k = _add_parser(data, "pack", "tokenize records into train.bin / val.bin + meta.json",
                     "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed")
     k.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -148,9 +161,20 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return result
 
 
+def _split_settings(positionals: list[str]) -> tuple[list[str], list[str]]:
+    """(inputs, `key=value` settings): argparse hands every positional of a stage to INPUT..."""
+    settings = [a for a in positionals if _SETTING.match(a) and not Path(a).exists()]
+    return [a for a in positionals if a not in settings], settings
+
+
 def run(argv: list[str] | None = None) -> int:
     """Parse arguments and run one stage; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` settings after an option such as --out land here for stages that take INPUT...
+        if not hasattr(args, "inputs") or not all(_SETTING.match(a) for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.inputs += extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from xiaolm.config import load_config
@@ -162,11 +186,19 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "data" and args.data_cmd == "clean":
         from xiaolm.data.clean import CleanConfig, clean_files
 
-        clean_files(args.inputs, args.out, load_config(CleanConfig, args.config, args.overrides))
+        inputs, settings = _split_settings(args.inputs)
+        clean_files(inputs, args.out, load_config(CleanConfig, args.config, settings))
     elif args.command == "data" and args.data_cmd == "import":
         from xiaolm.data.sources import import_records
 
         import_records(args.recipe, args.inputs, args.out)
+    elif args.command == "data" and args.data_cmd == "dedup":
+        from xiaolm.data.dedup import DedupConfig, dedup_files
+
+        inputs, settings = _split_settings(args.inputs)
+        threshold = [f"threshold={args.threshold}"] if args.threshold is not None else []
+        cfg = load_config(DedupConfig, args.config, [*settings, *threshold])
+        dedup_files(inputs, args.out, cfg, executor=args.executor, workers=args.workers)
     elif args.command == "data" and args.data_cmd == "pack":
         from xiaolm.data.pack import pack_files
 
