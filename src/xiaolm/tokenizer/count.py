@@ -16,7 +16,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -166,8 +165,8 @@ def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_char
             _count_into(counter, splitter, batch)
         return CountResult(dict(counter.items()), counter.total, counter.dropped_max, per_worker, 1,
                            counter.prunes, **stats)
-    # fork shares the already-imported modules; spawn elsewhere (macOS, Windows)
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # spawn, not fork: the caller may already run threads (torch, tokenizers' pool) that fork would copy mid-state
+    ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(maxsize=2 * workers), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(inbox, outbox, per_worker, cjk_chars), daemon=True)
              for _ in range(workers)]
