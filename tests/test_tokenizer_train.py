@@ -75,6 +75,15 @@ def test_counting_with_two_processes_equals_one_process():
     assert len(small.counts) <= 200 and 0 < small.dropped_max <= 2 * small.total // (100 + 2)
 
 
+def test_training_is_deterministic_with_several_processes_even_when_pruning(tmp_path):
+    from xiaolm.tokenizer.train import train_bpe_from_counts
+
+    corpus = texts(CORPUS[0]) * 2
+    runs = [count_chunks(corpus, capacity=300, workers=2) for _ in range(2)]
+    assert runs[0].counts == runs[1].counts and runs[0].dropped_max > 0
+    assert len({train_bpe_from_counts(r.counts, 600).to_str() for r in runs}) == 1
+
+
 @pytest.mark.parametrize("cjk_chars", [False, True])
 def test_python_chunks_match_the_saved_pre_tokenizer(cjk_chars):
     from tokenizers import decoders

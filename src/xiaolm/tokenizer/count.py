@@ -167,15 +167,16 @@ def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_char
                            counter.prunes, **stats)
     # spawn, not fork: the caller may already run threads (torch, tokenizers' pool) that fork would copy mid-state
     ctx = mp.get_context("spawn")
-    inbox, outbox = ctx.Queue(maxsize=2 * workers), ctx.Queue()
+    # batch i goes to worker i mod K, so each table sees the same stream on every run: deterministic pruning
+    inboxes, outbox = [ctx.Queue(maxsize=2) for _ in range(workers)], ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(inbox, outbox, per_worker, cjk_chars), daemon=True)
-             for _ in range(workers)]
+             for inbox in inboxes]
     for p in procs:
         p.start()
     try:
-        for batch in _batches(measured(texts)):
-            _put(inbox, batch, procs)
-        for _ in procs:
+        for i, batch in enumerate(_batches(measured(texts))):
+            _put(inboxes[i % workers], batch, procs)
+        for inbox in inboxes:
             _put(inbox, None, procs)
         merged: Counter[str] = Counter()
         total = dropped = prunes = 0

@@ -58,6 +58,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_memory: int, 
                           hint="drop --cjk-chars or use --backend bpe")
     model = io.BytesIO()
     lines = sample_size(max_memory)
+    spm.set_random_generator_seed(0)  # the line sample, hence the model, is the same on every run
     start = time.perf_counter()
     try:
         spm.SentencePieceTrainer.train(

@@ -145,7 +145,7 @@ def train_bpe_from_counts(counts: dict[str, int], vocab_size: int, min_frequency
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
 
     def words() -> Iterator[str]:
-        for chunk, n in counts.items():
+        for chunk, n in sorted(counts.items()):  # a fixed order: the trainer breaks ties by first sight
             word = to_byte_level(chunk) + " "
             while n > 0:
                 k = min(n, _REPEAT)
@@ -194,7 +194,8 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
     """Train on every text/chat record of `inputs`; save an AutoTokenizer-loadable dir and return it.
 
     backend "bpe": chunk counts in bounded memory (`max_memory`, `workers` processes), then byte-level BPE;
-    backend "sentencepiece": sentencepiece BPE on a memory-bounded sample of lines, with byte fallback.
+    backend "sentencepiece": a sentencepiece unigram model on a memory-bounded sample of lines, byte fallback.
+    With workers > 1 the counting processes are spawned: scripts must call this under `if __name__ == "__main__"`.
     """
     if backend not in BACKENDS:
         raise XiaolmError(f"unknown backend '{backend}'", where="backend", hint=f"use one of {', '.join(BACKENDS)}")
@@ -216,7 +217,8 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
     files = stage_inputs(inputs, out_dir)
     input_bytes = _check_readable(files)
     settings = {"vocab_size": vocab_size, "min_frequency": min_frequency, "text_field": text_field,
-                "cjk_chars": cjk_chars, "backend": backend, "inputs": [str(i) for i in inputs]}
+                "cjk_chars": cjk_chars, "backend": backend, "max_memory": memory, "workers": workers,
+                "inputs": [str(i) for i in inputs]}
     config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     fingerprint = inputs_fingerprint(files)
     if finished_stage(out_dir, config_text, fingerprint, "report.json", required=OUTPUT_FILES) is not None:
