@@ -75,6 +75,17 @@ def test_counting_with_two_processes_equals_one_process():
     assert len(small.counts) <= 200 and 0 < small.dropped_max <= 2 * small.total // (100 + 2)
 
 
+def test_only_the_most_frequent_chunks_go_to_training_and_ties_break_the_same_way():
+    corpus = texts(CORPUS[0])
+    full = count_chunks(corpus, capacity=10**6, workers=1).counts
+    for workers in (1, 2):
+        top = count_chunks(corpus, capacity=10**6, workers=workers, keep=50)
+        assert len(top.counts) == 50 and top.distinct == len(full)
+        assert all(full[k] == v for k, v in top.counts.items())
+        assert min(top.counts.values()) == top.min_kept >= max(v for k, v in full.items() if k not in top.counts)
+        assert top.counts == count_chunks(corpus, capacity=10**6, workers=1, keep=50).counts
+
+
 def test_training_is_deterministic_with_several_processes_even_when_pruning(tmp_path):
     from xiaolm.tokenizer.train import train_bpe_from_counts
 

@@ -7,7 +7,8 @@ distinct chunks. With N chunk occurrences seen, every estimate ĉ of a chunk who
 
 where D (`dropped_max`) is the sum of the decrements, tracked exactly and reported. Every chunk with c > D
 is in the table. Summaries of K processes are added: the bound becomes the sum of their D, at most
-2N / (capacity_per_process + 2).
+2N / (capacity_per_process + 2). A counting table entry is small (~200 bytes), while the BPE trainer needs ~2 KB
+per chunk, so the tables hold several times more chunks than the trainer gets: the `keep` most frequent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import queue
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,6 +79,15 @@ class BoundedCounter:
         self._table = {k: v for k, v in self._table.items() if v > threshold}
         self.prunes += 1
 
+    def release(self) -> dict[str, int]:
+        """The table as chunk → estimate, handed over without a copy; the counter is empty afterwards."""
+        table, offset = self._table, self.offset
+        if offset:
+            for k in table:
+                table[k] -= offset
+        self._table, self.offset = {}, 0
+        return table
+
     def items(self) -> Iterator[tuple[str, int]]:
         """(chunk, estimated count) pairs, estimates ≥ 1."""
         offset = self.offset
@@ -86,17 +96,18 @@ class BoundedCounter:
 
 @dataclass
 class CountResult:
-    """Merged chunk counts of all workers and the error bound that holds for them."""
+    """Merged chunk counts of all workers (the `keep` most frequent) and the error bound that holds for them."""
 
     counts: dict[str, int]
     total: int  # chunk occurrences seen
-    dropped_max: int  # every count is low by at most this
+    dropped_max: int  # every count is low by at most this (the sum of the workers' D)
     capacity: int  # entries allowed per worker
     workers: int
     prunes: int
+    distinct: int = 0  # distinct chunks in the merged tables, before keeping the most frequent
+    min_kept: int = 0  # the smallest count kept (0 when all were kept)
     texts: int = 0
     chars: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
@@ -118,11 +129,38 @@ def _count_into(counter: BoundedCounter, splitter: ChunkSplitter, batch: list[st
     counter.add_counts(counts.items())
 
 
-def _worker(inbox, outbox, capacity: int, cjk_chars: bool) -> None:
+def most_frequent(counts: dict[str, int], keep: int) -> tuple[dict[str, int], int]:
+    """The `keep` highest counts (ties at the cut broken by chunk order) and the smallest count kept (0: all)."""
+    if len(counts) <= keep:
+        return counts, 0
+    values = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+    cut = int(np.partition(values, len(values) - keep)[len(values) - keep])
+    kept = {k: v for k, v in counts.items() if v > cut}
+    ties = sorted(k for k, v in counts.items() if v == cut)[:keep - len(kept)]
+    kept.update(dict.fromkeys(ties, cut))
+    return kept, cut
+
+
+def _worker(rank: int, inbox, peers, n_peers: int, outbox, capacity: int, keep: int, cjk_chars: bool) -> None:
+    """Count one share of the batches; worker 0 then merges every table and sends the most frequent chunks."""
     counter, splitter = BoundedCounter(capacity), ChunkSplitter(cjk_chars)
     while (batch := inbox.get()) is not None:
         _count_into(counter, splitter, batch)
-    outbox.put((dict(counter.items()), counter.total, counter.dropped_max, counter.prunes))
+    total, dropped, prunes = counter.total, counter.dropped_max, counter.prunes
+    merged = counter.release()
+    if rank:
+        peers.put((merged, total, dropped, prunes))
+        return
+    for _ in range(n_peers):
+        counts, n, d, k = peers.get()
+        for chunk, c in counts.items():
+            merged[chunk] = merged.get(chunk, 0) + c
+        del counts
+        total, dropped, prunes = total + n, dropped + d, prunes + k
+    distinct = len(merged)
+    kept, cut = most_frequent(merged, keep)
+    del merged
+    outbox.put((kept, total, dropped, prunes, distinct, cut))
 
 
 def _check_alive(procs: list) -> None:
@@ -148,9 +186,16 @@ def _get(q, procs: list):
             _check_alive(procs)
 
 
-def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_chars: bool = False) -> CountResult:
-    """Count the chunks of `texts` with `workers` processes, each holding at most capacity/workers chunks."""
+def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_chars: bool = False,
+                 keep: int | None = None) -> CountResult:
+    """Count the chunks of `texts` with `workers` processes, each holding at most capacity/workers chunks;
+    return the `keep` most frequent (all by default).
+
+    With workers > 1 the tables are merged and cut to `keep` in a worker process, so this process never holds
+    more than `keep` chunks (memory a big table leaves behind in Python is not always given back).
+    """
     per_worker = max(2, capacity // workers)
+    keep = capacity if keep is None else keep
     stats = {"texts": 0, "chars": 0}
 
     def measured(items: Iterable[str]) -> Iterator[str]:
@@ -163,14 +208,17 @@ def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_char
         counter, splitter = BoundedCounter(per_worker), ChunkSplitter(cjk_chars)
         for batch in _batches(measured(texts)):
             _count_into(counter, splitter, batch)
-        return CountResult(dict(counter.items()), counter.total, counter.dropped_max, per_worker, 1,
-                           counter.prunes, **stats)
+        total, dropped, prunes = counter.total, counter.dropped_max, counter.prunes
+        counts = counter.release()
+        kept, cut = most_frequent(counts, keep)
+        return CountResult(kept, total, dropped, per_worker, 1, prunes, len(counts), cut, **stats)
     # spawn, not fork: the caller may already run threads (torch, tokenizers' pool) that fork would copy mid-state
     ctx = mp.get_context("spawn")
     # batch i goes to worker i mod K, so each table sees the same stream on every run: deterministic pruning
-    inboxes, outbox = [ctx.Queue(maxsize=2) for _ in range(workers)], ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(inbox, outbox, per_worker, cjk_chars), daemon=True)
-             for inbox in inboxes]
+    inboxes, peers, outbox = [ctx.Queue(maxsize=2) for _ in range(workers)], ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(rank, inbox, peers, workers - 1, outbox, per_worker, keep, cjk_chars))
+             for rank, inbox in enumerate(inboxes)]
     for p in procs:
         p.start()
     try:
@@ -178,20 +226,14 @@ def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_char
             _put(inboxes[i % workers], batch, procs)
         for inbox in inboxes:
             _put(inbox, None, procs)
-        merged: Counter[str] = Counter()
-        total = dropped = prunes = 0
-        for _ in procs:
-            counts, n, d, k = _get(outbox, procs)
-            merged.update(counts)
-            del counts
-            total, dropped, prunes = total + n, dropped + d, prunes + k
+        kept, total, dropped, prunes, distinct, cut = _get(outbox, procs)
         for p in procs:
             p.join()
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
-    return CountResult(merged, total, dropped, per_worker, workers, prunes, **stats)
+    return CountResult(kept, total, dropped, per_worker, workers, prunes, distinct, cut, **stats)
 
 
 def default_workers() -> int:

@@ -35,9 +35,10 @@ OUTPUT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 BACKENDS = ("bpe", "sentencepiece")
 BASE_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte alphabet + specials: the smallest vocabulary
 MIN_MEMORY = 256 << 20
-# bytes of --max-memory per distinct chunk kept: its dict entry (~200 B) in a counting process, then in the
-# merged table, then tokenizers' BPE trainer on the table (most of it); 1.9 KB measured on Chinese text, rounded up
-BYTES_PER_CHUNK = 2200
+# bytes of --max-memory per distinct chunk: while counting, its entry in a worker's table and in the merged
+# table (plus transfer); while training, its share of tokenizers' BPE trainer (1.9 KB measured on Chinese text)
+COUNT_BYTES_PER_CHUNK = 600
+TRAIN_BYTES_PER_CHUNK = 2200
 BASE_MEMORY = 150 << 20  # interpreter, libraries, queues and batches in flight
 _REPEAT = 1 << 16  # a chunk is fed to the BPE trainer in strings of at most this many copies
 
@@ -160,19 +161,22 @@ def train_bpe_from_counts(counts: dict[str, int], vocab_size: int, min_frequency
 
 def _train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, cjk_chars: bool, max_memory: int,
                workers: int) -> tuple[Tokenizer, dict[str, Any]]:
-    capacity = max(1024, (max_memory - BASE_MEMORY) // BYTES_PER_CHUNK)
+    capacity = max(1024, (max_memory - BASE_MEMORY) // COUNT_BYTES_PER_CHUNK)
+    keep = max(1024, (max_memory - BASE_MEMORY) // TRAIN_BYTES_PER_CHUNK)
     t0 = time.perf_counter()
-    result = count_chunks(texts, capacity, workers=workers, cjk_chars=cjk_chars)
+    result = count_chunks(texts, capacity, workers=workers, cjk_chars=cjk_chars, keep=keep)
     count_s = time.perf_counter() - t0
-    log.info("tokenizer: counted %d chunks (%d distinct kept, at most %d) in %.1fs with %d processes; "
-             "counts are low by at most %d", result.total, len(result.counts), capacity, count_s, workers,
-             result.dropped_max)
+    log.info("tokenizer: counted %d chunks (%d distinct in tables of at most %d) in %.1fs with %d processes; "
+             "counts are low by at most %d; training on the %d most frequent", result.total, result.distinct,
+             capacity, count_s, workers, result.dropped_max, len(result.counts))
     _check_vocab(vocab_size, BASE_VOCAB + merges_bound(result.counts, min_frequency), "this corpus")
     t1 = time.perf_counter()
     tok = train_bpe_from_counts(result.counts, vocab_size, min_frequency, cjk_chars)
-    info = {"chunks": result.total, "distinct_chunks_kept": len(result.counts), "table_capacity": capacity,
-            "count_error_max": result.dropped_max, "count_error_bound": 2 * result.total // (
-                result.capacity + 2), "prunes": result.prunes, "workers": workers,
+    info = {"chunks": result.total, "distinct_chunks_counted": result.distinct, "table_capacity": capacity,
+            "distinct_chunks_trained": len(result.counts), "trained_capacity": keep,
+            "min_count_trained": result.min_kept, "count_error_max": result.dropped_max,
+            "count_error_bound": 2 * result.total // (result.capacity + 2), "prunes": result.prunes,
+            "workers": workers,
             "count_seconds": round(count_s, 3), "merge_seconds": round(time.perf_counter() - t1, 3)}
     return tok, info
 
