@@ -84,13 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="tok_cmd", required=True)
     t = _add_parser(tok, "train", "train a byte-level BPE tokenizer with ChatML special tokens",
-                    "examples:\n  xiaolm tokenizer train data/clean --out tok --vocab-size 8192")
+                    "examples:\n  xiaolm tokenizer train data/clean --out tok --vocab-size 8192\n"
+                    "  xiaolm tokenizer train data/clean --out tok --vocab-size 32000 --max-memory 2GB --workers 4\n"
+                    "  xiaolm tokenizer train data/clean --out tok-spm --vocab-size 32000 --backend sentencepiece")
     t.add_argument("inputs", nargs="+", metavar="INPUT")
     t.add_argument("--out", required=True)
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--min-frequency", type=int, default=2)
     t.add_argument("--cjk-chars", action="store_true",
                    help="one token per CJK character (no merges across characters); best for tiny models")
+    t.add_argument("--backend", default="bpe", choices=["bpe", "sentencepiece"],
+                   help="bpe: bounded-memory chunk counts + byte-level BPE (default); sentencepiece: unigram "
+                        "on a sample of lines, byte fallback")
+    t.add_argument("--max-memory", default="4GB", help="memory the training may use (default 4GB)")
+    t.add_argument("--workers", type=int, help="counting processes (default: one per CPU, at most 8)")
+    ts = _add_parser(tok, "stats", "measure a tokenizer on text: chars/bytes per token, vocabulary use",
+                     "examples:\n  xiaolm tokenizer stats tok data/val.jsonl --limit 10000")
+    ts.add_argument("tokenizer_dir", metavar="DIR")
+    ts.add_argument("inputs", nargs="+", metavar="TEXT")
+    ts.add_argument("--limit", type=int, default=0, help="measure only the first N texts")
+    ts.add_argument("--worst", type=int, default=5, help="how many worst-compressed texts to show")
+    ts.add_argument("--json", action="store_true", help="print the stats as JSON")
 
     for stage, text in (("pretrain", "pretrain a Llama-style model on packed token files"),
                         ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)")):
@@ -203,11 +217,17 @@ def run(argv: list[str] | None = None) -> int:
         from xiaolm.data.pack import pack_files
 
         pack_files(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    elif args.command == "tokenizer" and args.tok_cmd == "stats":
+        from xiaolm.tokenizer.stats import format_stats, tokenizer_stats
+
+        stats = tokenizer_stats(args.tokenizer_dir, args.inputs, limit=args.limit, worst=args.worst)
+        print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats))
     elif args.command == "tokenizer":
         from xiaolm.tokenizer import train_tokenizer
 
         train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                        cjk_chars=args.cjk_chars)
+                        cjk_chars=args.cjk_chars, backend=args.backend, max_memory=args.max_memory,
+                        workers=args.workers)
     elif args.command in ("pretrain", "sft"):
         from xiaolm.train.loop import TrainConfig
 

@@ -11,6 +11,7 @@ from xiaolm.tokenizer.chat import (
     normalize_chat,
     render_chat,
 )
+from xiaolm.tokenizer.stats import tokenizer_stats
 from xiaolm.tokenizer.train import load_tokenizer, tokenizer_hash, train_tokenizer
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "normalize_chat",
     "render_chat",
     "tokenizer_hash",
+    "tokenizer_stats",
     "train_tokenizer",
 ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 import logging
+import os
+import re
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +21,8 @@ from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json, atomic_write_text
 from xiaolm.tokenizer.chat import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS
+from xiaolm.tokenizer.count import count_chunks, default_workers
+from xiaolm.tokenizer.pretokenize import build_pre_tokenizer, to_byte_level
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -25,13 +31,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_MAX_LENGTH = 1 << 20  # no model limit is known here; stops spurious "sequence too long" warnings
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Bopomofo}"
-# after digits are isolated one by one: CJK runs; words of other scripts with an optional leading space;
-# punctuation/symbol runs (with the newlines after them); newline runs; other whitespace
-SPLIT_PATTERN = (rf"[{_CJK}]+| ?[^\s{_CJK}\p{{P}}\p{{S}}\p{{N}}]+| ?[\p{{P}}\p{{S}}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 OUTPUT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-_BATCH = 1000
+BACKENDS = ("bpe", "sentencepiece")
+BASE_VOCAB = 256 + len(SPECIAL_TOKENS)  # byte alphabet + specials: the smallest vocabulary
+MIN_MEMORY = 256 << 20
+# bytes of --max-memory per distinct chunk: while counting, its entry in a worker's table and in the merged
+# table (plus transfer); while training, its share of tokenizers' BPE trainer (1.9 KB measured on Chinese text)
+COUNT_BYTES_PER_CHUNK = 600
+TRAIN_BYTES_PER_CHUNK = 2200
+BASE_MEMORY = 150 << 20  # interpreter, libraries, queues and batches in flight
+_REPEAT = 1 << 16  # a chunk is fed to the BPE trainer in strings of at most this many copies
 
 
 def record_text(record: dict, text_field: str = "text") -> str | None:
@@ -47,26 +56,6 @@ def record_text(record: dict, text_field: str = "text") -> str | None:
     return None
 
 
-def build_empty_tokenizer(cjk_chars: bool = False) -> Tokenizer:
-    """An untrained byte-level BPE with the Chinese-aware pre-tokenizer and no normalizer.
-
-    cjk_chars=True isolates every CJK character as digits are, so merges never span characters: a
-    character-level vocabulary for Chinese (BPE still merges other scripts). Tiny models learn compositional
-    tasks (numerals, arithmetic, facts) far faster this way, at the cost of ~1.5x more tokens per text.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.BPE())
-    isolate = rf"\p{{N}}|[{_CJK}]" if cjk_chars else r"\p{N}"
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(isolate), behavior="isolated"),
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
     """tokenizer_config.json: loads as PreTrainedTokenizerFast in transformers 4.45+ and 5.x."""
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
@@ -75,6 +64,63 @@ def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
             "pad_token": EOS, "unk_token": None, "model_max_length": MODEL_MAX_LENGTH,
             "clean_up_tokenization_spaces": False, "additional_special_tokens": SPECIAL_TOKENS[1:],
             "added_tokens_decoder": added, "chat_template": CHAT_TEMPLATE}
+
+
+def parse_size(text: str | int) -> int:
+    """'4GB', '512MB', '1.5G' or a number of bytes → bytes; XiaolmError if unreadable."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise XiaolmError(f"cannot read the memory size '{text}'", where="max_memory",
+                          hint="write it like 4GB, 512MB or 2G")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
+
+
+def _input_bytes(path: Path) -> int:
+    """Uncompressed size of an input file (a .gz file records it, modulo 4 GiB, in its last 4 bytes)."""
+    with open(path, "rb") as f:
+        if not path.name.endswith(".gz"):
+            return os.fstat(f.fileno()).st_size
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 4:
+            return 0
+        f.seek(-4, os.SEEK_END)
+        return int.from_bytes(f.read(4), "little")
+
+
+def _check_readable(files: list[Path]) -> int:
+    """Open every input and read its first bytes; return the total (uncompressed) size. XiaolmError if not."""
+    total = 0
+    for path in files:
+        try:
+            with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+                f.read(1)
+            total += _input_bytes(path)
+        except (OSError, EOFError, zlib.error) as e:
+            raise XiaolmError(f"cannot read this input ({e.__class__.__name__}: {e})", where=str(path),
+                              hint="check that the file is complete and readable, or leave it out") from e
+    return total
+
+
+def _check_vocab(vocab_size: int, supported: int, what: str) -> None:
+    if vocab_size > supported:
+        raise XiaolmError(f"vocab_size={vocab_size} is larger than {what} supports (at most {supported})",
+                          where="vocab_size", hint="use a smaller --vocab-size or train on more text")
+
+
+def merges_bound(counts: dict[str, int], min_frequency: int) -> int:
+    """An upper bound on the BPE merges possible on these chunk counts.
+
+    Each merge lowers the (count-weighted) number of symbols by at least min_frequency, and adds a token that
+    occurs inside some distinct chunk, which can take at most (bytes − 1) merges.
+    """
+    weighted = distinct = 0
+    for chunk, n in counts.items():
+        extra = len(chunk.encode("utf-8")) - 1
+        distinct += extra
+        weighted += n * extra
+    return min(distinct, weighted // max(1, min_frequency))
 
 
 def _texts(files: list[Path], text_field: str, rejects: RejectLog, stats: dict[str, int]) -> Iterator[str]:
@@ -87,30 +133,98 @@ def _texts(files: list[Path], text_field: str, rejects: RejectLog, stats: dict[s
             stats["skipped"] += 1
 
 
-def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
-    while batch := list(itertools.islice(texts, _BATCH)):
-        yield batch
+def train_bpe_from_counts(counts: dict[str, int], vocab_size: int, min_frequency: int = 2,
+                          cjk_chars: bool = False) -> Tokenizer:
+    """Byte-level BPE learnt by tokenizers' BpeTrainer from chunk counts, with our pre-tokenizer attached."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # byte-level chunks contain no whitespace: one chunk repeated n times, space-separated, counts n words
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=sys.stderr.isatty(),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+    def words() -> Iterator[str]:
+        for chunk, n in sorted(counts.items()):  # a fixed order: the trainer breaks ties by first sight
+            word = to_byte_level(chunk) + " "
+            while n > 0:
+                k = min(n, _REPEAT)
+                yield word * k
+                n -= k
+
+    tok.train_from_iterator(words(), trainer=trainer)
+    tok.pre_tokenizer = build_pre_tokenizer(cjk_chars)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, cjk_chars: bool, max_memory: int,
+               workers: int) -> tuple[Tokenizer, dict[str, Any]]:
+    capacity = max(1024, (max_memory - BASE_MEMORY) // COUNT_BYTES_PER_CHUNK)
+    keep = max(1024, (max_memory - BASE_MEMORY) // TRAIN_BYTES_PER_CHUNK)
+    t0 = time.perf_counter()
+    result = count_chunks(texts, capacity, workers=workers, cjk_chars=cjk_chars, keep=keep)
+    count_s = time.perf_counter() - t0
+    log.info("tokenizer: counted %d chunks (%d distinct in tables of at most %d) in %.1fs with %d processes; "
+             "counts are low by at most %d; training on the %d most frequent", result.total, result.distinct,
+             capacity, count_s, workers, result.dropped_max, len(result.counts))
+    _check_vocab(vocab_size, BASE_VOCAB + merges_bound(result.counts, min_frequency), "this corpus")
+    t1 = time.perf_counter()
+    tok = train_bpe_from_counts(result.counts, vocab_size, min_frequency, cjk_chars)
+    info = {"chunks": result.total, "distinct_chunks_counted": result.distinct, "table_capacity": capacity,
+            "distinct_chunks_trained": len(result.counts), "trained_capacity": keep,
+            "min_count_trained": result.min_kept, "count_error_max": result.dropped_max,
+            "count_error_bound": 2 * result.total // (result.capacity + 2), "prunes": result.prunes,
+            "workers": workers,
+            "count_seconds": round(count_s, 3), "merge_seconds": round(time.perf_counter() - t1, 3)}
+    return tok, info
+
+
+def _save(tok: Tokenizer, out_dir: Path, config_text: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "_SUCCESS").unlink(missing_ok=True)
+    atomic_write_text(out_dir / "tokenizer.json", tok.to_str(pretty=True))
+    atomic_write_json(out_dir / "tokenizer_config.json", tokenizer_config(tok))
+    atomic_write_json(out_dir / "special_tokens_map.json", {
+        "eos_token": EOS, "pad_token": EOS, "additional_special_tokens": SPECIAL_TOKENS[1:]})
+    atomic_write_text(out_dir / "chat_template.jinja", CHAT_TEMPLATE)
+    atomic_write_text(out_dir / "config.yaml", config_text)
 
 
 def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 8192,
-                    min_frequency: int = 2, text_field: str = "text", cjk_chars: bool = False) -> Path:
-    """Train on every text/chat record of `inputs`; save an AutoTokenizer-loadable dir and return it."""
-    from tokenizers import pre_tokenizers, trainers
+                    min_frequency: int = 2, text_field: str = "text", cjk_chars: bool = False,
+                    backend: str = "bpe", max_memory: str | int = "4GB", workers: int | None = None) -> Path:
+    """Train on every text/chat record of `inputs`; save an AutoTokenizer-loadable dir and return it.
 
-    floor = 256 + len(SPECIAL_TOKENS)
-    if vocab_size < floor:
+    backend "bpe": chunk counts in bounded memory (`max_memory`, `workers` processes), then byte-level BPE;
+    backend "sentencepiece": a sentencepiece unigram model on a memory-bounded sample of lines, byte fallback.
+    With workers > 1 the counting processes are spawned: scripts must call this under `if __name__ == "__main__"`.
+    """
+    if backend not in BACKENDS:
+        raise XiaolmError(f"unknown backend '{backend}'", where="backend", hint=f"use one of {', '.join(BACKENDS)}")
+    if vocab_size < BASE_VOCAB:
         raise XiaolmError(f"vocab_size={vocab_size} is too small", where="vocab_size",
-                          hint=f"use at least {floor}: 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+                          hint=f"use at least {BASE_VOCAB}: 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    if min_frequency < 1:
+        raise XiaolmError(f"min_frequency={min_frequency} must be at least 1", where="min_frequency")
+    memory = parse_size(max_memory)
+    if memory < MIN_MEMORY:
+        raise XiaolmError(f"max_memory={max_memory} is too small", where="max_memory",
+                          hint=f"allow at least {MIN_MEMORY >> 20}MB")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise XiaolmError(f"workers={workers} must be at least 1", where="workers")
     if vocab_size > 65535:
         log.warning("tokenizer: vocab_size %d exceeds 65535, so token files will be uint32", vocab_size)
     out_dir = Path(out_dir)
     files = stage_inputs(inputs, out_dir)
+    input_bytes = _check_readable(files)
     settings = {"vocab_size": vocab_size, "min_frequency": min_frequency, "text_field": text_field,
-                "cjk_chars": cjk_chars,
+                "cjk_chars": cjk_chars, "backend": backend, "max_memory": memory, "workers": workers,
                 "inputs": [str(i) for i in inputs]}
     config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     fingerprint = inputs_fingerprint(files)
-    done = out_dir / "_SUCCESS"
     if finished_stage(out_dir, config_text, fingerprint, "report.json", required=OUTPUT_FILES) is not None:
         log.info("tokenizer: %s is up to date (same inputs and settings); skipping", out_dir)
         return out_dir
@@ -122,34 +236,32 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
         if first is None:
             raise XiaolmError("no text to train on", where=", ".join(map(str, inputs)),
                               hint=f"inputs need '{text_field}' or 'messages' records")
-        tok = build_empty_tokenizer(cjk_chars)
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                      special_tokens=list(SPECIAL_TOKENS), show_progress=sys.stderr.isatty(),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(_batches(itertools.chain([first], texts)), trainer=trainer)
+        # every merge needs a pair of symbols, so text of B bytes supports at most B merges
+        _check_vocab(vocab_size, BASE_VOCAB + input_bytes // min_frequency, f"{input_bytes} bytes of input")
+        texts = itertools.chain([first], texts)
+        if backend == "bpe":
+            tok, info = _train_bpe(texts, vocab_size, min_frequency, cjk_chars, memory, workers)
+        else:
+            from xiaolm.tokenizer.spm import train_sentencepiece
+
+            tok, info = train_sentencepiece(texts, vocab_size, memory, cjk_chars, threads=workers)
     if rejects.total or stats["skipped"]:
         log.warning("tokenizer: skipped %d records without text and %d unreadable ones (%s)",
                     stats["skipped"], rejects.total, rejects.summary())
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids != list(range(len(SPECIAL_TOKENS))):
         raise AssertionError(f"special tokens got ids {ids}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
-    atomic_write_text(out_dir / "tokenizer.json", tok.to_str(pretty=True))
-    atomic_write_json(out_dir / "tokenizer_config.json", tokenizer_config(tok))
-    atomic_write_json(out_dir / "special_tokens_map.json", {
-        "eos_token": EOS, "pad_token": EOS, "additional_special_tokens": SPECIAL_TOKENS[1:]})
-    atomic_write_text(out_dir / "chat_template.jinja", CHAT_TEMPLATE)
-    atomic_write_text(out_dir / "config.yaml", config_text)
+    _save(tok, out_dir, config_text)
     seconds = round(time.perf_counter() - start, 3)
     atomic_write_json(out_dir / "report.json", {
         "texts": stats["texts"], "skipped": stats["skipped"], "rejected": dict(rejects.counts),
-        "vocab_size": tok.get_vocab_size(), "seconds": seconds, "inputs": fingerprint})
-    atomic_write_text(done, "")
+        "backend": backend, "vocab_size": tok.get_vocab_size(), "seconds": seconds, **info,
+        "max_memory": memory, "inputs": fingerprint})
+    atomic_write_text(out_dir / "_SUCCESS", "")
     if tok.get_vocab_size() < vocab_size:
         log.warning("tokenizer: the corpus only supports %d tokens (asked for %d)", tok.get_vocab_size(),
                     vocab_size)
-    log.info("tokenizer: trained on %d texts in %.1fs, vocab %d — %s", stats["texts"], seconds,
+    log.info("tokenizer: trained %s on %d texts in %.1fs, vocab %d — %s", backend, stats["texts"], seconds,
              tok.get_vocab_size(), out_dir)
     return out_dir
 

@@ -1,0 +1,224 @@
+"""Tokenizer training: bounded-memory counting, both backends, bad input, `tokenizer stats`, the CLI."""
+
+import gzip
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from xiaolm.cli import main
+from xiaolm.data.pack import token_dtype
+from xiaolm.errors import XiaolmError
+from xiaolm.tokenizer import SPECIAL_TOKENS, tokenizer_stats, train_tokenizer
+from xiaolm.tokenizer.count import BoundedCounter, count_chunks
+from xiaolm.tokenizer.pretokenize import MAX_CJK_RUN, ChunkSplitter, build_pre_tokenizer
+from xiaolm.tokenizer.train import parse_size
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CORPUS = [str(FIXTURES / "corpus_zh.jsonl"), str(FIXTURES / "mixed")]
+VOCAB = 3000
+
+MIXED_SCRIPT = [
+    "床前明月光，疑是地上霜。",
+    "xiaolm 支持 English words、数字 3.14159 和 2024年12月31日！",
+    "emoji 😀🎉👍🏽👨‍👩‍👧 rare CJK 𠀀𪚥𰻞 〇〡 㐀 龘",
+    "  two spaces\n\n\ttab\r\nCRLF \u3000 ideographic space  ",
+    "control \x00\x01\x07\x1b[0m\x7f and zero width \u200b\u200d\ufeff",
+    "日本語のテキスト、한국어, Ελληνικά, русский, हिन्दी, عربى",
+    "lone combining \u0301 and variation selector \ufe0f, private use \ue000, noncharacter \ufdd0",
+    "sentencepiece mark ▁ and byte-level Ġ Ċ chars stay literal",
+    "literal <|im_start|>user\n<|im_end|> and <|endoftext|> in text",
+    "a" * 300 + "中" * 50 + "1" * 40,
+    "",
+]
+
+
+def texts(path: str) -> list[str]:
+    return [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def test_bounded_counter_never_exceeds_capacity_and_undercounts_by_at_most_its_bound():
+    rng = random.Random(0)
+    stream = [f"w{int(rng.paretovariate(1.1))}" for _ in range(20_000)]
+    counter = BoundedCounter(capacity=64)
+    for i in range(0, len(stream), 100):
+        counter.add_text_chunks(stream[i:i + 100])
+        assert len(counter) <= 64
+    truth, got = Counter(stream), dict(counter.items())
+    d = counter.dropped_max
+    assert counter.prunes > 0 and 0 < d <= 2 * len(stream) / (64 + 2)
+    for chunk, c in truth.items():
+        if c > d:  # every chunk more frequent than the bound survives
+            assert chunk in got
+        if chunk in got:
+            assert c - d <= got[chunk] <= c
+    assert got["w1"] >= truth["w1"] - d and truth["w1"] > 10 * d  # the most frequent chunk is nearly exact
+
+
+def test_bounded_counter_is_exact_while_it_has_room():
+    counter = BoundedCounter(capacity=1000)
+    counter.add_counts([("a", 3), ("b", 1), ("a", 2)])
+    assert dict(counter.items()) == {"a": 5, "b": 1} and counter.dropped_max == 0 and counter.total == 6
+
+
+def test_counting_with_two_processes_equals_one_process():
+    corpus = texts(CORPUS[0]) * 3
+    one = count_chunks(corpus, capacity=10**6, workers=1)
+    two = count_chunks(corpus, capacity=10**6, workers=2)
+    assert dict(one.counts) == dict(two.counts) and one.total == two.total and two.dropped_max == 0
+    assert one.texts == two.texts == len(corpus)
+    small = count_chunks(corpus, capacity=200, workers=2)
+    assert len(small.counts) <= 200 and 0 < small.dropped_max <= 2 * small.total // (100 + 2)
+
+
+def test_only_the_most_frequent_chunks_go_to_training_and_ties_break_the_same_way():
+    corpus = texts(CORPUS[0])
+    full = count_chunks(corpus, capacity=10**6, workers=1).counts
+    for workers in (1, 2):
+        top = count_chunks(corpus, capacity=10**6, workers=workers, keep=50)
+        assert len(top.counts) == 50 and top.distinct == len(full)
+        assert all(full[k] == v for k, v in top.counts.items())
+        assert min(top.counts.values()) == top.min_kept >= max(v for k, v in full.items() if k not in top.counts)
+        assert top.counts == count_chunks(corpus, capacity=10**6, workers=1, keep=50).counts
+
+
+def test_training_is_deterministic_with_several_processes_even_when_pruning(tmp_path):
+    from xiaolm.tokenizer.train import train_bpe_from_counts
+
+    corpus = texts(CORPUS[0]) * 2
+    runs = [count_chunks(corpus, capacity=300, workers=2) for _ in range(2)]
+    assert runs[0].counts == runs[1].counts and runs[0].dropped_max > 0
+    assert len({train_bpe_from_counts(r.counts, 600).to_str() for r in runs}) == 1
+
+
+@pytest.mark.parametrize("cjk_chars", [False, True])
+def test_python_chunks_match_the_saved_pre_tokenizer(cjk_chars):
+    from tokenizers import decoders
+
+    splitter, hf = ChunkSplitter(cjk_chars), build_pre_tokenizer(cjk_chars)
+    for text in MIXED_SCRIPT + texts(CORPUS[0])[:50]:
+        chunks = list(splitter.chunks(text))
+        assert "".join(chunks) == text
+        assert chunks == [decoders.ByteLevel().decode([p]) for p, _ in hf.pre_tokenize_str(text)]
+    assert max(len(c) for c in splitter.chunks("中" * 50)) == (1 if cjk_chars else MAX_CJK_RUN)
+    assert list(splitter.chunks("2024年")) == ["2", "0", "2", "4", "年"]
+
+
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
+def trained(request, tmp_path_factory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp(request.param) / "tok"
+    return request.param, train_tokenizer(CORPUS, out, vocab_size=VOCAB, backend=request.param, workers=2)
+
+
+def test_both_backends_load_in_autotokenizer_with_specials_first_and_exact_vocab_size(trained):
+    backend, out = trained
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token and tok.unk_token is None
+    assert len(tok) == VOCAB and token_dtype(len(tok)) == np.uint16
+    assert "<|im_start|>" in tok.chat_template
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["backend"] == backend
+
+
+@pytest.mark.parametrize("text", MIXED_SCRIPT)
+def test_both_backends_round_trip_any_text_without_unknown_tokens(trained, text):
+    tok = AutoTokenizer.from_pretrained(str(trained[1]))
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids("<unk>") not in ids  # sentencepiece's <unk> exists but byte fallback wins
+
+
+def test_specials_in_chat_text_are_single_tokens(trained):
+    tok = AutoTokenizer.from_pretrained(str(trained[1]))
+    ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=True, return_dict=False)
+    assert ids[0] == 1 and 2 in ids and tok.decode(ids) == "<|im_start|>user\n你好<|im_end|>\n"
+
+
+def test_cjk_chars_gives_one_token_per_chinese_character(tmp_path):
+    out = train_tokenizer(CORPUS, tmp_path / "tok", vocab_size=VOCAB, cjk_chars=True, workers=1)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    text = "床前明月光，疑是地上霜。"
+    pieces = [tok.decode([i]) for i in tok.encode(text, add_special_tokens=False)]
+    assert [p for p in pieces if p not in "，。"] == list("床前明月光疑是地上霜")
+    stats = tokenizer_stats(out, [CORPUS[0]])
+    assert stats["single_cjk_token_share"] > 0.7
+
+
+def test_bad_inputs_fail_before_training_with_the_value_and_what_to_do(tmp_path):
+    empty_file = tmp_path / "empty.jsonl"
+    empty_file.write_text("")
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(b"not gzip at all")
+    cases = [
+        (dict(inputs=[empty_file]), "no text to train on"),
+        (dict(inputs=[empty_dir]), "no text to train on"),
+        (dict(inputs=[broken]), "broken.jsonl.gz: cannot read this input"),
+        (dict(vocab_size=200), "vocab_size=200 is too small — use at least 264"),
+        (dict(vocab_size=60000), "vocab_size=60000 is larger than .* bytes of input supports"),
+        (dict(max_memory="lots"), "cannot read the memory size 'lots'"),
+        (dict(max_memory="10MB"), "max_memory=10MB is too small"),
+        (dict(workers=0), "workers=0 must be at least 1"),
+        (dict(backend="wordpiece"), "unknown backend 'wordpiece'"),
+        (dict(backend="sentencepiece", cjk_chars=True), "cjk_chars works only with the bpe backend"),
+    ]
+    for kwargs, message in cases:
+        args = {"inputs": [CORPUS[0]], "vocab_size": VOCAB, "workers": 1, **kwargs}
+        with pytest.raises(XiaolmError, match=message):
+            train_tokenizer(args.pop("inputs"), tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(XiaolmError, match="too small for the characters of this corpus"):
+        train_tokenizer([CORPUS[0]], tmp_path / "out", vocab_size=500, backend="sentencepiece", workers=1)
+
+
+def test_vocab_larger_than_the_chunks_support_is_refused_after_counting(tmp_path):
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "你好" * 40}) + "\n" for _ in range(40)), encoding="utf-8")
+    with pytest.raises(XiaolmError, match="larger than this corpus supports"):
+        train_tokenizer([corpus], tmp_path / "out", vocab_size=400, workers=1)
+
+
+def test_parse_size_reads_units():
+    assert parse_size("4GB") == 4 << 30 and parse_size("512mb") == 512 << 20 and parse_size("1.5G") == 3 << 29
+    assert parse_size(1000) == 1000 and parse_size("2 KiB") == 2048
+
+
+def test_stats_measure_compression_vocabulary_use_and_worst_samples(trained):
+    stats = tokenizer_stats(trained[1], CORPUS, worst=3)
+    assert stats["texts"] > 300 and stats["tokens"] > 0
+    assert stats["chars_per_token"] == round(stats["chars"] / stats["tokens"], 4)
+    assert stats["bytes_per_token"] > stats["chars_per_token"]  # Chinese is 3 bytes a character
+    assert 0 < stats["vocab_used"] <= VOCAB and 0 < stats["single_cjk_token_share"] < 1
+    ratios = [w["chars_per_token"] for w in stats["worst"]]
+    assert len(ratios) == 3 and ratios == sorted(ratios) and ratios[0] <= stats["chars_per_token"]
+    assert ":" in stats["worst"][0]["where"]
+
+
+def test_cli_trains_and_reports_stats(tmp_path, capsys):
+    out = tmp_path / "tok"
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", *CORPUS, "--out", str(out), "--vocab-size", "1000", "--workers", "2",
+              "--max-memory", "1GB"])
+    assert e.value.code == 0 and (out / "tokenizer.json").is_file()
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["workers"] == 2 and report["count_error_max"] == 0 and report["vocab_size"] == 1000
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "stats", str(out), CORPUS[0], "--worst", "2"])
+    printed = capsys.readouterr().out
+    assert e.value.code == 0 and "chars per token" in printed and "worst compressed" in printed
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", CORPUS[0], "--out", str(tmp_path / "x"), "--vocab-size", "10"])
+    assert e.value.code == 2 and "vocab_size=10 is too small" in capsys.readouterr().err
+
+
+def test_gzipped_input_trains(tmp_path):
+    gz = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(Path(CORPUS[0]).read_text(encoding="utf-8"))
+    out = train_tokenizer([gz], tmp_path / "tok", vocab_size=1000, workers=1)
+    assert AutoTokenizer.from_pretrained(str(out)).decode([]) == ""
