@@ -127,16 +127,8 @@ def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | Non
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and _cpu_has_amx():
-            return torch.bfloat16  # AMX units multiply bf16 ~1.5x faster end to end (benchmarks/RESULTS.md)
-        return None
+        return None  # CPU: bf16 (dtype=bf16) pays only on AMX CPUs, and there it cost the demo accuracy
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _cpu_has_amx() -> bool:
-    """Whether this CPU has Intel AMX tiles (bf16 matrix units); without them bf16 on CPU is slower."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
 
 
 def resolve_compile(value: str, device: torch.device) -> bool:
