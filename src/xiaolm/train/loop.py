@@ -420,7 +420,8 @@ def train(cfg: TrainConfig, objective: Objective, model: Llama, tokenizer_dir: s
                     write({f"train/{k}": v for k, v in row.items() if k not in ("step", "tokens")}, step)
                 bar.set_postfix(postfix)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_val = evaluate(model, objective, device, amp)
+                # averaged so every process takes the same branch below (saving best is collective under FSDP)
+                last_val = mean_across(evaluate(model, objective, device, amp), ctx, device)
                 if last_val < best_val:
                     _save_best(run_dir, model, step, last_val, ctx)
                 best_val = min(best_val, last_val)
