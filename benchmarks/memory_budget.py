@@ -26,6 +26,7 @@ from xiaolm.train.loop import (
     build_model,
     lm_loss,
     make_optimizer,
+    peak_memory_mb,
     resolve_autocast_dtype,
     resolve_device,
 )
@@ -42,12 +43,6 @@ def estimate_bytes(cfg: TrainConfig, n_params: int, half: bool, device: str) -> 
     chunk = CHUNK_ELEMENTS.get(device, 1 << 22)
     return {"weights": 4 * n_params, "gradients": 4 * n_params, "adamw": 8 * n_params, "activations": acts,
             "cross-entropy": 4 * m.vocab_size * m.dim + 8 * min(chunk, tokens * m.vocab_size)}
-
-
-def vm_hwm_mb() -> float:
-    """Peak resident set of this process so far, MB."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def main() -> None:
@@ -76,7 +71,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = vm_hwm_mb() * 2**20 - 4 * n  # the weights were already resident before the first step
+        base = peak_memory_mb(device) * 2**20 - 4 * n  # the weights were already resident before the first step
     for _ in range(a.steps):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = lm_loss(model, batch)
@@ -87,7 +82,8 @@ def main() -> None:
         print(f"  measured max_memory_allocated {torch.cuda.max_memory_allocated(device) / 2**20:9.1f} MB "
               f"(weights before the first step: {base / 2**20:.1f} MB)")
     else:
-        print(f"  measured CPU peak RSS growth incl. weights {(vm_hwm_mb() * 2**20 - base) / 2**20:9.1f} MB "
+        grown = peak_memory_mb(device) * 2**20 - base
+        print(f"  measured CPU peak RSS growth incl. weights {grown / 2**20:9.1f} MB "
               f"(an upper bound: allocator caches count too)")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import time
 import torch
 
 from xiaolm.model.llama import Llama, LlamaConfig
-from xiaolm.train.loop import TrainConfig, make_optimizer
+from xiaolm.train.loop import TrainConfig, make_optimizer, peak_memory_mb
 
 
 def build(side: str, a: argparse.Namespace):
@@ -58,16 +57,6 @@ def time_steps(model, opt, loss_fn, a: argparse.Namespace, amp: torch.dtype | No
     return a.batch * a.seq * steps / (time.perf_counter() - start)
 
 
-def vm_hwm_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across fork+exec, so a
-    child started by a big parent would report the parent's peak."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def peak_rss_mb(side: str, dtype: str, argv: list[str]) -> float:
     """Peak RSS of a fresh process that builds one side and trains a few steps."""
     out = subprocess.run([sys.executable, __file__, *argv, "--only", side, "--dtype", dtype],
@@ -93,7 +82,7 @@ def main() -> None:
     amps = {"fp32": None, "bf16": torch.bfloat16}
     if a.only:
         time_steps(*build(a.only, a), a, amps[a.dtype], steps=3)
-        print(json.dumps({"peak_rss_mb": vm_hwm_mb()}))
+        print(json.dumps({"peak_rss_mb": peak_memory_mb(torch.device("cpu"))}))
         return
     argv = [arg for arg in sys.argv[1:] if arg not in ("--dtype", a.dtype)]
     sides = {side: build(side, a) for side in ("xiaolm", "hf")}

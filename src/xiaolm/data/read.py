@@ -137,8 +137,13 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 def inputs_fingerprint(inputs: Sequence[str | Path]) -> list[dict]:
     """Path, size and mtime of every input file: a stage reruns when this changes."""
+    return files_fingerprint(expand_inputs(inputs))
+
+
+def files_fingerprint(files: Sequence[Path]) -> list[dict]:
+    """inputs_fingerprint of files already listed (whatever their names end in)."""
     out = []
-    for f in expand_inputs(inputs):
+    for f in files:
         st = f.stat()
         out.append({"path": str(f.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out

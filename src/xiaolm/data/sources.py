@@ -22,8 +22,8 @@ from typing import IO, Any
 
 from xiaolm.data.read import (
     RejectLog,
+    files_fingerprint,
     finished_stage,
-    inputs_fingerprint,
     open_bytes,
     read_file,
     read_records,
@@ -188,8 +188,7 @@ def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str 
     files = _wiki_files(inputs) if recipe.read is not None else stage_inputs(inputs, out_dir)
     if not files:
         raise XiaolmError("no input files", where=", ".join(map(str, inputs)))
-    fingerprint = inputs_fingerprint(files) if recipe.read is None else [
-        {"path": str(f.resolve()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+    fingerprint = files_fingerprint(files)
     config_text = f"recipe: {recipe.name}\nshard_records: {shard_records}\n"
     report = finished_stage(out_dir, config_text, fingerprint, "report.json")
     if report is not None:
