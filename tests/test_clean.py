@@ -27,6 +27,11 @@ from xiaolm.errors import XiaolmError
 MIXED = Path(__file__).parent / "fixtures" / "mixed"
 
 
+def parts(out: Path) -> list[dict]:
+    """Every record of a cleaned directory, shard by shard."""
+    return [r for p in sorted(out.glob("part-*.jsonl")) for r in rows(p)]
+
+
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -82,7 +87,8 @@ def test_clean_fixture_directory_normalizes_filters_and_reports(tmp_path, caplog
     out = tmp_path / "clean"
     with caplog.at_level(logging.INFO, logger="xiaolm.data.clean"):
         report = clean_files([MIXED], out)
-    kept = rows(out / "part-00000.jsonl")
+    kept = parts(out)
+    assert [p.name for p in sorted(out.glob("part-*.jsonl"))] == [f"part-{i:05d}.jsonl" for i in range(5)]
     by_id = {r["id"]: r for r in kept}
     assert by_id["n1"] == {"id": "n1", "text": "北京时间2024年3月1日，科学家发布了新的研究成果&数据。",
                            "url": "https://example.com/1", "source": "news.jsonl"}
@@ -204,3 +210,57 @@ def test_chat_filters_block_list_and_language(tmp_path):
     assert report["records_out"] == 2
     with pytest.raises(XiaolmError, match="block list"):
         clean_files([src], tmp_path / "x", CleanConfig(block_list=str(tmp_path / "missing.txt")))
+
+
+def _shards(tmp_path: Path, n: int = 4) -> Path:
+    """n input files with clean, rejected, split and duplicate records (the MIXED fixture plus generated ones)."""
+    src = tmp_path / "raw"
+    src.mkdir()
+    for f in MIXED.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    for i in range(n):
+        docs = [{"text": f"第{i}个文件的第{j}篇文章，内容是关于城市{j % 7}的介绍。" * (1 + j % 3)} for j in range(30)]
+        docs += [{"text": "重复出现的句子在每个文件里都有一份。"}, {"text": "短"}, {"messages": "bad"}]
+        write(src / f"gen-{i}.jsonl", docs)
+    return src
+
+
+def test_parallel_shards_give_the_same_output_as_one_process(tmp_path):
+    src = _shards(tmp_path)
+    one = clean_files([src], tmp_path / "one", workers=1)
+    two = clean_files([src], tmp_path / "two", workers=2)
+    assert one["shards"] == two["shards"] == 9 and two["workers"] == 2
+    for key in ("records_in", "records_out", "rejected", "modified", "added_by_split", "examples"):
+        assert one[key] == two[key], key
+    for name in sorted(p.name for p in (tmp_path / "one").glob("part-*.jsonl")):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "two" / "rejects.jsonl").read_bytes()
+    # each file keeps its own copy of the sentence repeated across files (data dedup removes those)
+    assert sum(r.get("text") == "重复出现的句子在每个文件里都有一份。" for r in parts(tmp_path / "one")) == 4
+    assert not (tmp_path / "two" / "_work").exists()
+
+
+def test_a_rerun_after_a_crash_reuses_finished_shards(tmp_path, monkeypatch):
+    import xiaolm.data.clean as clean
+
+    src = _shards(tmp_path)
+    whole = clean_files([src], tmp_path / "whole", workers=1)
+    real, calls, crash = clean.clean_shard, [], [True]
+
+    def crash_on_third(out, path, cfg):
+        calls.append(Path(path).name)
+        if crash[0] and len(calls) == 3:
+            raise RuntimeError("crash in the third file")
+        return real(out, path, cfg)
+
+    monkeypatch.setattr(clean, "clean_shard", crash_on_third)
+    with pytest.raises(RuntimeError, match="crash"):
+        clean_files([src], tmp_path / "out", workers=1)
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and len(calls) == 3
+    calls.clear()
+    crash[0] = False
+    again = clean_files([src], tmp_path / "out", workers=1)
+    assert len(calls) == 9 - 2  # the two finished files are not cleaned again
+    assert {k: again[k] for k in ("records_out", "rejected", "examples")} == \
+        {k: whole[k] for k in ("records_out", "rejected", "examples")}
+    assert parts(tmp_path / "out") == parts(tmp_path / "whole")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from xiaolm.data.clean import clean_files
 from xiaolm.data.dedup import dedup_files
 from xiaolm.data.executor import DONE, StageRunner, run_tasks
+from xiaolm.data.pack import pack_files
 from xiaolm.errors import XiaolmError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +103,7 @@ def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
-def test_ray_executor_runs_the_tasks(tmp_path, monkeypatch):
+def test_ray_executor_runs_the_tasks(tmp_path, monkeypatch, tokenizer_dir):
     import ray
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
@@ -109,9 +111,14 @@ def test_ray_executor_runs_the_tasks(tmp_path, monkeypatch):
     src = tmp_path / "docs.jsonl"
     lines = ["春眠不觉晓，处处闻啼鸟。", "春眠不觉晓，处处闻啼鸟。", "夜来风雨声，花落知多少。"]
     src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8")
+    src.with_name("more.jsonl").write_text(json.dumps({"text": "白日依山尽，黄河入海流。"}, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
     try:
         results = run_tasks(square, tasks(4, log), tmp_path / "stage", executor="ray", workers=2)
         on_ray = dedup_files([src], tmp_path / "ray", executor="ray", workers=2)
+        cleaned = clean_files([src, src.with_name("more.jsonl")], tmp_path / "ray-clean", executor="ray", workers=2)
+        packed = pack_files([tmp_path / "ray-clean"], tokenizer_dir, tmp_path / "ray-pack", val_fraction=0,
+                            executor="ray", workers=2)
     finally:
         ray.shutdown()
     assert results == [{"i": i, "square": i * i} for i in range(4)]
@@ -120,3 +127,8 @@ def test_ray_executor_runs_the_tasks(tmp_path, monkeypatch):
     assert on_ray["records_out"] == local["records_out"] == 2 and on_ray["work"]["executor"] == "ray"
     part = "part-00000.jsonl"
     assert (tmp_path / "ray" / part).read_bytes() == (tmp_path / "local" / part).read_bytes()
+    assert cleaned["records_out"] == 3 and cleaned["rejected"] == {"exact_duplicate": 1} and cleaned["shards"] == 2
+    assert packed["train_docs"] == 3 and packed["shards"] == 2 and packed["executor"] == "ray"
+    local_pack = pack_files([tmp_path / "ray-clean"], tokenizer_dir, tmp_path / "local-pack", val_fraction=0, workers=1)
+    assert (tmp_path / "ray-pack" / "train.bin").read_bytes() == (tmp_path / "local-pack" / "train.bin").read_bytes()
+    assert local_pack["train_tokens"] == packed["train_tokens"]

@@ -1,5 +1,6 @@
 """Packing: EOS-separated uint16 token files that decode back, deterministic val split, meta, rejects."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -116,3 +117,65 @@ def test_rerun_skips_and_errors_are_clear(tmp_path, tokenizer_dir):
     (tmp_path / "packed" / "val.bin").unlink()
     with pytest.raises(XiaolmError, match="missing val.bin"):
         load_tokens(tmp_path / "packed", "val")
+
+
+def _shards(tmp_path: Path, sizes: list[int]) -> Path:
+    src = tmp_path / "raw"
+    src.mkdir()
+    for i, n in enumerate(sizes):
+        docs = [{"text": f"第{i}个文件第{j}篇：床前明月光，疑是地上霜。"} for j in range(n)]
+        write(src / f"part-{i:05d}.jsonl", docs + [{"title": "没有正文"}])
+    return src
+
+
+def test_parallel_shards_concatenate_in_input_order(tmp_path, tokenizer_dir, tokenizer):
+    src = _shards(tmp_path, [40, 0, 25, 33])
+    one = pack_files([src], tokenizer_dir, tmp_path / "one", val_fraction=0.1, workers=1)
+    two = pack_files([src], tokenizer_dir, tmp_path / "two", val_fraction=0.1, workers=2)
+    assert one["shards"] == two["shards"] == 4 and two["workers"] == 2
+    for key in ("train_tokens", "val_tokens", "train_docs", "val_docs", "records_in", "rejected"):
+        assert one[key] == two[key], key
+    assert one["rejected"] == {"missing_field": 4} and one["records_in"] == 98 + 4
+    for split in ("train", "val"):
+        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == (tmp_path / "two" / f"{split}.bin").read_bytes()
+    texts = [f"第{i}个文件第{j}篇：床前明月光，疑是地上霜。" for i, n in enumerate([40, 0, 25, 33]) for j in range(n)]
+    train = [tokenizer.decode(d) for d in documents(load_tokens(tmp_path / "two", "train"), two["eos_id"])]
+    assert train == [t for t in texts if not is_val(hashlib.sha1(t.encode()).hexdigest(), 0, 0.1)]
+    assert len((tmp_path / "two" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+    assert not (tmp_path / "two" / "_work").exists()
+
+
+def test_an_empty_validation_split_takes_the_last_document_of_the_last_shard_with_one(tmp_path, tokenizer_dir,
+                                                                                      tokenizer):
+    src = _shards(tmp_path, [3, 2, 0])  # the last file has no usable document
+    meta = pack_files([src], tokenizer_dir, tmp_path / "packed", val_fraction=1e-9, workers=2)
+    assert (meta["train_docs"], meta["val_docs"]) == (4, 1)
+    val = [tokenizer.decode(d) for d in documents(load_tokens(tmp_path / "packed", "val"), meta["eos_id"])]
+    train = [tokenizer.decode(d) for d in documents(load_tokens(tmp_path / "packed", "train"), meta["eos_id"])]
+    assert val == ["第1个文件第1篇：床前明月光，疑是地上霜。"]
+    assert train[-1] == "第1个文件第0篇：床前明月光，疑是地上霜。" and len(train) == 4
+    assert meta["train_tokens"] + meta["val_tokens"] == len(load_tokens(tmp_path / "packed", "train")) + \
+        len(load_tokens(tmp_path / "packed", "val"))
+
+
+def test_a_rerun_after_a_crash_reuses_tokenized_shards(tmp_path, tokenizer_dir, monkeypatch):
+    import xiaolm.data.pack as pack
+
+    src = _shards(tmp_path, [10, 12, 9])
+    whole = pack_files([src], tokenizer_dir, tmp_path / "whole", workers=1)
+    real, calls = pack.pack_shard, []
+
+    def crash_on_last(out, path, *args):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("crash in the last file")
+        return real(out, path, *args)
+
+    monkeypatch.setattr(pack, "pack_shard", crash_on_last)
+    with pytest.raises(RuntimeError, match="crash"):
+        pack_files([src], tokenizer_dir, tmp_path / "out", workers=1)
+    again = pack_files([src], tokenizer_dir, tmp_path / "out", workers=1)
+    assert len(calls) == 4  # the first two files were not tokenized again
+    assert again["train_tokens"] == whole["train_tokens"] and again["val_tokens"] == whole["val_tokens"]
+    for split in ("train", "val"):
+        assert (tmp_path / "out" / f"{split}.bin").read_bytes() == (tmp_path / "whole" / f"{split}.bin").read_bytes()

@@ -27,6 +27,13 @@ def _add_parser(sub, name: str, help_text: str, epilog: str) -> argparse.Argumen
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _executor_options(parser: argparse.ArgumentParser) -> None:
+    """--executor and --workers of the shard-parallel data stages (one task per input file)."""
+    parser.add_argument("--executor", default="local", choices=["local", "ray"],
+                        help="local process pool (default) or Ray (pip install 'xiaolm[ray]')")
+    parser.add_argument("--workers", type=int, default=0, help="local processes (default: all CPU cores)")
+
+
 def _recipes() -> dict:
     from xiaolm.data.sources import RECIPES
 
@@ -51,10 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     data = data.add_subparsers(dest="data_cmd", required=True)
     c = _add_parser(data, "clean", "normalize and filter text/chat records; rejects go to rejects.jsonl",
                     "examples:\n  xiaolm data clean raw/*.jsonl --out data/clean\n"
-                    "  xiaolm data clean raw/ --out data/clean min_chars=20 t2s=false")
+                    "  xiaolm data clean raw/ --out data/clean min_chars=20 t2s=false\n"
+                    "  xiaolm data clean data/belle --out data/clean --workers 8   # one task per input file\n"
+                    "input files are cleaned in parallel; exact duplicates are dropped within each file "
+                    "(data dedup removes them across files)")
     c.add_argument("inputs", nargs="+", metavar="INPUT")
     c.add_argument("--out", required=True)
     c.add_argument("--config")
+    _executor_options(c)
     recipes_help = "\n".join(f"  {name:16s} {r.kind:4s}  {r.layout}" for name, r in _recipes().items())
     im = _add_parser(data, "import", "convert a public Chinese dataset's files into xiaolm records",
                      "examples:\n  xiaolm data import belle Belle_open_source_0.5M.json --out data/belle\n"
@@ -70,17 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs, directories; and key=value settings")
     dd.add_argument("--out", required=True)
     dd.add_argument("--threshold", type=float, help="Jaccard similarity of duplicates (default 0.8)")
-    dd.add_argument("--executor", default="local", choices=["local", "ray"],
-                    help="local process pool (default) or Ray (pip install 'xiaolm[ray]')")
-    dd.add_argument("--workers", type=int, default=0, help="local processes (default: all CPU cores)")
+    _executor_options(dd)
     dd.add_argument("--config")
     k = _add_parser(data, "pack", "tokenize records into train.bin / val.bin + meta.json",
-                    "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed")
+                    "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed\n"
+                    "  xiaolm data pack data/dedup --tokenizer tok --out data/packed --executor ray\n"
+                    "input files are tokenized in parallel and their token files concatenated in input order")
     k.add_argument("inputs", nargs="+", metavar="INPUT")
     k.add_argument("--tokenizer", required=True)
     k.add_argument("--out", required=True)
     k.add_argument("--val-fraction", type=float, default=0.01)
     k.add_argument("--seed", type=int, default=0)
+    _executor_options(k)
 
     tok = sub.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="tok_cmd", required=True)
     t = _add_parser(tok, "train", "train a byte-level BPE tokenizer with ChatML special tokens",
@@ -201,7 +213,8 @@ def run(argv: list[str] | None = None) -> int:
         from xiaolm.data.clean import CleanConfig, clean_files
 
         inputs, settings = _split_settings(args.inputs)
-        clean_files(inputs, args.out, load_config(CleanConfig, args.config, settings))
+        clean_files(inputs, args.out, load_config(CleanConfig, args.config, settings), executor=args.executor,
+                    workers=args.workers)
     elif args.command == "data" and args.data_cmd == "import":
         from xiaolm.data.sources import import_records
 
@@ -216,7 +229,8 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "data" and args.data_cmd == "pack":
         from xiaolm.data.pack import pack_files
 
-        pack_files(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed)
+        pack_files(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                   executor=args.executor, workers=args.workers)
     elif args.command == "tokenizer" and args.tok_cmd == "stats":
         from xiaolm.tokenizer.stats import format_stats, tokenizer_stats
 

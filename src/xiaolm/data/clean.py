@@ -6,7 +6,9 @@ import hashlib
 import html
 import json
 import logging
+import os
 import re
+import shutil
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -14,17 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from xiaolm.config import config_to_dict
-from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
+from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
+from xiaolm.data.read import RejectLog, merge_examples, plan_stage, read_records
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
 
 log = logging.getLogger(__name__)
-
-PART = "part-00000.jsonl"
-
 
 @dataclass
 class CleanConfig:
@@ -50,7 +47,7 @@ class CleanConfig:
     max_prompt_chars: int = 8000  # chat: reject when the user turns together are longer
     block_list: str = ""  # file with one keyword per line: documents containing any are rejected
     lang: str = ""  # e.g. zh: reject documents another language wins for (needs `pip install langid`)
-    exact_dedup: bool = True  # drop documents whose normalized text (whitespace removed) was seen before
+    exact_dedup: bool = True  # drop documents whose normalized text (whitespace removed) came earlier in the file
 
 
 # NFKC would turn these into ASCII (，→, ！→! …→...); Chinese text keeps them full width
@@ -363,39 +360,22 @@ def _stable_id(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanConfig | None = None) -> dict:
-    """Clean text or chat records into out_dir/part-00000.jsonl, with report.json and rejects.jsonl."""
-    cfg = cfg or CleanConfig()
-    if cfg.min_chars < 0 or cfg.max_chars < max(cfg.min_chars, 1) or not 0 <= cfg.min_cjk_ratio <= 1:
-        raise XiaolmError(f"inconsistent limits min_chars={cfg.min_chars} max_chars={cfg.max_chars} "
-                          f"min_cjk_ratio={cfg.min_cjk_ratio}", where="config",
-                          hint="need 0 <= min_chars <= max_chars and 0 <= min_cjk_ratio <= 1")
-    out_dir = Path(out_dir)
-    files = stage_inputs(inputs, out_dir)
-    fingerprint = inputs_fingerprint(files)
-    config_text = yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)
-    done = out_dir / "_SUCCESS"
-    report = finished_stage(out_dir, config_text, fingerprint, "report.json")
-    if report is not None:
-        log.info("data/clean: %s is up to date (same inputs and config); skipping", out_dir)
-        return report
+def clean_shard(out: Path, path: str, cfg: CleanConfig) -> dict:
+    """Clean one input file into out/part.jsonl (+ out/rejects.jsonl); its counts and examples for the report."""
     from tqdm.auto import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
     cleaner = Cleaner(cfg)
     seen: set[bytes] = set()
     read = records_out = added_by_split = 0
     own: Counter[str] = Counter()  # rejections made here (the rest come from the reader)
-    start = time.perf_counter()
-    with RejectLog(out_dir / "rejects.jsonl") as rejects, atomic_open(out_dir / PART, "w") as out, \
-            tqdm(desc="data/clean", unit="rec", disable=None) as bar:
+    with RejectLog(out / "rejects.jsonl") as rejects, atomic_open(out / "part.jsonl", "w") as dst, \
+            tqdm(desc="data/clean", unit="rec", disable=True if in_worker() else None) as bar:
 
         def reject(reason: str, where: str, record: object, detail: str | None = None) -> None:
             own[reason] += 1
             rejects.add(reason, where, record, detail)
 
-        for record, where in read_records(files, rejects):
+        for record, where in read_records([path], rejects):
             read += 1
             bar.update(1)
             try:
@@ -426,17 +406,61 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
                 base = str(record["id"]) if record.get("id") is not None else _stable_id(key_text)
                 rec["id"] = f"{base}-{i}" if len(outputs) > 1 else base
                 rec["source"] = source
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 records_out += 1
-    examples: dict[str, list] = {**cleaner.examples, **rejects.examples}
-    report = {"records_in": read + rejects.total - sum(own.values()), "records_out": records_out,
-              "rejected": dict(rejects.counts.most_common()),
-              "modified": dict(cleaner.modified.most_common()),
-              "added_by_split": added_by_split, "examples": examples,
-              "seconds": round(time.perf_counter() - start, 3), "inputs": fingerprint}
+    return {"records_in": read + rejects.total - sum(own.values()), "records_out": records_out,
+            "rejected": dict(rejects.counts), "reject_examples": dict(rejects.examples),
+            "modified": dict(cleaner.modified), "examples": dict(cleaner.examples), "added_by_split": added_by_split,
+            "bytes": Path(path).stat().st_size}
+
+
+def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanConfig | None = None,
+                executor: str = "local", workers: int = 0) -> dict:
+    """Clean text or chat records: out_dir/part-NNNNN.jsonl per input file, report.json and rejects.jsonl.
+
+    Input files are shards cleaned in parallel (`workers` processes, or Ray); exact duplicates are dropped within
+    each file (`xiaolm data dedup` removes them across files). A rerun after an interruption reuses finished files.
+    """
+    cfg = cfg or CleanConfig()
+    if cfg.min_chars < 0 or cfg.max_chars < max(cfg.min_chars, 1) or not 0 <= cfg.min_cjk_ratio <= 1:
+        raise XiaolmError(f"inconsistent limits min_chars={cfg.min_chars} max_chars={cfg.max_chars} "
+                          f"min_cjk_ratio={cfg.min_cjk_ratio}", where="config",
+                          hint="need 0 <= min_chars <= max_chars and 0 <= min_cjk_ratio <= 1")
+    Cleaner(cfg)  # a missing block list or language-ID package fails here, before any work
+    out_dir = Path(out_dir)
+    files, fingerprint, config_text, report = plan_stage("data/clean", inputs, out_dir, cfg)
+    if report is not None:
+        return report
+    start = time.perf_counter()
+    work = work_dir(out_dir, config_text, fingerprint, outputs=["part-*.jsonl"])
+    names = [f"{i:05d}" for i in range(len(files))]
+    shards = run_tasks(clean_shard, [(n, (str(f), cfg)) for n, f in zip(names, files, strict=True)],
+                       work / "clean", executor, workers, desc="data/clean")
+    for n in names:
+        part = work / "clean" / n / "part.jsonl"
+        if part.exists():  # else moved by an interrupted run of this same stage
+            os.replace(part, out_dir / f"part-{n}.jsonl")
+    concat_files([work / "clean" / n / "rejects.jsonl" for n in names], out_dir / "rejects.jsonl")
+    rejected: Counter[str] = Counter()
+    modified: Counter[str] = Counter()
+    examples: dict[str, list] = {}
+    for shard in shards:
+        rejected.update(shard["rejected"])
+        modified.update(shard["modified"])
+        merge_examples(examples, shard["examples"])
+        merge_examples(examples, shard["reject_examples"])
+    seconds = time.perf_counter() - start
+    size = sum(shard["bytes"] for shard in shards)
+    report = {"records_in": sum(s["records_in"] for s in shards), "records_out": sum(s["records_out"] for s in shards),
+              "rejected": dict(rejected.most_common()), "modified": dict(modified.most_common()),
+              "added_by_split": sum(s["added_by_split"] for s in shards), "examples": examples,
+              "shards": len(files), "executor": executor, "workers": parallel_workers(workers),
+              "input_mb": round(size / 1e6, 3), "seconds": round(seconds, 3), "inputs": fingerprint}
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "config.yaml", config_text)
-    atomic_write_text(done, "")
-    log.info("data/clean: %d in, %d out, %d rejected (%s) — see %s", report["records_in"], records_out,
-             rejects.total, rejects.summary(), out_dir / "rejects.jsonl")
+    atomic_write_text(out_dir / "_SUCCESS", "")
+    shutil.rmtree(work)
+    log.info("data/clean: %d in, %d out, %d rejected (%s) in %.1f s — see %s", report["records_in"],
+             report["records_out"], sum(rejected.values()),
+             ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none", seconds, out_dir / "rejects.jsonl")
     return report

@@ -28,18 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from xiaolm.config import config_to_dict
-from xiaolm.data.executor import StageRunner
-from xiaolm.data.read import MAX_EXAMPLES, RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
+from xiaolm.data.executor import WORK, StageRunner, work_dir
+from xiaolm.data.read import (
+    MAX_EXAMPLES,
+    RejectLog,
+    merge_examples,
+    plan_stage,
+    read_records,
+)
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
 
 log = logging.getLogger(__name__)
 
 REMOVED = "_removed.jsonl"  # leading underscore: later stages reading this directory skip it
-WORK = "_work"
 ROW = np.dtype([("bucket", "<u8"), ("doc", "<u8")])  # one band bucket of one document
 SHARD_BITS = 40  # a document key is (input file index << 40) | position in that file: sorting keys = input order
 _M64 = np.uint64(0xFF51AFD7ED558CCD)
@@ -485,24 +488,13 @@ def dedup_files(inputs: list[str | Path], out_dir: str | Path, cfg: DedupConfig 
     cfg = cfg or DedupConfig()
     _check(cfg)
     out_dir = Path(out_dir)
-    files = stage_inputs(inputs, out_dir)
-    fingerprint = inputs_fingerprint(files)
-    config_text = yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)
-    report = finished_stage(out_dir, config_text, fingerprint, "report.json")
+    files, fingerprint, config_text, report = plan_stage("data/dedup", inputs, out_dir, cfg)
     if report is not None:
-        log.info("data/dedup: %s is up to date (same inputs and config); skipping", out_dir)
         return report
     if not files:
         raise XiaolmError("no input records files", where=" ".join(map(str, inputs)),
                           hint="pass .jsonl/.json/.txt files (optionally .gz), globs or directories")
-    work = out_dir / WORK
-    stamp = json.dumps({"config": config_text, "inputs": fingerprint}, sort_keys=True)
-    (out_dir / "_SUCCESS").unlink(missing_ok=True)
-    if not (work / "stamp.json").is_file() or (work / "stamp.json").read_text(encoding="utf-8") != stamp:
-        shutil.rmtree(work, ignore_errors=True)  # other inputs or settings: nothing of an older run is reusable
-        for old in out_dir.glob("part-*.jsonl"):
-            old.unlink()
-        atomic_write_text(work / "stamp.json", stamp)
+    work = work_dir(out_dir, config_text, fingerprint, outputs=["part-*.jsonl"])
     partitions = _auto_partitions(files, cfg)
     bands, rows = _lsh_shape(cfg)
     seconds: dict[str, float] = {}
@@ -517,17 +509,13 @@ def dedup_files(inputs: list[str | Path], out_dir: str | Path, cfg: DedupConfig 
     with StageRunner(executor, workers) as runner:
         signed, paired, clustered, filtered = _run_stages(runner, files, out_dir, cfg, partitions, lap)
     docs = [s["docs"] for s in signed]
-    _concat([out_dir / WORK / "sign" / f"{i:05d}" / "rejects.jsonl" for i in range(len(files))],
-            out_dir / "rejects.jsonl")
-    _concat([out_dir / WORK / "filter" / f"{i:05d}" / "removed.jsonl" for i in range(len(files))],
-            out_dir / REMOVED)
+    concat_files([work / "sign" / f"{i:05d}" / "rejects.jsonl" for i in range(len(files))], out_dir / "rejects.jsonl")
+    concat_files([work / "filter" / f"{i:05d}" / "removed.jsonl" for i in range(len(files))], out_dir / REMOVED)
     rejected: Counter[str] = Counter()
     reject_examples: dict[str, list] = {}
     for s in signed:
         rejected.update(s["rejected"])
-        for reason, found in s["examples"].items():
-            have = reject_examples.setdefault(reason, [])
-            have.extend(found[:MAX_EXAMPLES - len(have)])
+        merge_examples(reject_examples, s["examples"])
     previews = {k: v for f in filtered for k, v in f["previews"].items()}
     examples = [{"kind": e["kind"], "size": e["size"], "kept": previews[str(e["kept"])],
                  "removed": [{**previews[str(k)], "jaccard": j, "exact": x} for k, j, x in e["removed"]]}
@@ -587,9 +575,3 @@ def _run_stages(runner: StageRunner, files: list[Path], out_dir: Path, cfg: Dedu
     lap("filter")
     return signed, paired, clustered, filtered
 
-
-def _concat(parts: list[Path], target: Path) -> None:
-    with atomic_open(target, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, out)

@@ -21,10 +21,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_write_json
+from xiaolm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+WORK = "_work"  # a stage's task directories, under its output dir
 DONE = "_DONE"
 RESULT = "result.json"
 EXECUTORS = ("local", "ray")
@@ -37,6 +38,34 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def parallel_workers(workers: int) -> int:
+    """Processes to use: `workers`, or every core when 0."""
+    return workers if workers > 0 else default_workers()
+
+
+def in_worker() -> bool:
+    """Whether this code runs in a worker process of the pool (there, per-record progress bars stay off)."""
+    import multiprocessing
+
+    return multiprocessing.parent_process() is not None
+
+
+def work_dir(out_dir: Path, config_text: str, fingerprint: list[dict], outputs: Sequence[str] = ()) -> Path:
+    """`out_dir/_work`, the stage's task directories: kept when an interrupted run had the same config and inputs
+    (its finished tasks are reused), else emptied along with the stage's old outputs (globs under out_dir)."""
+    work = out_dir / WORK
+    stamp = json.dumps({"config": config_text, "inputs": fingerprint}, sort_keys=True)
+    (out_dir / "_SUCCESS").unlink(missing_ok=True)
+    saved = work / "stamp.json"
+    if not saved.is_file() or saved.read_text(encoding="utf-8") != stamp:
+        shutil.rmtree(work, ignore_errors=True)  # other inputs or settings: nothing of an older run is reusable
+        for pattern in outputs:
+            for old in out_dir.glob(pattern):
+                old.unlink()
+        atomic_write_text(saved, stamp)
+    return work
 
 
 def is_finished(stage_dir: Path, name: str) -> bool:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import yaml
 
-from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
+from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
+from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, merge_examples, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
 
 log = logging.getLogger(__name__)
 
@@ -59,84 +62,38 @@ def document_text(record: dict, text_field: str) -> tuple[str, bool]:
     raise Unusable("missing_field", f"no string '{text_field}' and not a chat record")
 
 
-class _Writer:
-    """Appends documents to the split files, holding each split's last document back so neither ends empty."""
+def _encoders(tokenizer_dir: str | Path) -> tuple[Any, dict[bool, Callable]]:
+    """The tokenizer and its batch encoders for plain text (False) and ChatML-rendered chats (True)."""
+    from xiaolm.tokenizer.train import load_tokenizer
 
-    def __init__(self, files: dict[str, BinaryIO]):
-        self.files = files
-        self.tokens = dict.fromkeys(SPLITS, 0)
-        self.docs = dict.fromkeys(SPLITS, 0)
-        self.held: dict[str, np.ndarray | None] = dict.fromkeys(SPLITS)
-
-    def add(self, split: str, arr: np.ndarray) -> None:
-        """Append one document (its ids, EOS included) to `split`."""
-        if self.held[split] is not None:
-            self._write(split, self.held[split])
-        self.held[split] = arr
-
-    def finish(self, want_val: bool) -> None:
-        """Write the held documents, first moving one over if that gives an empty split a document."""
-        def count(split: str) -> int:
-            return self.docs[split] + (self.held[split] is not None)
-
-        if want_val and count("val") == 0 and count("train") >= 2:
-            self.held["val"], self.held["train"] = self.held["train"], None
-        elif count("train") == 0 and count("val") >= 1:
-            self.held["train"], self.held["val"] = self.held["val"], None
-        for split in SPLITS:
-            if self.held[split] is not None:
-                self._write(split, self.held[split])
-                self.held[split] = None
-
-    def _write(self, split: str, arr: np.ndarray) -> None:
-        arr.tofile(self.files[split])
-        self.tokens[split] += len(arr)
-        self.docs[split] += 1
-
-
-def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
-               val_fraction: float = 0.01, seed: int = 0, text_field: str = "text") -> dict:
-    """Write train.bin, val.bin and meta.json under out_dir; each whole document goes to one split."""
-    from tqdm.auto import tqdm
-
-    from xiaolm.tokenizer.chat import EOS, IM_END, IM_START
-    from xiaolm.tokenizer.train import load_tokenizer, tokenizer_hash
-
-    if not 0 <= val_fraction < 1:
-        raise XiaolmError(f"val_fraction={val_fraction} is out of range", where="val_fraction",
-                          hint="use a fraction in [0, 1), e.g. 0.01")
-    out_dir = Path(out_dir)
-    tok_hash = tokenizer_hash(tokenizer_dir)
-    files = stage_inputs(inputs, out_dir)
-    settings = {"inputs": [str(i) for i in inputs], "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
-                "val_fraction": val_fraction, "seed": seed, "text_field": text_field}
-    config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
-    fingerprint = inputs_fingerprint(files)
-    done = out_dir / "_SUCCESS"
-    meta = finished_stage(out_dir, config_text, fingerprint, "meta.json")
-    if meta is not None and meta.get("tokenizer_hash") == tok_hash:
-        log.info("data/pack: %s is up to date (same inputs, tokenizer and settings); skipping", out_dir)
-        return meta
     tokenizer = load_tokenizer(tokenizer_dir)
-    vocab = len(tokenizer)
-    dtype = token_dtype(vocab)
-    eos = tokenizer.convert_tokens_to_ids(EOS)
     chat_encoder = tokenizer.backend_tokenizer
     # plain documents are encoded as text even where they spell out a special token such as <|im_end|>
     text_encoder = type(chat_encoder).from_str(chat_encoder.to_str())
     text_encoder.encode_special_tokens = True
     # encode_batch_fast skips offsets (tokenizers >= 0.20)
-    encode_batch = {chat: getattr(enc, "encode_batch_fast", enc.encode_batch)
-                    for chat, enc in ((False, text_encoder), (True, chat_encoder))}
+    return tokenizer, {chat: getattr(enc, "encode_batch_fast", enc.encode_batch)
+                       for chat, enc in ((False, text_encoder), (True, chat_encoder))}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
-    start = time.perf_counter()
-    with RejectLog(out_dir / "rejects.jsonl") as rejects, \
-            atomic_open(out_dir / "train.bin", "wb") as ftrain, \
-            atomic_open(out_dir / "val.bin", "wb") as fval, \
-            tqdm(desc="data/pack", unit="doc", disable=None) as bar:
-        writer = _Writer({"train": ftrain, "val": fval})
+
+def pack_shard(out: Path, path: str, tokenizer_dir: str, val_fraction: float, seed: int, text_field: str) -> dict:
+    """Tokenize one input file into out/train.bin and out/val.bin (+ rejects.jsonl); its counts for the merge."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from xiaolm.tokenizer.chat import EOS
+
+    if in_worker():  # one process per core already: the tokenizer's own threads would only compete
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer, encode_batch = _encoders(tokenizer_dir)
+    dtype = token_dtype(len(tokenizer))
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    tokens, docs, last = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    with RejectLog(out / "rejects.jsonl") as rejects, atomic_open(out / "train.bin", "wb") as ftrain, \
+            atomic_open(out / "val.bin", "wb") as fval, \
+            tqdm(desc="data/pack", unit="doc", disable=True if in_worker() else None) as bar:
+        files = {"train": ftrain, "val": fval}
         pending: list[tuple[str, str, bool]] = []  # (split, text, is_chat)
 
         def flush() -> None:
@@ -144,19 +101,21 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
             for is_chat in (False, True):
                 index = [i for i, (_, _, chat) in enumerate(pending) if chat == is_chat]
                 if index:
-                    texts = [pending[i][1] for i in index]
-                    encodings = encode_batch[is_chat](texts, add_special_tokens=False)
+                    encodings = encode_batch[is_chat]([pending[i][1] for i in index], add_special_tokens=False)
                     for i, enc in zip(index, encodings, strict=True):
                         encoded[i] = enc.ids
             for (split, _, _), ids in zip(pending, encoded, strict=True):
                 arr = np.empty(len(ids) + 1, dtype=dtype)
                 arr[:-1] = ids
                 arr[-1] = eos
-                writer.add(split, arr)
+                arr.tofile(files[split])
+                tokens[split] += len(arr)
+                docs[split] += 1
+                last[split] = len(arr)
             bar.update(len(pending))
             pending.clear()
 
-        for record, where in read_records(files, rejects):
+        for record, where in read_records([path], rejects):
             try:
                 text, is_chat = document_text(record, text_field)
             except Unusable as e:
@@ -168,26 +127,120 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
             if len(pending) >= BATCH:
                 flush()
         flush()
-        writer.finish(want_val=val_fraction > 0)
-    if writer.docs["train"] == 0:
+    return {"tokens": tokens, "docs": docs, "last_doc_tokens": last, "rejected": dict(rejects.counts),
+            "examples": dict(rejects.examples), "bytes": Path(path).stat().st_size}
+
+
+def _merge(shard_dirs: list[Path], shards: list[dict], out_dir: Path, want_val: bool, itemsize: int
+           ) -> tuple[dict[str, int], dict[str, int]]:
+    """Concatenate the shards' split files in input order into out_dir; (tokens, docs) per split.
+
+    Neither split ends empty when it can be avoided: with no validation document (and ≥ 2 training ones) the last
+    training document moves to val.bin; with no training document the last validation one moves to train.bin.
+    """
+    tokens = {s: sum(sh["tokens"][s] for sh in shards) for s in SPLITS}
+    docs = {s: sum(sh["docs"][s] for sh in shards) for s in SPLITS}
+    move = None
+    if want_val and docs["val"] == 0 and docs["train"] >= 2:
+        move = ("train", "val")
+    elif docs["train"] == 0 and docs["val"] >= 1:
+        move = ("val", "train")
+    cut = {s: (-1, 0) for s in SPLITS}  # (shard index, bytes) cut off the end of that shard's split file
+    if move is not None:
+        src, dst = move
+        k = max(i for i, sh in enumerate(shards) if sh["docs"][src])
+        n = shards[k]["last_doc_tokens"][src]
+        cut[src] = (k, n * itemsize)
+        tokens[src], tokens[dst], docs[src], docs[dst] = tokens[src] - n, tokens[dst] + n, docs[src] - 1, docs[dst] + 1
+    for split in SPLITS:
+        with atomic_open(out_dir / f"{split}.bin", "wb") as dst_file:
+            for i, d in enumerate(shard_dirs):
+                path = d / f"{split}.bin"
+                keep = path.stat().st_size - (cut[split][1] if cut[split][0] == i else 0)
+                with open(path, "rb") as f:
+                    _copy(f, dst_file, keep)
+            if move is not None and move[1] == split:  # the moved document goes last
+                k, size = cut[move[0]]
+                with open(shard_dirs[k] / f"{move[0]}.bin", "rb") as f:
+                    f.seek(-size, 2)
+                    _copy(f, dst_file, size)
+    return tokens, docs
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, size: int) -> None:
+    while size > 0:
+        chunk = src.read(min(size, 1 << 20))
+        if not chunk:
+            raise OSError(f"{src.name} ended {size} bytes early")
+        dst.write(chunk)
+        size -= len(chunk)
+
+
+def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir: str | Path,
+               val_fraction: float = 0.01, seed: int = 0, text_field: str = "text", executor: str = "local",
+               workers: int = 0) -> dict:
+    """Write train.bin, val.bin and meta.json under out_dir; each whole document goes to one split.
+
+    Input files are tokenized in parallel (`workers` processes, or Ray) into per-file token files, then
+    concatenated in input order: the result does not depend on the number of processes, and a rerun after an
+    interruption reuses the files already tokenized.
+    """
+    from xiaolm.tokenizer.chat import EOS, IM_END, IM_START
+    from xiaolm.tokenizer.train import tokenizer_hash
+
+    if not 0 <= val_fraction < 1:
+        raise XiaolmError(f"val_fraction={val_fraction} is out of range", where="val_fraction",
+                          hint="use a fraction in [0, 1), e.g. 0.01")
+    out_dir = Path(out_dir)
+    tok_hash = tokenizer_hash(tokenizer_dir)
+    files = stage_inputs(inputs, out_dir)
+    settings = {"inputs": [str(i) for i in inputs], "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+                "val_fraction": val_fraction, "seed": seed, "text_field": text_field}
+    config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
+    fingerprint = inputs_fingerprint(files)
+    meta = finished_stage(out_dir, config_text, fingerprint, "meta.json")
+    if meta is not None and meta.get("tokenizer_hash") == tok_hash:
+        log.info("data/pack: %s is up to date (same inputs, tokenizer and settings); skipping", out_dir)
+        return meta
+    tokenizer, _ = _encoders(tokenizer_dir)
+    vocab = len(tokenizer)
+    dtype = token_dtype(vocab)
+    start = time.perf_counter()
+    work = work_dir(out_dir, config_text + tok_hash, fingerprint, outputs=["train.bin", "val.bin"])
+    names = [f"{i:05d}" for i in range(len(files))]
+    shards = run_tasks(pack_shard, [(n, (str(f), settings["tokenizer_dir"], val_fraction, seed, text_field))
+                                    for n, f in zip(names, files, strict=True)],
+                       work / "pack", executor, workers, desc="data/pack")
+    shard_dirs = [work / "pack" / n for n in names]
+    rejected: Counter[str] = Counter()
+    examples: dict[str, list] = {}
+    for shard in shards:
+        rejected.update(shard["rejected"])
+        merge_examples(examples, shard["examples"])
+    tokens, docs = _merge(shard_dirs, shards, out_dir, val_fraction > 0, dtype.itemsize)
+    concat_files([d / "rejects.jsonl" for d in shard_dirs], out_dir / "rejects.jsonl")
+    if docs["train"] == 0:
         raise XiaolmError("no documents to pack", where=", ".join(map(str, inputs)),
                           hint=f"records need '{text_field}' or chat fields; see {out_dir}/rejects.jsonl")
-    meta = {"dtype": dtype.name, "vocab_size": vocab, "eos_id": eos, "pad_id": tokenizer.pad_token_id,
-            "im_start_id": tokenizer.convert_tokens_to_ids(IM_START),
+    seconds = time.perf_counter() - start
+    meta = {"dtype": dtype.name, "vocab_size": vocab, "eos_id": tokenizer.convert_tokens_to_ids(EOS),
+            "pad_id": tokenizer.pad_token_id, "im_start_id": tokenizer.convert_tokens_to_ids(IM_START),
             "im_end_id": tokenizer.convert_tokens_to_ids(IM_END),
-            "train_tokens": writer.tokens["train"], "val_tokens": writer.tokens["val"],
-            "train_docs": writer.docs["train"], "val_docs": writer.docs["val"],
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+            "train_docs": docs["train"], "val_docs": docs["val"],
             "tokenizer_hash": tok_hash, "tokenizer_dir": settings["tokenizer_dir"],
-            "records_in": writer.docs["train"] + writer.docs["val"] + rejects.total,
-            "rejected": dict(rejects.counts.most_common()),
-            "examples": dict(rejects.examples), "val_fraction": val_fraction, "seed": seed,
-            "seconds": round(time.perf_counter() - start, 3), "inputs": fingerprint}
+            "records_in": docs["train"] + docs["val"] + sum(rejected.values()),
+            "rejected": dict(rejected.most_common()), "examples": examples, "val_fraction": val_fraction,
+            "seed": seed, "shards": len(files), "executor": executor, "workers": parallel_workers(workers),
+            "input_mb": round(sum(sh["bytes"] for sh in shards) / 1e6, 3), "seconds": round(seconds, 3),
+            "inputs": fingerprint}
     atomic_write_json(out_dir / "meta.json", meta)
     atomic_write_text(out_dir / "config.yaml", config_text)
-    atomic_write_text(done, "")
-    log.info("data/pack: %d train tokens (%d docs), %d val tokens (%d docs), %d rejected (%s) — %s",
-             meta["train_tokens"], meta["train_docs"], meta["val_tokens"], meta["val_docs"], rejects.total,
-             rejects.summary(), out_dir)
+    atomic_write_text(out_dir / "_SUCCESS", "")
+    shutil.rmtree(work)
+    log.info("data/pack: %d train tokens (%d docs), %d val tokens (%d docs), %d rejected (%s) in %.1f s — %s",
+             meta["train_tokens"], meta["train_docs"], meta["val_tokens"], meta["val_docs"], sum(rejected.values()),
+             ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none", seconds, out_dir)
     return meta
 
 

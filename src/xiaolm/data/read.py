@@ -75,6 +75,13 @@ class RejectLog:
         return ", ".join(f"{k} {v}" for k, v in self.counts.most_common()) or "none"
 
 
+def merge_examples(into: dict[str, list], found: dict[str, list], limit: int = MAX_EXAMPLES) -> None:
+    """Add a shard's examples per reason (or rule) to `into`, keeping at most `limit` of each."""
+    for key, items in found.items():
+        have = into.setdefault(key, [])
+        have.extend(items[:max(limit - len(have), 0)])
+
+
 def _preview(record: Any, limit: int = 200) -> str:
     text = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)
     return text if len(text) <= limit else text[:limit] + "…"
@@ -175,6 +182,23 @@ def finished_stage(out_dir: Path, config_text: str, fingerprint: list[dict], rec
         return None
     saved = json.loads((out_dir / record).read_text(encoding="utf-8"))
     return saved if saved.get("inputs") == fingerprint else None
+
+
+def plan_stage(stage: str, inputs: Sequence[str | Path], out_dir: Path, cfg: Any
+               ) -> tuple[list[Path], list[dict], str, dict | None]:
+    """A configured stage's input files, their fingerprint, its config as YAML, and the report.json of an earlier
+    run with the same config and inputs when that run completed (then there is nothing to do)."""
+    import yaml
+
+    from xiaolm.config import config_to_dict
+
+    files = stage_inputs(inputs, out_dir)
+    fingerprint = inputs_fingerprint(files)
+    config_text = yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)
+    report = finished_stage(out_dir, config_text, fingerprint, "report.json")
+    if report is not None:
+        log.info("%s: %s is up to date (same inputs and config); skipping", stage, out_dir)
+    return files, fingerprint, config_text, report
 
 
 def open_bytes(path: Path) -> IO[bytes]:
