@@ -74,6 +74,61 @@ def test_processes_read_disjoint_records_and_refuse_another_process_count(tmp_pa
         one.load_state_dict(ranks[1].state_dict())
 
 
+def write_with_bad_lines(path, n=700):
+    """Documents with an invalid JSON line, a record without text and a malformed chat every 100 lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": f"第{i}篇。" + "白日依山尽。" * (1 + i % 2)}, ensure_ascii=False) + "\n")
+            if i % 100 == 50:
+                f.write('{"text": "没有结尾\n')
+                f.write(json.dumps({"title": f"无正文{i}"}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"messages": [{"role": "robot", "content": "坏"}]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def test_unusable_records_of_the_first_pass_go_to_rejects_once_across_a_resume(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    write_with_bad_lines(tmp_path / "d" / "a.jsonl")
+
+    def fresh(name, rank=0, world=1):
+        return TokenStream([tmp_path / "d"], tok, seq_len=15, buffer_size=4, seed=1, rank=rank, world=world,
+                           rejects=tmp_path / name)
+
+    whole = fresh("whole.jsonl")
+    for _ in range(2000):  # past the end of the first pass
+        next(whole)
+    assert whole.epoch >= 1
+    assert dict(whole.rejects.counts) == {"bad_json": 7, "missing_field": 7, "bad_chat": 7}
+    lines = (tmp_path / "whole.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 21 and json.loads(lines[0])["where"].endswith("a.jsonl:52")
+
+    cut = fresh("cut.jsonl")
+    for _ in range(300):
+        next(cut)
+    state = cut.state_dict()
+    assert 0 < state["records_done"] < 700 and 0 < state["rejects_bytes"]
+    for _ in range(300):  # rejects logged after the checkpoint, then the process dies
+        next(cut)
+    cut.rejects.close()
+    assert (tmp_path / "cut.jsonl").stat().st_size > state["rejects_bytes"]
+    resumed = fresh("cut.jsonl")
+    resumed.load_state_dict(state)
+    for _ in range(2000):
+        next(resumed)
+    assert (tmp_path / "cut.jsonl").read_text(encoding="utf-8").splitlines() == lines
+    assert resumed.rejects.counts == whole.rejects.counts
+
+    ranks = [fresh(f"rank{r}.jsonl", rank=r, world=2) for r in range(2)]
+    for stream in ranks:
+        for _ in range(2000):
+            next(stream)
+    per_rank = [[json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text(encoding="utf-8").splitlines()]
+                for r in range(2)]
+    assert {x["reason"] for x in per_rank[1]} <= {"missing_field", "bad_chat"}  # unreadable lines: rank 0 only
+    assert sorted(x["where"] for x in per_rank[0] + per_rank[1]) == sorted(json.loads(x)["where"] for x in lines)
+
+
 def test_validation_windows_are_one_pass_and_too_little_text_is_refused(tmp_path, tiny_tokenizer_dir):
     tok = load_tokenizer(tiny_tokenizer_dir)
     write_docs(tmp_path / "v.jsonl", 10)

@@ -5,6 +5,11 @@ document and cut into windows of seq_len + 1 tokens; a shuffle buffer of `buffer
 torchrun, record i goes to process i % world, so processes never share data. The stream repeats its files
 (epochs) forever. Its position — epoch, records consumed, unfinished tokens, the buffer and its RNG — is a small
 state dict saved with each checkpoint, so a resumed run continues with exactly the next window.
+
+Records that cannot be used (invalid JSON or UTF-8, no text, a malformed chat) are skipped, counted and, during the
+first pass, appended to a rejects file with file:line and reason (rank 0 logs the unreadable lines every process
+reads past; each process the unusable records among its own). A resumed run cuts that file back to the size it had
+at the checkpoint, so no line is written twice.
 """
 
 from __future__ import annotations
@@ -26,11 +31,38 @@ log = logging.getLogger(__name__)
 ENCODE_BATCH = 256
 
 
+class _FirstPassRejects(RejectLog):
+    """A RejectLog appending to `path` line by line while `active`; its size is part of the stream's state."""
+
+    def __init__(self, path: Path):
+        super().__init__(None)
+        self.log_path, self.active, self.size = path, False, 0
+
+    def open(self) -> None:
+        """Start appending where the last checkpoint left the file (nothing of a later, lost run stays)."""
+        if self._file is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as f:
+                f.truncate(self.size)
+            self._file = open(self.log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed by close())
+
+    def add(self, reason: str, where: str, record: Any, detail: str | None = None) -> None:
+        if self.active:
+            super().add(reason, where, record, detail)
+            self.size = self._file.tell() if self._file is not None else self.size
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class TokenStream:
     """An endless, resumable iterator of [seq_len + 1] int64 windows from record files."""
 
     def __init__(self, inputs: Sequence[str | Path], tokenizer, seq_len: int, buffer_size: int = 1024,
-                 seed: int = 0, rank: int = 0, world: int = 1, text_field: str = "text"):
+                 seed: int = 0, rank: int = 0, world: int = 1, text_field: str = "text",
+                 rejects: str | Path | None = None):
         self.files = expand_inputs(inputs)
         if not self.files:
             raise XiaolmError("no record files to stream, and no meta.json of packed data either",
@@ -47,6 +79,7 @@ class TokenStream:
         self.pending: list[int] = []  # tokens not yet filling a whole window
         self.buffer: list[np.ndarray] = []
         self._source: Iterator[np.ndarray] | None = None
+        self.rejects = _FirstPassRejects(Path(rejects)) if rejects is not None else RejectLog(None)
 
     def __iter__(self) -> TokenStream:
         return self
@@ -76,22 +109,36 @@ class TokenStream:
             if self.records_done == 0 and not self.pending:
                 raise XiaolmError("no usable text records for this process", where=", ".join(map(str, self.files)),
                                   hint='records need a "text" field or "messages"')
+            if self.epoch == 0 and self.rejects.total:
+                where = getattr(self.rejects, "log_path", None)
+                log.warning("data stream (process %d): %d records skipped in the first pass (%s)%s", self.rank,
+                            self.rejects.total, self.rejects.summary(), f" — see {where}" if where else "")
             self.epoch, self.records_done = self.epoch + 1, 0
 
     def _text_batches(self, skip: int) -> Iterator[tuple[list[str], int]]:
         """(texts of this process's records, records consumed so far) in batches, after the first `skip`."""
         texts: list[str] = []
         index = -1
-        for index, (record, _) in enumerate(read_records(self.files, RejectLog(None))):
+        first_pass = self.epoch == 0 and isinstance(self.rejects, _FirstPassRejects)
+        if first_pass:
+            self.rejects.open()
+        # log from the first line after the records already consumed (a resumed run logged those before)
+        self.rejects.active = first_pass and skip == 0
+        reader_rejects = self.rejects if self.rank == 0 else None  # every process reads every line; one logs
+        for index, (record, where) in enumerate(read_records(self.files, reader_rejects)):
+            if index == skip - 1:
+                self.rejects.active = first_pass
             if index < skip or index % self.world != self.rank:
                 continue
             try:
                 texts.append(document_text(record, self.text_field)[0])
-            except Unusable:
+            except Unusable as e:
+                self.rejects.add(e.reason, where, record, e.detail)
                 continue
             if len(texts) == ENCODE_BATCH:
                 yield texts, index + 1
                 texts = []
+        self.rejects.active = False
         if texts:
             yield texts, index + 1
 
@@ -101,7 +148,8 @@ class TokenStream:
         buffer = np.stack(self.buffer) if self.buffer else np.zeros((0, width), dtype=np.int64)
         return {"epoch": self.epoch, "records_done": self.records_done,
                 "pending": torch.tensor(self.pending, dtype=torch.int64), "buffer": torch.from_numpy(buffer),
-                "rng": repr(self.rng.bit_generator.state), "rank": self.rank, "world": self.world}
+                "rng": repr(self.rng.bit_generator.state), "rank": self.rank, "world": self.world,
+                "rejected": dict(self.rejects.counts), "rejects_bytes": getattr(self.rejects, "size", 0)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict() of the same files, process and process count."""
@@ -115,6 +163,11 @@ class TokenStream:
         self.pending = state["pending"].tolist()
         self.buffer = list(state["buffer"].numpy())
         self.rng.bit_generator.state = ast.literal_eval(state["rng"])
+        self.rejects.counts.clear()
+        self.rejects.counts.update(state.get("rejected", {}))
+        if isinstance(self.rejects, _FirstPassRejects):
+            self.rejects.close()
+            self.rejects.size = state.get("rejects_bytes", 0)
         self._source = None
 
 

@@ -108,8 +108,9 @@ def _run_streaming(cfg: TrainConfig, resume: bool) -> dict:
     device = distributed.rank_device(device, ctx)
     model = build_model(cfg, len(tokenizer), device)
     split = [p.strip() for p in cfg.data.path.split(",") if p.strip()]
+    rejects = Path(cfg.out) / ("rejects.jsonl" if ctx.rank == 0 else f"rejects.rank{ctx.rank}.jsonl")
     stream = TokenStream(split, tokenizer, cfg.data.seq_len, cfg.data.shuffle_buffer, seed=cfg.seed,
-                         rank=ctx.rank, world=ctx.world)
+                         rank=ctx.rank, world=ctx.world, rejects=rejects)
     val = validation_windows([p.strip() for p in cfg.data.val_path.split(",") if p.strip()], tokenizer,
                              cfg.data.seq_len, cfg.eval_batches * cfg.batch_size)
     objective = StreamingPretrainObjective(stream, val, cfg.batch_size, cfg.eval_batches, cfg.data.doc_mask)
