@@ -68,6 +68,7 @@ _TRAILING = re.compile(r"[ \t]+\n")
 _BLANKS = re.compile(r"\n{3,}")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 _SPACE = re.compile(r"\s+")
+_RUN = re.compile(r"(.)\1+", re.S)  # a character repeated
 _SEPARATORS = ("\n\n", "\n", "。", "！", "？", "；", ". ", "，", " ")
 
 
@@ -145,12 +146,8 @@ def normalize_punct(text: str) -> str:
 
 def longest_char_run(text: str) -> int:
     """Length of the longest run of one repeated character (whitespace ignored)."""
-    best, run, prev = 0, 0, ""
-    for ch in _SPACE.sub("", text):
-        run = run + 1 if ch == prev else 1
-        prev = ch
-        best = max(best, run)
-    return best
+    chars = _SPACE.sub("", text)
+    return max((len(m.group(0)) for m in _RUN.finditer(chars)), default=min(len(chars), 1))
 
 
 def dup_line_ratio(text: str) -> float:
@@ -166,10 +163,13 @@ def dup_ngram_ratio(text: str, n: int = 10) -> float:
     chars = _SPACE.sub("", text)
     if len(chars) < 2 * n:
         return 0.0
+    grams = [chars[i:i + n] for i in range(len(chars) - n + 1)]
+    if len(set(grams)) == len(grams):  # the common case: nothing repeats
+        return 0.0
     first: dict[str, int] = {}
     covered = bytearray(len(chars))
-    for i in range(len(chars) - n + 1):
-        j = first.setdefault(chars[i:i + n], i)
+    for i, gram in enumerate(grams):
+        j = first.setdefault(gram, i)
         if j != i:
             covered[i:i + n] = b"\x01" * n
             covered[j:j + n] = b"\x01" * n
@@ -368,6 +368,7 @@ def clean_shard(out: Path, path: str, cfg: CleanConfig) -> dict:
     seen: set[bytes] = set()
     read = records_out = added_by_split = 0
     own: Counter[str] = Counter()  # rejections made here (the rest come from the reader)
+    file_name = Path(path).name  # the source of records that name none
     with RejectLog(out / "rejects.jsonl") as rejects, atomic_open(out / "part.jsonl", "w") as dst, \
             tqdm(desc="data/clean", unit="rec", disable=True if in_worker() else None) as bar:
 
@@ -391,7 +392,7 @@ def clean_shard(out: Path, path: str, cfg: CleanConfig) -> dict:
                 continue
             outputs, texts, keys = result
             added_by_split += len(outputs) - 1
-            source = record.get("source") or Path(where.rsplit(":", 1)[0]).name
+            source = record.get("source") or file_name
             for i, (rec, text, key_text) in enumerate(zip(outputs, texts, keys, strict=True)):
                 reason = cleaner.reject_reason(text)
                 if reason:
