@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -78,8 +79,6 @@ def _encoders(tokenizer_dir: str | Path) -> tuple[Any, dict[bool, Callable]]:
 
 def pack_shard(out: Path, path: str, tokenizer_dir: str, val_fraction: float, seed: int, text_field: str) -> dict:
     """Tokenize one input file into out/train.bin and out/val.bin (+ rejects.jsonl); its counts for the merge."""
-    import os
-
     from tqdm.auto import tqdm
 
     from xiaolm.tokenizer.chat import EOS
