@@ -67,7 +67,7 @@ def test_processes_read_disjoint_records_and_refuse_another_process_count(tmp_pa
     tok = load_tokenizer(tiny_tokenizer_dir)
     write_docs(tmp_path / "a.jsonl", 40)
     ranks = [TokenStream([tmp_path], tok, seq_len=15, rank=r, world=2) for r in range(2)]
-    texts = [[t for batch, _ in s._text_batches(skip=0) for t in batch] for s in ranks]
+    texts = [[t for batch, _ in s._batches(lambda r: r["text"], skip=0) for t in batch] for s in ranks]
     assert len(texts[0]) == len(texts[1]) == 20 and not set(texts[0]) & set(texts[1])
     one = TokenStream([tmp_path], tok, seq_len=15)
     with pytest.raises(XiaolmError, match="same number of processes"):
@@ -139,31 +139,87 @@ def test_validation_windows_are_one_pass_and_too_little_text_is_refused(tmp_path
         validation_windows([tmp_path / "tiny.jsonl"], tok, seq_len=15, limit=10)
 
 
-def test_pretraining_streams_from_records_and_resumes_bitwise(tmp_path, tiny_tokenizer_dir):
+def run_cut_and_resumed(tmp_path, tokenizer_dir, run, seq_len, stream=False) -> None:
+    """Train 8 steps, and again as if killed after step 4 then resumed: same losses; no val_path is refused."""
+    import shutil
+
     from tests.test_train_loop import losses
     from xiaolm.model.llama import LlamaConfig
     from xiaolm.train.loop import DataConfig, TrainConfig
-    from xiaolm.train.pretrain import run_pretrain
 
-    write_docs(tmp_path / "train" / "a.jsonl", 80)
-    write_docs(tmp_path / "val.jsonl", 10, start=500)
-
-    def cfg(out, steps=8):
-        return TrainConfig(out=str(tmp_path / out), max_steps=steps, batch_size=4, lr=3e-3, warmup_steps=2,
+    def cfg(out):
+        return TrainConfig(out=str(tmp_path / out), max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2,
                            log_every=1, eval_every=4, eval_batches=2, save_every=4, device="cpu", dtype="fp32",
-                           model=LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32),
+                           model=LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=seq_len),
                            data=DataConfig(path=str(tmp_path / "train"), val_path=str(tmp_path / "val.jsonl"),
-                                           tokenizer=str(tiny_tokenizer_dir), seq_len=32, shuffle_buffer=8))
+                                           tokenizer=str(tokenizer_dir), seq_len=seq_len, shuffle_buffer=8,
+                                           stream=stream))
 
-    run_pretrain(cfg("full"))
-    run_pretrain(cfg("cut", steps=8))
-    import shutil
-
+    run(cfg("full"))
+    run(cfg("cut"))
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-8")  # as if killed after step 4
     (tmp_path / "cut" / "done.json").unlink()
-    run_pretrain(cfg("cut"), resume=True)
+    run(cfg("cut"), resume=True)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     with pytest.raises(XiaolmError, match="data.val_path"):
         bad = cfg("x")
         bad.data.val_path = ""
-        run_pretrain(bad)
+        run(bad)
+
+
+def test_pretraining_streams_from_records_and_resumes_bitwise(tmp_path, tiny_tokenizer_dir):
+    from xiaolm.train.pretrain import run_pretrain
+
+    write_docs(tmp_path / "train" / "a.jsonl", 80)
+    write_docs(tmp_path / "val.jsonl", 10, start=500)
+    run_cut_and_resumed(tmp_path, tiny_tokenizer_dir, run_pretrain, seq_len=32)
+
+
+def write_chats(path, n, start=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(start, start + n):
+            chat = {"messages": [{"role": "user", "content": f"第{i}个问题是什么？"},
+                                 {"role": "assistant", "content": f"答案是{i}。" + "好的。" * (i % 3)}]}
+            f.write(json.dumps(chat, ensure_ascii=False) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "没有回答"}]}, ensure_ascii=False) + "\n")
+    return path
+
+
+def test_chat_stream_yields_every_chat_once_per_epoch_and_resumes_exactly(tmp_path, tiny_tokenizer_dir):
+    from xiaolm.data.stream import ChatStream, encode_example
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    write_chats(tmp_path / "c.jsonl", 300)
+    records = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text(encoding="utf-8").splitlines()[:300]]
+    expected = sorted(tuple(encode_example(tok, r, 64)[0]) for r in records)
+
+    def fresh():
+        return ChatStream([tmp_path / "c.jsonl"], tok, seq_len=64, buffer_size=16, seed=2,
+                          rejects=tmp_path / "rejects.jsonl")
+
+    whole = fresh()
+    first_epoch = [next(whole) for _ in range(300 - 16)] + list(whole.buffer)  # the buffer holds the rest
+    assert sorted(tuple(ids) for ids, _ in first_epoch) == expected
+    assert all(ids.dtype == np.int32 and len(ids) == len(labels) for ids, labels in first_epoch)
+    head_stream = fresh()
+    head = [next(head_stream) for _ in range(100)]
+    torch.save(head_stream.state_dict(), tmp_path / "s.pt")
+    resumed = fresh()
+    resumed.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    again = fresh()
+    full = [next(again) for _ in range(500)]
+    tail = [next(resumed) for _ in range(400)]
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(head + tail, full,
+                                                                                           strict=True))
+    assert dict(again.rejects.counts) == {"no_assistant_tokens": 1}
+
+
+def test_sft_streams_chats_and_resumes_bitwise(tmp_path, tiny_tokenizer_dir):
+    from xiaolm.train.sft import run_sft
+
+    write_chats(tmp_path / "train" / "a.jsonl", 120)
+    write_chats(tmp_path / "val.jsonl", 10, start=500)
+    run_cut_and_resumed(tmp_path, tiny_tokenizer_dir, run_sft, seq_len=64, stream=True)
+    rejected = [json.loads(x) for x in (tmp_path / "full" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["reason"] for r in rejected] == ["no_assistant_tokens"] and rejected[0]["where"].endswith("a.jsonl:121")

@@ -15,7 +15,7 @@ at the checkpoint, so no line is written twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,36 +57,35 @@ class _FirstPassRejects(RejectLog):
             self._file = None
 
 
-class TokenStream:
-    """An endless, resumable iterator of [seq_len + 1] int64 windows from record files."""
+class RecordStream:
+    """An endless, resumable iterator of items made from this process's records, mixed by a shuffle buffer.
 
-    def __init__(self, inputs: Sequence[str | Path], tokenizer, seq_len: int, buffer_size: int = 1024,
-                 seed: int = 0, rank: int = 0, world: int = 1, text_field: str = "text",
-                 rejects: str | Path | None = None):
+    Subclasses turn records into items (`_items`, in file order from `records_done` on) and save what they hold
+    between records (`_extra_state`); the reading, sharding by process, epochs, rejects and buffer are shared.
+    """
+
+    def __init__(self, inputs: Sequence[str | Path], buffer_size: int, seed: int, rank: int, world: int,
+                 rejects: str | Path | None, what: str):
         self.files = expand_inputs(inputs)
         if not self.files:
-            raise XiaolmError("no record files to stream, and no meta.json of packed data either",
-                              where=", ".join(map(str, inputs)),
-                              hint="point data.path at `xiaolm data pack` output or at .jsonl/.parquet/... records")
+            raise XiaolmError(f"no record files to stream {what}", where=", ".join(map(str, inputs)),
+                              hint="point data.path at .jsonl/.json/.parquet/... records (files, globs or folders)")
         if buffer_size < 1:
             raise XiaolmError(f"data.shuffle_buffer={buffer_size} must be at least 1", where="data.shuffle_buffer")
-        self.tokenizer, self.seq_len, self.buffer_size = tokenizer, seq_len, buffer_size
-        self.rank, self.world, self.text_field = rank, world, text_field
-        self.eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else 0
+        self.buffer_size, self.rank, self.world = buffer_size, rank, world
         self.rng = np.random.default_rng([seed, rank])
         self.epoch = 0
-        self.records_done = 0  # records of this epoch, all processes' counted, already turned into tokens
-        self.pending: list[int] = []  # tokens not yet filling a whole window
-        self.buffer: list[np.ndarray] = []
-        self._source: Iterator[np.ndarray] | None = None
+        self.records_done = 0  # records of this epoch, all processes' counted, already turned into items
+        self.buffer: list[Any] = []
+        self._source: Iterator[Any] | None = None
         self.rejects = _FirstPassRejects(Path(rejects)) if rejects is not None else RejectLog(None)
 
-    def __iter__(self) -> TokenStream:
+    def __iter__(self) -> RecordStream:
         return self
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> Any:
         if self._source is None:
-            self._source = self._windows()
+            self._source = self._items()
         while len(self.buffer) < self.buffer_size:
             self.buffer.append(next(self._source))
         j = int(self.rng.integers(len(self.buffer)))
@@ -94,30 +93,16 @@ class TokenStream:
         self.buffer[j] = next(self._source)
         return out
 
-    def _windows(self) -> Iterator[np.ndarray]:
-        """Windows in file order, continuing from records_done / pending, epoch after epoch."""
-        width = self.seq_len + 1
-        while True:
-            for texts, upto in self._text_batches(skip=self.records_done):
-                for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                    self.pending.extend(ids)
-                    self.pending.append(self.eos)
-                self.records_done = upto
-                while len(self.pending) >= width:
-                    window, self.pending = self.pending[:width], self.pending[width:]
-                    yield np.asarray(window, dtype=np.int64)
-            if self.records_done == 0 and not self.pending:
-                raise XiaolmError("no usable text records for this process", where=", ".join(map(str, self.files)),
-                                  hint='records need a "text" field or "messages"')
-            if self.epoch == 0 and self.rejects.total:
-                where = getattr(self.rejects, "log_path", None)
-                log.warning("data stream (process %d): %d records skipped in the first pass (%s)%s", self.rank,
-                            self.rejects.total, self.rejects.summary(), f" — see {where}" if where else "")
-            self.epoch, self.records_done = self.epoch + 1, 0
+    def _items(self) -> Iterator[Any]:
+        """Items in file order, continuing from records_done (and what `_extra_state` kept), epoch after epoch."""
+        raise NotImplementedError
 
-    def _text_batches(self, skip: int) -> Iterator[tuple[list[str], int]]:
-        """(texts of this process's records, records consumed so far) in batches, after the first `skip`."""
-        texts: list[str] = []
+    def _batches(self, convert: Callable[[dict], Any], skip: int) -> Iterator[tuple[list[Any], int]]:
+        """(convert(record) of this process's records, records consumed so far) in batches, after the first `skip`.
+
+        A record `convert` refuses (Unusable) or the reader cannot parse is skipped, and logged in the first pass.
+        """
+        out: list[Any] = []
         index = -1
         first_pass = self.epoch == 0 and isinstance(self.rejects, _FirstPassRejects)
         if first_pass:
@@ -131,25 +116,41 @@ class TokenStream:
             if index < skip or index % self.world != self.rank:
                 continue
             try:
-                texts.append(document_text(record, self.text_field)[0])
+                out.append(convert(record))
             except Unusable as e:
                 self.rejects.add(e.reason, where, record, e.detail)
                 continue
-            if len(texts) == ENCODE_BATCH:
-                yield texts, index + 1
-                texts = []
+            if len(out) == ENCODE_BATCH:
+                yield out, index + 1
+                out = []
         self.rejects.active = False
-        if texts:
-            yield texts, index + 1
+        if out:
+            yield out, index + 1
+
+    def _end_of_pass(self, produced: bool) -> None:
+        """Start the next epoch; a pass that gave this process nothing is an error."""
+        if not produced:
+            raise XiaolmError("no usable records for this process", where=", ".join(map(str, self.files)),
+                              hint='records need a "text" field or "messages"; see the rejects file')
+        if self.epoch == 0 and self.rejects.total:
+            where = getattr(self.rejects, "log_path", None)
+            log.warning("data stream (process %d): %d records skipped in the first pass (%s)%s", self.rank,
+                        self.rejects.total, self.rejects.summary(), f" — see {where}" if where else "")
+        self.epoch, self.records_done = self.epoch + 1, 0
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The subclass's part of state_dict: the buffer and anything between records."""
+        raise NotImplementedError
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue with the next window (tensors and plain types only)."""
-        width = self.seq_len + 1
-        buffer = np.stack(self.buffer) if self.buffer else np.zeros((0, width), dtype=np.int64)
+        """Everything needed to continue with the next item (tensors and plain types only)."""
         return {"epoch": self.epoch, "records_done": self.records_done,
-                "pending": torch.tensor(self.pending, dtype=torch.int64), "buffer": torch.from_numpy(buffer),
                 "rng": repr(self.rng.bit_generator.state), "rank": self.rank, "world": self.world,
-                "rejected": dict(self.rejects.counts), "rejects_bytes": getattr(self.rejects, "size", 0)}
+                "rejected": dict(self.rejects.counts), "rejects_bytes": getattr(self.rejects, "size", 0),
+                **self._extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict() of the same files, process and process count."""
@@ -160,15 +161,110 @@ class TokenStream:
         import ast
 
         self.epoch, self.records_done = state["epoch"], state["records_done"]
-        self.pending = state["pending"].tolist()
-        self.buffer = list(state["buffer"].numpy())
         self.rng.bit_generator.state = ast.literal_eval(state["rng"])
         self.rejects.counts.clear()
         self.rejects.counts.update(state.get("rejected", {}))
         if isinstance(self.rejects, _FirstPassRejects):
             self.rejects.close()
             self.rejects.size = state.get("rejects_bytes", 0)
+        self._load_extra_state(state)
         self._source = None
+
+
+class TokenStream(RecordStream):
+    """[seq_len + 1] int64 windows of the documents (text, or chats rendered as ChatML) joined by EOS."""
+
+    def __init__(self, inputs: Sequence[str | Path], tokenizer, seq_len: int, buffer_size: int = 1024,
+                 seed: int = 0, rank: int = 0, world: int = 1, text_field: str = "text",
+                 rejects: str | Path | None = None):
+        super().__init__(inputs, buffer_size, seed, rank, world, rejects,
+                         "pretraining text from (and it holds no meta.json of packed token files either)")
+        self.tokenizer, self.seq_len, self.text_field = tokenizer, seq_len, text_field
+        self.eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else 0
+        self.pending: list[int] = []  # tokens not yet filling a whole window
+
+    def _items(self) -> Iterator[np.ndarray]:
+        width = self.seq_len + 1
+        while True:
+            for texts, upto in self._batches(lambda r: document_text(r, self.text_field)[0], self.records_done):
+                for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                    self.pending.extend(ids)
+                    self.pending.append(self.eos)
+                self.records_done = upto
+                while len(self.pending) >= width:
+                    window, self.pending = self.pending[:width], self.pending[width:]
+                    yield np.asarray(window, dtype=np.int64)
+            self._end_of_pass(self.records_done > 0 or bool(self.pending))
+
+    def _extra_state(self) -> dict[str, Any]:
+        buffer = np.stack(self.buffer) if self.buffer else np.zeros((0, self.seq_len + 1), dtype=np.int64)
+        return {"pending": torch.tensor(self.pending, dtype=torch.int64), "buffer": torch.from_numpy(buffer)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.pending = state["pending"].tolist()
+        self.buffer = list(state["buffer"].numpy())
+
+
+class ChatStream(RecordStream):
+    """(input_ids, labels) int32 arrays of chat records, truncated to seq_len + 1, loss on assistant tokens."""
+
+    def __init__(self, inputs: Sequence[str | Path], tokenizer, seq_len: int, buffer_size: int = 1024,
+                 seed: int = 0, rank: int = 0, world: int = 1, rejects: str | Path | None = None):
+        super().__init__(inputs, buffer_size, seed, rank, world, rejects, "chats from")
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.pending: list[Example] = []  # encoded chats of consumed records not yet handed out
+
+    def _items(self) -> Iterator[Example]:
+        while True:
+            produced = bool(self.pending)
+            for examples, upto in self._batches(lambda r: encode_example(self.tokenizer, r, self.seq_len),
+                                                self.records_done):
+                self.pending.extend(examples)
+                self.records_done = upto
+                produced = True
+                while self.pending:
+                    yield self.pending.pop(0)
+            while self.pending:  # left by a resumed state at the end of a pass
+                yield self.pending.pop(0)
+            self._end_of_pass(produced)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**_examples_state("buffer", self.buffer), **_examples_state("pending", self.pending)}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.buffer, self.pending = _examples_from_state("buffer", state), _examples_from_state("pending", state)
+
+
+Example = tuple[np.ndarray, np.ndarray]  # int32 input_ids and labels of one chat
+
+
+def _examples_state(name: str, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Variable-length examples as two tensors: lengths, and every example's ids then labels, concatenated."""
+    flat = [a for ids, labels in examples for a in (ids, labels)]
+    return {f"{name}_lengths": torch.tensor([len(ids) for ids, _ in examples], dtype=torch.int64),
+            name: torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, dtype=np.int32))}
+
+
+def _examples_from_state(name: str, state: dict[str, Any]) -> list[Example]:
+    flat, out, at = state[name].numpy(), [], 0
+    for n in state[f"{name}_lengths"].tolist():
+        out.append((flat[at:at + n].copy(), flat[at + n:at + 2 * n].copy()))
+        at += 2 * n
+    return out
+
+
+def encode_example(tokenizer, record: dict, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chat record as (input_ids, labels) int32 arrays cut to seq_len + 1; Unusable when it cannot train."""
+    from xiaolm.tokenizer import encode_chat, normalize_chat
+
+    try:
+        ids, labels = encode_chat(tokenizer, normalize_chat(record))
+    except ValueError as e:
+        raise Unusable("bad_chat", str(e)) from None
+    ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
+    if all(label == -100 for label in labels[1:]):
+        raise Unusable("no_assistant_tokens", "no assistant tokens within data.seq_len")
+    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
 
 
 class StreamingPretrainObjective:
@@ -215,7 +311,7 @@ def validation_windows(inputs: Sequence[str | Path], tokenizer, seq_len: int, li
     """Up to `limit` consecutive windows of the validation files (one pass, no shuffling)."""
     stream = TokenStream(inputs, tokenizer, seq_len, buffer_size=1)
     windows: list[np.ndarray] = []
-    for window in stream._windows():
+    for window in stream._items():
         if stream.epoch > 0 or len(windows) == limit:
             break
         windows.append(window)

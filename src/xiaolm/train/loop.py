@@ -52,7 +52,8 @@ class DataConfig:
     tokenizer: str = ""  # tokenizer dir; empty → the one recorded by pack / the init_from run
     seq_len: int = 256
     doc_mask: bool = True  # pretrain: attention stays inside each packed document, positions restart at it
-    shuffle_buffer: int = 1024  # pretrain from record files (no meta.json in path): windows mixed in memory
+    shuffle_buffer: int = 1024  # streamed data (pretrain from records, sft with stream=true): items mixed in memory
+    stream: bool = False  # sft: read the chats through the shuffle buffer instead of holding them all (needs val_path)
 
 
 @dataclass

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xiaolm.data.pack import Unusable
 from xiaolm.data.read import RejectLog, read_records
+from xiaolm.data.stream import ChatStream, Example, encode_example
 from xiaolm.errors import XiaolmError
-from xiaolm.tokenizer import encode_chat, load_tokenizer, normalize_chat
+from xiaolm.tokenizer import load_tokenizer
 from xiaolm.train import distributed
 from xiaolm.train.loop import TrainConfig, build_model, lm_loss, resolve_device, train
 
 log = logging.getLogger(__name__)
 
-Example = tuple[list[int], list[int]]
 
 
 def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: RejectLog | None) -> list[Example]:
@@ -26,17 +27,10 @@ def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: Reje
     examples: list[Example] = []
     for record, where in read_records(inputs, rejects):
         try:
-            ids, labels = encode_chat(tokenizer, normalize_chat(record))
-        except ValueError as e:
+            examples.append(encode_example(tokenizer, record, seq_len))
+        except Unusable as e:
             if rejects is not None:
-                rejects.add(f"bad chat record: {e}", where, record)
-            continue
-        ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
-        if all(label == -100 for label in labels[1:]):
-            if rejects is not None:
-                rejects.add("no assistant tokens within data.seq_len", where, record)
-            continue
-        examples.append((ids, labels))
+                rejects.add(e.reason, where, record, e.detail)
     return examples
 
 
@@ -47,8 +41,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     y = torch.full((len(examples), width), -100, dtype=torch.long)
     for row, (ids, labels) in enumerate(examples):
         n = len(ids) - 1
-        x[row, :n] = torch.tensor(ids[:-1])
-        y[row, :n] = torch.tensor(labels[1:])
+        x[row, :n] = torch.as_tensor(ids[:-1])
+        y[row, :n] = torch.as_tensor(labels[1:])
     return {"x": x, "y": y}
 
 
@@ -79,6 +73,24 @@ class SFTObjective:
             yield collate(val[i:i + self.batch_size], self.pad_id)
 
 
+class StreamingSFTObjective(SFTObjective):
+    """SFT from a ChatStream: batches must be asked for in order, which the training loop does."""
+
+    def __init__(self, stream: ChatStream, val: list[Example], batch_size: int, pad_id: int, eval_batches: int):
+        super().__init__([], val, batch_size, 0, pad_id, eval_batches)
+        self.stream = stream
+
+    def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        """The next `count` chats of this process's stream."""
+        return collate([next(self.stream) for _ in range(count)], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+
+
 def split_paths(value: str) -> list[str]:
     """'a.jsonl,b.jsonl' → ['a.jsonl', 'b.jsonl']."""
     return [p.strip() for p in value.split(",") if p.strip()]
@@ -94,6 +106,8 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(tokenizer_dir)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.data.stream:
+        return _run_streaming(cfg, tokenizer, tokenizer_dir, resume)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the rejects file
     with RejectLog(out / "rejects.jsonl" if main else None) as rejects:
         examples = load_chat_examples(split_paths(cfg.data.path), tokenizer, cfg.data.seq_len, rejects)
@@ -119,4 +133,27 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
     objective = SFTObjective(train_set, val, cfg.batch_size, cfg.seed, tokenizer.pad_token_id or 0,
                              cfg.eval_batches)
     log.info("sft: %d training chats, %d validation chats", len(train_set), len(val))
+    return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
+
+
+def _run_streaming(cfg: TrainConfig, tokenizer, tokenizer_dir: str, resume: bool) -> dict:
+    """SFT on chats read through a shuffle buffer (data.stream=true): memory does not grow with the data."""
+    if not cfg.data.val_path:
+        raise XiaolmError("streaming chats (data.stream=true) needs data.val_path (held-out chats)",
+                          where="data.val_path", hint="point it at a few thousand chats kept out of data.path")
+    device = resolve_device(cfg.device)
+    ctx = distributed.setup(device)
+    device = distributed.rank_device(device, ctx)
+    out = Path(cfg.out)
+    stream = ChatStream(split_paths(cfg.data.path), tokenizer, cfg.data.seq_len, cfg.data.shuffle_buffer,
+                        seed=cfg.seed, rank=ctx.rank, world=ctx.world,
+                        rejects=out / ("rejects.jsonl" if ctx.rank == 0 else f"rejects.rank{ctx.rank}.jsonl"))
+    val = load_chat_examples(split_paths(cfg.data.val_path), tokenizer, cfg.data.seq_len, None)
+    if not val:
+        raise XiaolmError("no usable validation chats", where=cfg.data.val_path,
+                          hint='records must be {"messages": [...]} with an assistant turn')
+    model = build_model(cfg, len(tokenizer), device)
+    objective = StreamingSFTObjective(stream, val, cfg.batch_size, tokenizer.pad_token_id or 0, cfg.eval_batches)
+    log.info("sft: streaming chats from %s through a buffer of %d, %d validation chats", cfg.data.path,
+             cfg.data.shuffle_buffer, len(val))
     return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
