@@ -169,7 +169,7 @@ def test_exact_duplicates_ignore_whitespace_and_chats_compare_their_contents(tmp
     assert removed[1]["record"]["messages"][0]["role"] == "user"
 
 
-def test_memory_settings_bound_the_batch_and_split_buckets_into_partitions(tmp_path, corpus):
+def test_memory_settings_bound_the_batch_and_split_buckets_into_partitions(tmp_path, corpus, monkeypatch):
     folder, _ = corpus
     cfg = DedupConfig(batch_chars=1000, partitions=3)
     shard = tmp_path / "sign"
@@ -183,6 +183,9 @@ def test_memory_settings_bound_the_batch_and_split_buckets_into_partitions(tmp_p
     report = dedup_files([folder], tmp_path / "out", cfg, workers=1)
     assert report["work"]["partitions"] == 3 and report["work"]["max_batch_chars"] <= 1000
     assert report["removed"] == {"exact": 3, "near": 12}  # same result in small pieces
+    monkeypatch.setattr(dedup, "SIMILARITY_CHUNK", 2)  # signatures of two pairs at a time
+    dedup_files([folder], tmp_path / "chunked", cfg, workers=1)
+    assert outputs(tmp_path / "chunked") == outputs(tmp_path / "out")
 
 
 def test_auto_partitions_follow_partition_mb(corpus):

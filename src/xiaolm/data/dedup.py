@@ -50,6 +50,7 @@ _BASE = np.uint64(0x100000001B3)
 _EXACT_DOMAIN = 0x9E3779B97F4A7C15
 _PREVIEW = 120
 _CHUNK = 1 << 17
+SIMILARITY_CHUNK = 1 << 16  # pairs whose signatures are read at once (2 × 512 bytes each with 128 permutations)
 
 
 @dataclass
@@ -368,10 +369,14 @@ class _Signatures:
         return sig, exact
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(estimated Jaccard, exact-duplicate flag) of document pairs."""
-        sig_a, ex_a = self.get(a)
-        sig_b, ex_b = self.get(b)
-        return estimate_jaccard(sig_a, sig_b), ex_a == ex_b
+        """(estimated Jaccard, exact-duplicate flag) of document pairs, SIMILARITY_CHUNK pairs at a time."""
+        jaccard, exact, chunk = np.empty(len(a), np.float64), np.empty(len(a), bool), SIMILARITY_CHUNK
+        for start in range(0, len(a), chunk):
+            sig_a, ex_a = self.get(a[start:start + chunk])
+            sig_b, ex_b = self.get(b[start:start + chunk])
+            jaccard[start:start + chunk] = estimate_jaccard(sig_a, sig_b)
+            exact[start:start + chunk] = ex_a == ex_b
+        return jaccard, exact
 
 
 def pair_partition(out: Path, part: int, sign_dir: str, docs: list[int], cfg: DedupConfig) -> dict:
