@@ -1,8 +1,13 @@
-"""Near-duplicate detection: xiaolm `data dedup` vs datasketch (MinHash + MinHashLSH), same corpus and settings.
+"""Near-duplicate detection: xiaolm `data dedup` vs datasketch (MinHash + MinHashLSH) and HF datatrove's MinHash
+pipeline, same corpus and settings.
 
     python benchmarks/dedup.py [--docs 200000 --files 8 --chars 100 --pairs 5000 --exact 2000 --workers 2]
-                               [--skip-datasketch] [--settings batch_chars=250000 partition_mb=16]
-    (needs `pip install 'xiaolm[bench]'` for datasketch)
+                               [--systems xiaolm,datasketch,datatrove] [--skip-datasketch]
+                               [--datatrove-python /tmp/dtvenv/bin/python] [--datatrove-buckets 10x12,13x9]
+                               [--settings batch_chars=250000 partition_mb=16]
+    (needs `pip install 'xiaolm[bench]'` for datasketch; datatrove can live in its own environment:
+    `python -m venv /tmp/dtvenv && /tmp/dtvenv/bin/pip install datatrove numpy regex 'xxhash<4' tokenizers orjson`,
+    then pass `--datatrove-python /tmp/dtvenv/bin/python`)
 
 The corpus: random Chinese text drawn from the character frequencies of the embedded demo corpus (poems and
 idiom explanations), ~`--chars` characters a document, split over `--files` JSONL files, in shuffled order. Planted
@@ -11,9 +16,18 @@ near-duplicates: `--pairs` copies edited to each character-5-gram Jaccard level 
 Each system runs in its own subprocess: docs/s over the whole job (reading JSON to finding the pairs), docs per
 CPU-second (user + system time of the process and its workers: less sensitive to other load on the machine), peak
 RSS.
-Precision: share of the pairs a system reports (xiaolm: removed → kept; datasketch: each query's candidates) whose
-true Jaccard is ≥ 0.8. Recall: share of planted pairs that end in the same cluster (connected components of the
-reported pairs), per level.
+datatrove runs its four stages (MinhashDedupSignature → MinhashDedupBuckets → MinhashDedupCluster →
+MinhashDedupFilter) with LocalPipelineExecutor (one task per input file, one per bucket, `workers` at once, start
+method fork so that the pool's processes are children of the measured one), writing the kept documents as plain
+JSONL like xiaolm. It shingles characters: a WordTokenizer passed in place of a language makes every non-space
+character a token (for "zh" datatrove would segment words with spaCy + jieba) and text normalization is off (it
+would lowercase, drop punctuation, map digits to 0), so its 5-grams are the same 5-grams as xiaolm's and the truth's.
+It has no verification of LSH candidates: every band collision is a pair, so `--datatrove-buckets` (buckets ×
+hashes per bucket, default 10x12) is the shape whose S-curve is closest to xiaolm's 21 × 6 bands plus signature
+verification at 0.8.
+Precision: share of the pairs a system reports (xiaolm and datatrove: removed → kept of its cluster; datasketch: each
+query's candidates) whose true Jaccard is ≥ 0.8. Recall: share of planted pairs that end in the same cluster
+(connected components of the reported pairs), per level.
 """
 
 from __future__ import annotations
@@ -119,7 +133,7 @@ def make_corpus(out: Path, docs: int, files: int, chars: int, pairs: int, exact:
     return planted
 
 
-# ---------------------------------------------------------------- the two systems (each run in a subprocess)
+# ---------------------------------------------------------------- the systems (each run in a subprocess)
 
 
 def run_xiaolm(corpus: Path, work: Path, workers: int, settings: list[str]) -> list[tuple[str, str]]:
@@ -151,6 +165,72 @@ def run_datasketch(corpus: Path, work: Path, workers: int, settings: list[str]) 
     return found
 
 
+def run_datatrove(corpus: Path, work: Path, workers: int, settings: list[str]) -> list[tuple[str, str]]:
+    """datatrove's MinHash pipeline, four LocalPipelineExecutor stages; the pairs are (removed id, kept id)."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.text import TextNormConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class Characters(WordTokenizer):
+        """Every non-space character is a word, so datatrove's word 5-grams are character 5-grams."""
+
+        def word_tokenize(self, text: str) -> list[str]:
+            return [c for c in text if not c.isspace()]
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            return [(0, len(text))]
+
+    buckets, per_bucket = map(int, settings[0].split("x"))
+    off = TextNormConfig(lowercase=False, norm_whitespace=False, remove_punctuation=False,
+                         norm_unicode_diacritics=False, norm_numbers=False)
+    config = MinhashConfig(n_grams=NGRAM, num_buckets=buckets, hashes_per_bucket=per_bucket, norm_config=off)
+    files = len(list(corpus.glob("*.jsonl")))
+
+    def stage(name: str, pipeline: list, tasks: int) -> None:
+        LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work / "logs" / name),
+                              start_method="fork").run()
+
+    def keep_clustered(data, rank: int = 0, world_size: int = 1):
+        """Pass documents through; note the kept one of each cluster (its id and cluster id) to map removed → kept."""
+        with open(work / "kept" / f"{rank:05d}.tsv", "w", encoding="utf-8") as f:
+            for doc in data:
+                if doc.metadata.get("minhash_cluster_id", -1) >= 0:
+                    f.write(f"{doc.id}\t{doc.metadata['minhash_cluster_id']}\n")
+                yield doc
+
+    (work / "kept").mkdir(parents=True)
+    stage("signatures", [JsonlReader(str(corpus), glob_pattern="*.jsonl"),
+                         MinhashDedupSignature(str(work / "signatures"), config=config, language=Characters())], files)
+    stage("buckets", [MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=config)], buckets)
+    stage("clusters", [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config,
+                                           save_cluster_id=True)], 1)
+    stage("filter", [JsonlReader(str(corpus), glob_pattern="*.jsonl"),
+                     MinhashDedupFilter(str(work / "remove"), load_cluster_ids=True,
+                                        exclusion_writer=JsonlWriter(str(work / "removed"), compression=None)),
+                     keep_clustered, JsonlWriter(str(work / "output"), compression=None)], files)
+    kept = {}
+    for path in (work / "kept").glob("*.tsv"):
+        with open(path, encoding="utf-8") as f:
+            kept.update((cluster, doc) for doc, cluster in (line.rstrip("\n").split("\t") for line in f))
+    pairs = []
+    for path in (work / "removed").glob("*.jsonl"):
+        with open(path, encoding="utf-8") as f:
+            pairs.extend((row["id"], kept[str(row["metadata"]["minhash_cluster_id"])]) for row in map(json.loads, f))
+    return pairs
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory since exec (VmHWM; ru_maxrss would include the forking parent's)."""
     with open("/proc/self/status", encoding="ascii") as f:
@@ -160,7 +240,7 @@ def peak_rss_mb() -> float:
 def child(system: str, corpus: str, work: str, workers: int, settings: list[str]) -> None:
     """Subprocess entry: run one system, print its timing, peak RSS and pairs as one JSON line."""
     start = time.perf_counter()
-    fn = run_xiaolm if system == "xiaolm" else run_datasketch
+    fn = {"xiaolm": run_xiaolm, "datasketch": run_datasketch, "datatrove": run_datatrove}[system]
     pairs = fn(Path(corpus), Path(work), workers, settings)
     seconds = time.perf_counter() - start
     own = peak_rss_mb()
@@ -172,9 +252,10 @@ def child(system: str, corpus: str, work: str, workers: int, settings: list[str]
                       "pairs": pairs}))
 
 
-def measure(system: str, corpus: Path, work: Path, workers: int, settings: list[str]) -> dict:
-    """Run one system in a fresh Python process."""
-    cmd = [sys.executable, __file__, "--child", system, str(corpus), str(work), str(workers), *settings]
+def measure(system: str, corpus: Path, work: Path, workers: int, settings: list[str],
+            python: str = sys.executable) -> dict:
+    """Run one system in a fresh Python process (`python`: the interpreter, e.g. of another environment)."""
+    cmd = [python, __file__, "--child", system, str(corpus), str(work), str(workers), *settings]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode:
         sys.exit(f"{system} failed:\n{done.stderr[-3000:]}")
@@ -221,7 +302,7 @@ def score(pairs: list[tuple[str, str]], planted: dict, texts: dict[str, str]) ->
 
 
 def main() -> None:
-    """Generate the corpus, run both systems, print the table and the ratios."""
+    """Generate the corpus, run the systems, print the table and the ratios."""
     p = argparse.ArgumentParser()
     p.add_argument("--docs", type=int, default=200_000)
     p.add_argument("--files", type=int, default=8)
@@ -230,7 +311,13 @@ def main() -> None:
     p.add_argument("--exact", type=int, default=2000, help="planted verbatim copies")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-datasketch", action="store_true")
+    p.add_argument("--systems", default="xiaolm,datasketch",
+                   help="comma-separated, of xiaolm, datasketch, datatrove (default: xiaolm,datasketch)")
+    p.add_argument("--skip-datasketch", action="store_true", help="leave datasketch out of --systems")
+    p.add_argument("--datatrove-python", default=sys.executable,
+                   help="interpreter of an environment with datatrove (default: this one)")
+    p.add_argument("--datatrove-buckets", default="10x12",
+                   help="datatrove LSH shapes, buckets x hashes per bucket, comma-separated: one run each")
     p.add_argument("--settings", nargs="*", default=[], metavar="key=value",
                    help="xiaolm DedupConfig settings, e.g. batch_chars=250000 partition_mb=16")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -238,6 +325,16 @@ def main() -> None:
     if a.child:
         child(a.child[0], a.child[1], a.child[2], int(a.child[3]), a.child[4:])
         return
+    systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    if a.skip_datasketch and "datasketch" in systems:
+        systems.remove("datasketch")
+    if unknown := set(systems) - {"xiaolm", "datasketch", "datatrove"}:
+        p.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    shapes = [s.strip() for s in a.datatrove_buckets.split(",") if s.strip()]
+    for shape in shapes:
+        b, _, r = shape.partition("x")
+        if not (b.isdigit() and r.isdigit() and int(b) > 0 and int(r) > 0):
+            p.error(f"--datatrove-buckets: {shape!r} is not BUCKETSxHASHES, e.g. 10x12")
     with tempfile.TemporaryDirectory(prefix="xiaolm-bench-dedup-") as tmp:
         corpus = Path(tmp) / "corpus"
         start = time.perf_counter()
@@ -252,31 +349,41 @@ def main() -> None:
         print("planted pairs: " + ", ".join(
             f"{lv}: {len(r)} (true Jaccard {min(j for *_, j in r):.2f}–{max(j for *_, j in r):.2f}, "
             f"{sum(j >= THRESHOLD for *_, j in r)} ≥ {THRESHOLD})" for lv, r in planted.items()))
-        runs = [("xiaolm", 1), ("xiaolm", a.workers)] if a.workers > 1 else [("xiaolm", 1)]
-        if not a.skip_datasketch:
-            runs.append(("datasketch", 1))
+        counts = [1, a.workers] if a.workers > 1 else [1]
+        # (label, system, processes, child settings, interpreter)
+        runs = []
+        if "xiaolm" in systems:
+            runs += [("xiaolm", "xiaolm", w, a.settings, sys.executable) for w in counts]
+        if "datasketch" in systems:
+            runs.append(("datasketch", "datasketch", 1, [], sys.executable))
+        if "datatrove" in systems:
+            runs += [(f"datatrove {shape.replace('x', '×')}", "datatrove", w, [shape], a.datatrove_python)
+                     for shape in shapes for w in counts]
         results = {}
-        for system, workers in runs:
+        for label, system, workers, settings, python in runs:
             load = os.getloadavg()[0]
-            r = measure(system, corpus, Path(tmp) / f"{system}-{workers}", workers, a.settings)
+            work = Path(tmp) / f"{system}-{workers}-{'-'.join(settings) or 'default'}"
+            r = measure(system, corpus, work, workers, settings, python)
             r["load"] = f"{load:.1f}–{os.getloadavg()[0]:.1f}"
             r.update(score(r.pop("pairs"), planted, texts))
-            results[(system, workers)] = r
+            results[(label, workers)] = r
+            print(f"done: {label}, {workers} process(es), {r['seconds']:.1f} s", flush=True)
         head = ("| system | processes | docs/s | docs per CPU-second | peak RSS MB (main / largest worker) | pairs | "
                 f"precision | recall ≥ {THRESHOLD} | " + " | ".join(f"found @{lv}" for lv in planted)
                 + " | load avg (1 min) |")
         print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
-        for (system, workers), r in results.items():
+        for (label, workers), r in results.items():
             rss = f"{r['rss_mb']:.0f}" + (f" / {r['worker_rss_mb']:.0f}" if workers > 1 else "")
-            print(f"| {system} | {workers} | {len(texts) / r['seconds']:,.0f} | {len(texts) / r['cpu_seconds']:,.0f} "
+            print(f"| {label} | {workers} | {len(texts) / r['seconds']:,.0f} | {len(texts) / r['cpu_seconds']:,.0f} "
                   f"| {rss} | {r['pairs']:,} | "
                   f"{r['precision']:.4f} | {r['recall']:.4f} | "
                   + " | ".join(f"{v:.3f}" for v in r["by_level"].values()) + f" | {r['load']} |")
-        if ("datasketch", 1) in results:
-            base = results[("datasketch", 1)]
+        for (label, base_workers), base in results.items():
+            if label == "xiaolm":
+                continue
             for (system, workers), r in results.items():
-                if system == "xiaolm":
-                    print(f"xiaolm with {workers} process(es) / datasketch: "
+                if system == "xiaolm" and (label == "datasketch" or workers == base_workers):
+                    print(f"xiaolm with {workers} process(es) / {label} with {base_workers}: "
                           f"{base['seconds'] / r['seconds']:.1f}x docs/s, "
                           f"{base['cpu_seconds'] / r['cpu_seconds']:.1f}x docs per CPU-second")
 
