@@ -165,6 +165,21 @@ def test_bad_settings_fail_before_reading(tmp_path):
         clean_files([tmp_path / "missing.jsonl"], tmp_path / "out", CleanConfig(min_chars=50, max_chars=10))
     with pytest.raises(XiaolmError, match="input not found"):
         clean_files([tmp_path / "missing.jsonl"], tmp_path / "out")
+    with pytest.raises(XiaolmError, match="txt_docs"):
+        clean_files([tmp_path / "missing.jsonl"], tmp_path / "out", CleanConfig(txt_docs="paragraph"))
+
+
+def test_text_files_cut_at_blank_lines_when_asked(tmp_path):
+    book = tmp_path / "raw" / "book.txt"
+    book.parent.mkdir()
+    book.write_text("春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。\n\n床前明月光，疑是地上霜。\n",
+                    encoding="utf-8")
+    by_line = clean_files([book.parent], tmp_path / "lines")
+    assert by_line["records_in"] == 3
+    by_blank = clean_files([book.parent], tmp_path / "blank", CleanConfig(txt_docs="blank"))
+    assert by_blank["records_in"] == 2
+    assert [r["text"] for r in parts(tmp_path / "blank")] == [
+        "春眠不觉晓，处处闻啼鸟。\n夜来风雨声，花落知多少。", "床前明月光，疑是地上霜。"]
 
 
 def test_wiki_markup_urls_and_emails_are_scrubbed():

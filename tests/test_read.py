@@ -183,3 +183,25 @@ def test_parquet_rows_stream_in_batches_with_row_provenance(tmp_path):
     with RejectLog(None) as rejects:
         assert list(read_records([tmp_path / "bad.parquet"], rejects)) == []
     assert rejects.counts == {"unreadable_file": 1}
+
+
+def test_blank_line_separated_text_gives_one_document_per_paragraph(tmp_path, monkeypatch):
+    text = "\ufeff第一段第一行。\n第一段第二行。\n\n\n第二段。\r\n   \n第三段\xff行。\n"
+    raw = text.encode("utf-8").replace("\xff".encode(), b"\xff")
+    (tmp_path / "book.txt").write_bytes(raw)
+    (tmp_path / "book2.txt.gz").write_bytes(gzip.compress(raw))
+    for name in ("book.txt", "book2.txt.gz"):
+        with RejectLog() as rejects:
+            got = [(r["text"], w.rsplit(":", 1)[1])
+                   for r, w in read_records([tmp_path / name], rejects, txt_docs="blank")]
+        assert got == [("第一段第一行。\n第一段第二行。", "1"), ("第二段。", "5")]
+        assert rejects.counts == {"invalid_utf8": 1}  # the undecodable line is a reject, not part of a document
+    # line mode, the default, keeps one document a line
+    assert len(list(read_records([tmp_path / "book.txt"]))) == 3
+    # a file without blank lines is handed on in bounded pieces
+    monkeypatch.setattr(read, "MAX_PARAGRAPH_CHARS", 10)
+    (tmp_path / "long.txt").write_text("一二三四五\n六七八九十\n甲乙\n\n丙\n", encoding="utf-8")
+    got = [(r["text"], w.rsplit(":", 1)[1]) for r, w in read_records([tmp_path / "long.txt"], txt_docs="blank")]
+    assert got == [("一二三四五\n六七八九十", "1"), ("甲乙", "3"), ("丙", "5")]
+    with pytest.raises(XiaolmError, match="txt_docs"):
+        list(read_records([tmp_path / "book.txt"], txt_docs="para"))

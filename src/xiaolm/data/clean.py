@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
-from xiaolm.data.read import RejectLog, merge_examples, plan_stage, read_records
+from xiaolm.data.read import TXT_DOCS, RejectLog, merge_examples, plan_stage, read_records
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
 
@@ -28,6 +28,7 @@ class CleanConfig:
     """Each rule can be switched off; the filters apply to the text after normalization."""
 
     text_field: str = "text"  # field holding a document's text; chat records use "messages" instead
+    txt_docs: str = "line"  # .txt inputs: line = one document a line, blank = documents separated by blank lines
     strip_wiki: bool = True  # wiki markup: [[link|text]] → text, {{templates}}, bold quotes, == headings ==, <ref>
     strip_markup: bool = True  # HTML tags, comments, scripts and entities
     strip_urls: bool = True  # http(s):// and www. addresses
@@ -376,7 +377,7 @@ def clean_shard(out: Path, path: str, cfg: CleanConfig) -> dict:
             own[reason] += 1
             rejects.add(reason, where, record, detail)
 
-        for record, where in read_records([path], rejects):
+        for record, where in read_records([path], rejects, txt_docs=cfg.txt_docs):
             read += 1
             bar.update(1)
             try:
@@ -427,6 +428,9 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
         raise XiaolmError(f"inconsistent limits min_chars={cfg.min_chars} max_chars={cfg.max_chars} "
                           f"min_cjk_ratio={cfg.min_cjk_ratio}", where="config",
                           hint="need 0 <= min_chars <= max_chars and 0 <= min_cjk_ratio <= 1")
+    if cfg.txt_docs not in TXT_DOCS:
+        raise XiaolmError(f"unknown txt_docs={cfg.txt_docs!r}", where="config",
+                          hint="line (one document a line) or blank (documents separated by blank lines)")
     Cleaner(cfg)  # a missing block list or language-ID package fails here, before any work
     out_dir = Path(out_dir)
     files, fingerprint, config_text, report = plan_stage("data/clean", inputs, out_dir, cfg)

@@ -1,6 +1,7 @@
 """Streaming record readers with file:line provenance and rejects.
 
-Formats: .jsonl, .json (an array or a sequence of values, streamed), .txt (one document a line), .csv/.tsv
+Formats: .jsonl, .json (an array or a sequence of values, streamed), .txt (one document a line, or with
+`txt_docs="blank"` documents separated by blank lines), .csv/.tsv
 (a header row names the fields), .parquet (read in row batches); each of the text formats also gzip (.gz) or
 zstandard (.zst) compressed. Memory stays flat whatever the file size.
 """
@@ -31,6 +32,10 @@ COMPRESSIONS = (".gz", ".zst")
 ARTIFACTS = frozenset({"rejects.jsonl", "report.json", "meta.json"})
 MAX_EXAMPLES = 3
 _CHUNK = 1 << 20
+TXT_DOCS = ("line", "blank")  # how a .txt file is cut into documents: one a line, or at blank lines
+# a blank-line document that grows past this many characters is handed on and the next one begins, so that a
+# file without blank lines cannot fill memory (cleaning splits long documents further)
+MAX_PARAGRAPH_CHARS = 1_000_000
 
 
 class RejectLog:
@@ -309,6 +314,25 @@ def _read_lines(path: Path, rejects: RejectLog | None, as_text: bool) -> Iterato
         yield record, where
 
 
+def _read_paragraphs(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, str]]:
+    """Documents separated by one or more blank lines; each one's provenance is its first line."""
+    lines: list[str] = []
+    size = first = 0
+    for n, line in _lines(path, rejects):
+        if line.strip():
+            if not lines:
+                first = n
+            lines.append(line)
+            size += len(line) + 1
+            if size <= MAX_PARAGRAPH_CHARS:
+                continue
+        if lines:
+            yield {"text": "\n".join(lines)}, f"{path}:{first}"
+            lines, size = [], 0
+    if lines:
+        yield {"text": "\n".join(lines)}, f"{path}:{first}"
+
+
 def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, str]]:
     """Stream the elements of a top-level JSON array (or of a JSON value sequence) with their lines."""
     decoder = json.JSONDecoder()
@@ -436,18 +460,22 @@ def _read_parquet(path: Path, rejects: RejectLog | None, batch_rows: int = 1024)
 
 
 def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None,
-                 encoding: str = "utf-8") -> Iterator[tuple[dict, str]]:
+                 encoding: str = "utf-8", txt_docs: str = "line") -> Iterator[tuple[dict, str]]:
     """Yield (record, "file:line") from every input; malformed records go to `rejects`, reading goes on.
 
     `encoding` applies to CSV/TSV files (some public Chinese CSVs are GB18030); JSON and text are UTF-8.
+    `txt_docs` says how .txt files are cut into documents: "line" (one a line) or "blank" (at blank lines).
     """
     for path in expand_inputs(inputs):
-        yield from read_file(path, rejects, encoding=encoding)
+        yield from read_file(path, rejects, encoding=encoding, txt_docs=txt_docs)
 
 
 def read_file(path: Path, rejects: RejectLog | None, fmt: str | None = None,
-              encoding: str = "utf-8") -> Iterator[tuple[dict, str]]:
+              encoding: str = "utf-8", txt_docs: str = "line") -> Iterator[tuple[dict, str]]:
     """(record, "file:line") of one file in format `fmt` (".jsonl", ".csv", …; default: from its name)."""
+    if txt_docs not in TXT_DOCS:
+        raise XiaolmError(f"unknown txt_docs={txt_docs!r}", where="txt_docs",
+                          hint="use line (one document a line) or blank (documents separated by blank lines)")
     suffix = fmt or _base_suffix(path)
     if suffix == ".json":
         yield from _read_json(path, rejects)
@@ -455,5 +483,7 @@ def read_file(path: Path, rejects: RejectLog | None, fmt: str | None = None,
         yield from _read_csv(path, rejects, encoding)
     elif suffix == ".parquet":
         yield from _read_parquet(path, rejects)
+    elif suffix == ".txt" and txt_docs == "blank":
+        yield from _read_paragraphs(path, rejects)
     else:
         yield from _read_lines(path, rejects, as_text=suffix == ".txt")
