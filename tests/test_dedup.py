@@ -169,6 +169,18 @@ def test_exact_duplicates_ignore_whitespace_and_chats_compare_their_contents(tmp
     assert removed[1]["record"]["messages"][0]["role"] == "user"
 
 
+def test_parquet_input_keeps_row_provenance_in_removed_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["今天天气很好，我们去公园散步。", "完全不同的一句话在这里出现。", "今天天气很好，我们去公园散步。"]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
+    report = dedup_files([tmp_path / "a.parquet"], tmp_path / "out", workers=1)
+    assert report["records_out"] == 2
+    (removed,) = rows(tmp_path / "out" / REMOVED)
+    assert removed["where"] == f"{tmp_path / 'a.parquet'}:row 3" and removed["exact"]
+
+
 def test_memory_settings_bound_the_batch_and_split_buckets_into_partitions(tmp_path, corpus, monkeypatch):
     folder, _ = corpus
     cfg = DedupConfig(batch_chars=1000, partitions=3)

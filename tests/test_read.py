@@ -93,9 +93,11 @@ def test_json_file_variants(tmp_path):
         got = {Path(w).name: r["text"] for r, w in read_records([tmp_path], rejects)}
     assert got == {"broken.json:1": "好", "nocomma.json:1": "一", "one.json:1": "单个对象",
                    "seq.json:1": "甲", "seq.json:2": "乙"}
-    assert rejects.counts == {"bad_json": 2}
+    assert rejects.counts == {"bad_json": 2, "empty_file": 2}
     assert [e["where"].rsplit("/", 1)[1] for e in rejects.examples["bad_json"]] == ["broken.json:2",
                                                                                   "nocomma.json:1"]
+    assert [e["where"].rsplit("/", 1)[1] for e in rejects.examples["empty_file"]] == ["empty.json:1",
+                                                                                    "empty_array.json:1"]
 
 
 def test_gzip_and_empty_and_truncated_files(tmp_path):
@@ -103,6 +105,7 @@ def test_gzip_and_empty_and_truncated_files(tmp_path):
         g.writelines(json.dumps({"text": f"第{i}行"}, ensure_ascii=False) + "\n" for i in range(2000))
     (tmp_path / "b.txt.gz").write_bytes(gzip.compress("一\n二\n".encode()))
     (tmp_path / "c.jsonl").write_bytes(b"")
+    (tmp_path / "e.txt.gz").write_bytes(gzip.compress(b"\n  \n"))
     data = (tmp_path / "a.jsonl.gz").read_bytes()
     (tmp_path / "d.jsonl.gz").write_bytes(data[: len(data) // 2])
     with RejectLog() as rejects:
@@ -113,7 +116,8 @@ def test_gzip_and_empty_and_truncated_files(tmp_path):
         by_file[name] = by_file.get(name, 0) + 1
     assert by_file["a.jsonl.gz"] == 2000 and by_file["b.txt.gz"] == 2 and "c.jsonl" not in by_file
     assert 0 < by_file["d.jsonl.gz"] < 2000  # what decompresses before the cut is kept
-    assert rejects.counts == {"unreadable_file": 1}
+    assert rejects.counts == {"unreadable_file": 1, "empty_file": 2}  # empty files are counted, not records
+    assert sorted(Path(e["where"]).name for e in rejects.examples["empty_file"]) == ["c.jsonl:1", "e.txt.gz:1"]
 
 
 def test_missing_inputs_are_clear_errors(tmp_path):

@@ -76,6 +76,23 @@ def test_wikiextractor_doc_blocks_and_json_lines(tmp_path):
     assert "<例如>" in records[1]["text"]  # entities unescaped; the title line is not repeated in the text
 
 
+def test_wikiextractor_files_cut_short_or_not_utf8_are_rejected_by_line(tmp_path):
+    import gzip
+
+    block = (FIXTURES / "zhwiki" / "extracted" / "AA" / "wiki_00").read_bytes()
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    (extracted / "wiki_00").write_bytes(block.replace("研究".encode(), b"\xff\xfe", 1))
+    (extracted / "wiki_01.gz").write_bytes(gzip.compress(block)[:-30])  # the download stopped early
+    report = import_records("zhwiki", [extracted], tmp_path / "out")
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    reasons = {r["reason"]: r["where"] for r in rejects}
+    assert reasons["invalid_utf8"].startswith(f"{extracted / 'wiki_00'}:")
+    assert reasons["unreadable_file"].startswith(f"{extracted / 'wiki_01.gz'}:")
+    assert report["rejected"]["invalid_utf8"] == 1 and report["rejected"]["unreadable_file"] == 1
+    assert report["records_written"] >= 1
+
+
 def test_wrong_recipe_stops_early_naming_the_expected_fields(tmp_path):
     with pytest.raises(XiaolmError, match=r"lack the fields recipe 'firefly' needs \(input, target\)") as e:
         import_records("firefly", [FIXTURES / "belle"], tmp_path / "out")

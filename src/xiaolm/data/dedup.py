@@ -36,6 +36,8 @@ from xiaolm.data.read import (
     merge_examples,
     plan_stage,
     read_records,
+    where_at,
+    where_number,
 )
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
@@ -332,7 +334,7 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
                 texts.append(text)
                 exact.append(exact_hash(text))
                 chars += len(text)
-                lines.append(int(where.rsplit(":", 1)[1]))
+                lines.append(where_number(where))
                 rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
                 try:
                     records.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -461,12 +463,12 @@ def filter_shard(out: Path, shard: int, path: str, sign_dir: str, cluster_dir: s
             if pos in want:
                 rec = json.loads(line)
                 text = normalize(document_text(rec, text_field) or "")
-                previews[str(base + pos)] = {"id": rec["id"], "where": f"{path}:{lines[pos]}",
+                previews[str(base + pos)] = {"id": rec["id"], "where": where_at(path, lines[pos]),
                                              "text": text[:_PREVIEW] + ("…" if len(text) > _PREVIEW else "")}
             if pos in removed:
                 kept_id, jaccard, exact = removed[pos]
                 row = {"id": json.loads(line)["id"], "kept_id": kept_id, "exact": exact, "jaccard": jaccard,
-                       "where": f"{path}:{lines[pos]}"}
+                       "where": where_at(path, lines[pos])}
                 gone.write(json.dumps(row, ensure_ascii=False)[:-1] + ', "record": ' + line.rstrip("\n") + "}\n")
             else:
                 part.write(line)

@@ -263,7 +263,7 @@ def _zstd_error() -> tuple[type[Exception], ...]:
 _READ_ERRORS = (EOFError, OSError, zlib.error, *_zstd_error())
 
 
-def _lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line without its newline); undecodable lines go to rejects."""
     n = 0
     try:
@@ -296,7 +296,7 @@ def _reject(rejects: RejectLog | None, reason: str, where: str, record: Any, det
 
 
 def _read_lines(path: Path, rejects: RejectLog | None, as_text: bool) -> Iterator[tuple[dict, str]]:
-    for n, line in _lines(path, rejects):
+    for n, line in text_lines(path, rejects):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -318,7 +318,7 @@ def _read_paragraphs(path: Path, rejects: RejectLog | None) -> Iterator[tuple[di
     """Documents separated by one or more blank lines; each one's provenance is its first line."""
     lines: list[str] = []
     size = first = 0
-    for n, line in _lines(path, rejects):
+    for n, line in text_lines(path, rejects):
         if line.strip():
             if not lines:
                 first = n
@@ -443,6 +443,16 @@ def _read_csv(path: Path, rejects: RejectLog | None, encoding: str = "utf-8") ->
         _unreadable(path, line, e, rejects)
 
 
+def where_number(where: str) -> int:
+    """The line (or Parquet row) number of a reader's "file:line" or "file:row N"."""
+    return int(where.rsplit(":", 1)[1].removeprefix("row "))
+
+
+def where_at(path: str | Path, number: int) -> str:
+    """The reader's provenance of line (or Parquet row) `number` of `path`: where_number's inverse."""
+    return f"{path}:row {number}" if _base_suffix(Path(path)) == ".parquet" else f"{path}:{number}"
+
+
 def _read_parquet(path: Path, rejects: RejectLog | None, batch_rows: int = 1024) -> Iterator[tuple[dict, str]]:
     """Rows of a Parquet file as dicts, read batch by batch; provenance is `file:row N` (1-based)."""
     try:
@@ -454,7 +464,7 @@ def _read_parquet(path: Path, rejects: RejectLog | None, batch_rows: int = 1024)
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
             for record in batch.to_pylist():
                 row += 1
-                yield record, f"{path}:row {row}"
+                yield record, where_at(path, row)
     except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for damaged files
         _unreadable(path, row + 1, e, rejects)
 
@@ -478,12 +488,20 @@ def read_file(path: Path, rejects: RejectLog | None, fmt: str | None = None,
                           hint="use line (one document a line) or blank (documents separated by blank lines)")
     suffix = fmt or _base_suffix(path)
     if suffix == ".json":
-        yield from _read_json(path, rejects)
+        records = _read_json(path, rejects)
     elif suffix in (".csv", ".tsv"):
-        yield from _read_csv(path, rejects, encoding)
+        records = _read_csv(path, rejects, encoding)
     elif suffix == ".parquet":
-        yield from _read_parquet(path, rejects)
+        records = _read_parquet(path, rejects)
     elif suffix == ".txt" and txt_docs == "blank":
-        yield from _read_paragraphs(path, rejects)
+        records = _read_paragraphs(path, rejects)
     else:
-        yield from _read_lines(path, rejects, as_text=suffix == ".txt")
+        records = _read_lines(path, rejects, as_text=suffix == ".txt")
+    rejected = rejects.total if rejects is not None else 0
+    empty = True
+    for item in records:
+        empty = False
+        yield item
+    if empty and rejects is not None and rejects.total == rejected:
+        rejects.add("empty_file", f"{path}:1", None,
+                    detail="the file holds no records (empty, blank lines only, an empty array or no rows)")

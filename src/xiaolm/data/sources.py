@@ -9,7 +9,6 @@ stops the import at once with the fields expected and the fields found.
 from __future__ import annotations
 
 import html
-import io
 import json
 import logging
 import re
@@ -24,10 +23,10 @@ from xiaolm.data.read import (
     RejectLog,
     files_fingerprint,
     finished_stage,
-    open_bytes,
     read_file,
     read_records,
     stage_inputs,
+    text_lines,
 )
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
@@ -87,33 +86,29 @@ def _conversations(r: dict) -> dict:
 def _read_wikiextractor(files: list[Path], rejects: RejectLog) -> Iterator[tuple[dict, str]]:
     """WikiExtractor output: `<doc id=.. url=.. title=..>` blocks in files named wiki_NN, or its --json lines."""
     for path in files:
-        with _open_text(path) as f:
-            first = f.readline()
-            f.seek(0)
-            if first.lstrip().startswith("{"):
-                yield from read_file(path, rejects, fmt=".jsonl")
-                continue
-            doc: dict | None = None
-            lines: list[str] = []
-            start = 0
-            for n, line in enumerate(f, 1):
-                if line.startswith("<doc "):
-                    doc, lines, start = dict(_DOC_ATTR.findall(line)), [], n
-                elif line.startswith("</doc>") and doc is not None:
-                    body = lines[1:] if lines and lines[0].strip() == doc.get("title", "") else lines
-                    yield {**doc, "text": "".join(body).strip()}, f"{path}:{start}"
-                    doc = None
-                elif doc is not None:
-                    lines.append(line)
-            if doc is not None:
-                rejects.add("bad_record", f"{path}:{start}", doc, detail="<doc> without </doc>: file cut short?")
+        head = text_lines(path, None)
+        first = next((line for _, line in head if line.strip()), "")
+        head.close()
+        if first.lstrip().startswith("{"):
+            yield from read_file(path, rejects, fmt=".jsonl")
+            continue
+        doc: dict | None = None
+        lines: list[str] = []
+        start = 0
+        for n, line in text_lines(path, rejects):
+            if line.startswith("<doc "):
+                doc, lines, start = dict(_DOC_ATTR.findall(line)), [], n
+            elif line.startswith("</doc>") and doc is not None:
+                body = lines[1:] if lines and lines[0].strip() == doc.get("title", "") else lines
+                yield {**doc, "text": "\n".join(body).strip()}, f"{path}:{start}"
+                doc = None
+            elif doc is not None:
+                lines.append(line)
+        if doc is not None:
+            rejects.add("bad_record", f"{path}:{start}", doc, detail="<doc> without </doc>: file cut short?")
 
 
 _DOC_ATTR = re.compile(r'(\w+)="([^"]*)"')
-
-
-def _open_text(path: Path) -> IO[str]:
-    return io.TextIOWrapper(open_bytes(path), encoding="utf-8", errors="replace")
 
 
 def _wiki_files(inputs: Sequence[str | Path]) -> list[Path]:
