@@ -279,3 +279,13 @@ def test_a_rerun_after_a_crash_reuses_finished_shards(tmp_path, monkeypatch):
     assert {k: again[k] for k in ("records_out", "rejected", "examples")} == \
         {k: whole[k] for k in ("records_out", "rejected", "examples")}
     assert parts(tmp_path / "out") == parts(tmp_path / "whole")
+
+
+def test_records_with_lone_surrogates_are_rejected_by_the_reader(tmp_path):
+    src = tmp_path / "raw.jsonl"  # "\udc80" alone is valid JSON but not Unicode text; "\ud83d\ude00" is 😀
+    src.write_text('{"text": "今天天气很好我们去公园散步\\udc80吧"}\n{"text": "短\\ud800"}\n'
+                   '{"text": "今天天气很好我们去公园散步\\ud83d\\ude00"}\n', encoding="utf-8")
+    report = clean_files([src], tmp_path / "out")
+    assert [r["text"] for r in parts(tmp_path / "out")] == ["今天天气很好我们去公园散步😀"]
+    assert report["rejected"] == {"lone_surrogate": 2}
+    assert rows(tmp_path / "out" / "rejects.jsonl")[1]["record"] == {"text": "短\ud800"}  # written escaped

@@ -298,16 +298,16 @@ def test_bad_records_are_counted_and_written_to_rejects(tmp_path):
         {"title": "没有正文"},
         {"messages": [{"role": "robot", "content": "坏角色"}]},
         {"text": "第一条正常的中文记录。"},
-        '{"text": "孤立的代理项\\ud800也能通过。"}',
+        '{"text": "孤立的代理项\\ud800不是文字。"}',
     ])
     report = dedup_files([src], tmp_path / "out", workers=1)
-    assert report["rejected"] == {"bad_json": 1, "not_object": 1, "missing_field": 2, "bad_chat": 1}
-    assert report["records_in"] == 8 and report["records_out"] == 2 and report["removed"]["exact"] == 1
-    assert rows(tmp_path / "out" / "part-00000.jsonl")[1]["text"] == "孤立的代理项\ud800也能通过。"
+    assert report["rejected"] == {"bad_json": 1, "not_object": 1, "missing_field": 2, "bad_chat": 1,
+                                  "lone_surrogate": 1}
+    assert report["records_in"] == 8 and report["records_out"] == 1 and report["removed"]["exact"] == 1
     rejected = rows(tmp_path / "out" / "rejects.jsonl")
     assert [(r["reason"], r["where"].rsplit("/", 1)[1]) for r in rejected] == [
         ("bad_json", "bad.jsonl:2"), ("not_object", "bad.jsonl:3"), ("missing_field", "bad.jsonl:4"),
-        ("missing_field", "bad.jsonl:5"), ("bad_chat", "bad.jsonl:6")]
+        ("missing_field", "bad.jsonl:5"), ("bad_chat", "bad.jsonl:6"), ("lone_surrogate", "bad.jsonl:8")]
     assert rejected[2]["detail"] == "'text' is a int, not a string"
     assert report["reject_examples"]["bad_json"][0]["record"] == "{not json"
 

@@ -160,6 +160,31 @@ def test_csv_in_another_encoding_is_read_when_named_and_rejected_otherwise(tmp_p
     assert rejects.counts == {"invalid_utf8": 1}
 
 
+@pytest.mark.parametrize("compress", ["", ".gz", ".zst"])
+def test_a_bad_byte_rejects_only_its_record_in_json_csv_and_tsv(tmp_path, compress):
+    import zstandard
+
+    pack = {"": bytes, ".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress}[compress]
+    files = {
+        "a.json": '[{"text": "第一"},\n{"text": "坏\xff"},\n{"text": "第三"}]',
+        "b.csv": "ask,answer\n问一,答一\n问二,坏\xff\n问三,答三\n",
+        "c.tsv": "ask\tanswer\n问一\t答一\n问二\t坏\xff\n问三\t答三\n",
+    }
+    for name, text in files.items():
+        raw = text.encode("utf-8").replace("\xff".encode(), b"\xff")
+        (tmp_path / (name + compress)).write_bytes(pack(raw))
+    with RejectLog(tmp_path / "rejects.jsonl") as rejects:
+        got = [(Path(w).name, r) for r, w in read_records(sorted(tmp_path.glob("[abc].*")), rejects)]
+    assert [w for w, _ in got] == [f"a.json{compress}:1", f"a.json{compress}:3", f"b.csv{compress}:2",
+                                   f"b.csv{compress}:4", f"c.tsv{compress}:2", f"c.tsv{compress}:4"]
+    assert got[1][1] == {"text": "第三"} and got[3][1] == {"ask": "问三", "answer": "答三"}
+    assert rejects.counts == {"invalid_utf8": 3}
+    logged = rows(tmp_path / "rejects.jsonl")  # valid UTF-8 JSON, the bad byte shown escaped
+    assert [Path(r["where"]).name for r in logged] == [f"a.json{compress}:2", f"b.csv{compress}:3",
+                                                       f"c.tsv{compress}:3"]
+    assert logged[0]["record"] == {"text": "坏\\xff"} and logged[1]["record"] == "问二,坏\\xff"
+
+
 def test_zstd_compressed_jsonl_streams_and_a_truncated_one_is_rejected(tmp_path):
     import zstandard
 
@@ -209,3 +234,13 @@ def test_blank_line_separated_text_gives_one_document_per_paragraph(tmp_path, mo
     assert got == [("一二三四五\n六七八九十", "1"), ("甲乙", "3"), ("丙", "5")]
     with pytest.raises(XiaolmError, match="txt_docs"):
         list(read_records([tmp_path / "book.txt"], txt_docs="para"))
+
+
+def test_lone_surrogate_escapes_are_rejected_and_pairs_kept(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "好\\udc80"}\n{"text": "笑\\ud83d\\ude00"}\n', encoding="utf-8")
+    (tmp_path / "b.json").write_text('[{"t": ["x", {"k\\ud800": 1}]},\n{"t": "\\uD83D\\uDE00"}]', encoding="utf-8")
+    with RejectLog(tmp_path / "rejects.jsonl") as rejects:
+        got = [(r, Path(w).name) for r, w in read_records([tmp_path / "a.jsonl", tmp_path / "b.json"], rejects)]
+    assert got == [({"text": "笑😀"}, "a.jsonl:2"), ({"t": "😀"}, "b.json:2")]
+    assert rejects.counts == {"lone_surrogate": 2}
+    assert [Path(r["where"]).name for r in rows(tmp_path / "rejects.jsonl")] == ["a.jsonl:1", "b.json:1"]

@@ -36,9 +36,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """JSON with Chinese kept readable; lone surrogates (which UTF-8 cannot hold) make it all \\u-escaped."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, indent=indent)
+    return text
+
+
+def json_line(obj: Any) -> str:
+    """One line of a .jsonl file: `json_text` and a newline."""
+    return json_text(obj) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON (UTF-8, indented) to `path` atomically."""
-    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def concat_files(parts: Iterable[str | os.PathLike], target: str | os.PathLike) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
 from xiaolm.data.read import TXT_DOCS, RejectLog, merge_examples, plan_stage, read_records
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files, json_line
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +407,7 @@ def clean_shard(out: Path, path: str, cfg: CleanConfig) -> dict:
                 base = str(record["id"]) if record.get("id") is not None else _stable_id(key_text)
                 rec["id"] = f"{base}-{i}" if len(outputs) > 1 else base
                 rec["source"] = source
-                dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                dst.write(json_line(rec))
                 records_out += 1
     return {"records_in": read + rejects.total - sum(own.values()), "records_out": records_out,
             "rejected": dict(rejects.counts), "reject_examples": dict(rejects.examples),

@@ -40,7 +40,7 @@ from xiaolm.data.read import (
     where_number,
 )
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files, json_line, json_text
 
 log = logging.getLogger(__name__)
 
@@ -336,10 +336,7 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
                 chars += len(text)
                 lines.append(where_number(where))
                 rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
-                try:
-                    records.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): keep it escaped
-                    records.write(json.dumps(rec) + "\n")
+                records.write(json_line(rec))
             flush()
     finally:
         for f in files:
@@ -409,7 +406,7 @@ def cluster_all(out: Path, pairs_dir: str, sign_dir: str, docs: list[int], parti
         with atomic_open(out / f"removed-{i:05d}.jsonl", "w") as f:
             for p, k, j, x in zip(pos[mask].tolist(), kept[mask].tolist(), jaccard[mask].tolist(),
                                   exact[mask].tolist(), strict=True):
-                f.write(json.dumps([p, k, ids[k], round(j, 4), x], ensure_ascii=False) + "\n")
+                f.write(json_line([p, k, ids[k], round(j, 4), x]))
     cluster_roots, sizes = np.unique(roots, return_counts=True)
     # examples: the largest clusters, then the least similar near duplicates (the ones the threshold decides)
     largest = cluster_roots[np.argsort(-sizes, kind="stable")[:examples]].tolist()
@@ -469,7 +466,7 @@ def filter_shard(out: Path, shard: int, path: str, sign_dir: str, cluster_dir: s
                 kept_id, jaccard, exact = removed[pos]
                 row = {"id": json.loads(line)["id"], "kept_id": kept_id, "exact": exact, "jaccard": jaccard,
                        "where": where_at(path, lines[pos])}
-                gone.write(json.dumps(row, ensure_ascii=False)[:-1] + ', "record": ' + line.rstrip("\n") + "}\n")
+                gone.write(json_text(row)[:-1] + ', "record": ' + line.rstrip("\n") + "}\n")
             else:
                 part.write(line)
                 kept += 1

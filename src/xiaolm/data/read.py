@@ -15,6 +15,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open
+from xiaolm.io import atomic_open, json_line
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ TXT_DOCS = ("line", "blank")  # how a .txt file is cut into documents: one a lin
 # a blank-line document that grows past this many characters is handed on and the next one begins, so that a
 # file without blank lines cannot fill memory (cleaning splits long documents further)
 MAX_PARAGRAPH_CHARS = 1_000_000
+# JSON and CSV are decoded with errors="surrogateescape": a byte the encoding cannot decode becomes one of these
+# lone surrogates, so the record holding it is rejected and reading goes on with the next one
+_UNDECODED = re.compile("[\udc80-\udcff]")
+# a \udXXX escape in JSON may stand for half of a surrogate pair alone: valid JSON, but no Unicode text
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RejectLog:
@@ -68,7 +75,7 @@ class RejectLog:
         if len(self.examples[reason]) < MAX_EXAMPLES:
             self.examples[reason].append({"where": where, "record": _preview(record)})
         if self._file is not None:
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._file.write(json_line(row))
 
     @property
     def total(self) -> int:
@@ -310,8 +317,10 @@ def _read_lines(path: Path, rejects: RejectLog | None, as_text: bool) -> Iterato
             continue
         if not isinstance(record, dict):
             _reject(rejects, "not_object", where, record, detail=f"a JSON {type(record).__name__}")
-            continue
-        yield record, where
+        elif _SURROGATE_ESCAPE.search(line) and _has_surrogate(record):
+            _reject(rejects, "lone_surrogate", where, record, detail=_LONE_SURROGATE)
+        else:
+            yield record, where
 
 
 def _read_paragraphs(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, str]]:
@@ -336,7 +345,7 @@ def _read_paragraphs(path: Path, rejects: RejectLog | None) -> Iterator[tuple[di
 def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, str]]:
     """Stream the elements of a top-level JSON array (or of a JSON value sequence) with their lines."""
     decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8")()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     buf, pos, line, eof, first = "", 0, 1, False, True
     in_array = closed = need_comma = False
     try:
@@ -397,17 +406,22 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
                         fill()
                         continue
                     break
-                where = f"{path}:{line}"
-                line += buf.count("\n", pos, end)
+                where, start = f"{path}:{line}", pos
+                undecoded = _UNDECODED.search(buf, start, end)
+                bad_line = line + buf.count("\n", start, undecoded.start()) if undecoded else 0
+                line += buf.count("\n", start, end)
                 pos, need_comma = end, True
-                if isinstance(value, dict):
-                    yield value, where
-                else:
+                if undecoded:
+                    _reject(rejects, "invalid_utf8", where, _escaped(value),
+                            detail=f"bytes that are not UTF-8 at line {bad_line}")
+                elif not isinstance(value, dict):
                     _reject(rejects, "not_object", where, value, detail=f"a JSON {type(value).__name__}")
+                elif _SURROGATE_ESCAPE.search(buf, start, end) and _has_surrogate(value):
+                    _reject(rejects, "lone_surrogate", where, value, detail=_LONE_SURROGATE)
+                else:
+                    yield value, where
             if in_array and not closed:
                 _reject(rejects, "bad_json", f"{path}:{line}", None, detail="the array is not closed with ]")
-    except UnicodeDecodeError as e:
-        _reject(rejects, "invalid_utf8", f"{path}:{line}", None, detail=f"{e}; stopped reading this file")
     except _READ_ERRORS as e:
         _unreadable(path, line, e, rejects)
 
@@ -415,9 +429,10 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
 def _read_csv(path: Path, rejects: RejectLog | None, encoding: str = "utf-8") -> Iterator[tuple[dict, str]]:
     """Rows of a CSV (or tab-separated .tsv) file with a header row, as dicts; ragged rows go to rejects."""
     delimiter = "\t" if path.name.endswith((".tsv", ".tsv.gz", ".tsv.zst")) else ","
+    undecodable = "invalid_utf8" if codecs.lookup(encoding).name == "utf-8" else "invalid_encoding"
     line = 1
     try:
-        with io.TextIOWrapper(open_bytes(path), encoding=encoding, newline="") as text:
+        with io.TextIOWrapper(open_bytes(path), encoding=encoding, errors="surrogateescape", newline="") as text:
             reader = csv.reader(text, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
@@ -430,17 +445,43 @@ def _read_csv(path: Path, rejects: RejectLog | None, encoding: str = "utf-8") ->
                 if not any(cell.strip() for cell in row):
                     continue
                 if len(row) != len(header):
-                    _reject(rejects, "bad_csv_row", where, delimiter.join(row),
+                    _reject(rejects, "bad_csv_row", where, _escaped(delimiter.join(row)),
                             detail=f"{len(row)} fields, the header has {len(header)}")
                     continue
+                if any(_UNDECODED.search(cell) for cell in row):
+                    _reject(rejects, undecodable, where, _escaped(delimiter.join(row)),
+                            detail=f"bytes that are not {encoding}")
+                    continue
                 yield dict(zip(header, row, strict=True)), where
-    except UnicodeDecodeError as e:
-        _reject(rejects, "invalid_utf8", f"{path}:{line}", None,
-                detail=f"not {encoding} ({e.reason}); stopped reading this file")
     except csv.Error as e:
         _reject(rejects, "bad_csv_row", f"{path}:{line}", None, detail=f"{e}; stopped reading this file")
     except _READ_ERRORS as e:
         _unreadable(path, line, e, rejects)
+
+
+_LONE_SURROGATE = "a \\udXXX escape that is half of a surrogate pair alone: not Unicode text"
+
+
+def _has_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a lone surrogate (a paired escape has become one non-BMP character)."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_has_surrogate, value))
+    return False
+
+
+def _escaped(value: Any) -> Any:
+    """A rejected value with its undecodable bytes shown as \\xNN, so that the rejects file stays valid UTF-8."""
+    if isinstance(value, str):
+        return _UNDECODED.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", value)
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
 
 
 def where_number(where: str) -> int:

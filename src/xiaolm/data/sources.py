@@ -9,7 +9,6 @@ stops the import at once with the fields expected and the fields found.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import re
 import time
@@ -29,7 +28,7 @@ from xiaolm.data.read import (
     text_lines,
 )
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, json_line
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +265,7 @@ class _ShardWriter:
             self.names.append(name)
             self._ctx = atomic_open(self.out_dir / name, "w")
             self._file, self._n = self._ctx.__enter__(), 0
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(json_line(record))
         self._n += 1
 
     def _close(self, *exc: Any) -> None:
