@@ -223,3 +223,29 @@ def test_sft_streams_chats_and_resumes_bitwise(tmp_path, tiny_tokenizer_dir):
     run_cut_and_resumed(tmp_path, tiny_tokenizer_dir, run_sft, seq_len=64, stream=True)
     rejected = [json.loads(x) for x in (tmp_path / "full" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["reason"] for r in rejected] == ["no_assistant_tokens"] and rejected[0]["where"].endswith("a.jsonl:121")
+
+
+def test_pretraining_streams_parquet_and_reports_rejects_before_the_first_pass_ends(tmp_path, tiny_tokenizer_dir,
+                                                                                   caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xiaolm.model.llama import LlamaConfig
+    from xiaolm.train.loop import DataConfig, TrainConfig
+    from xiaolm.train.pretrain import run_pretrain
+
+    texts = [f"第{i}篇文章。" + "春眠不觉晓，处处闻啼鸟。" * 3 if i % 50 else None for i in range(2000)]
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"text": texts}), tmp_path / "train" / "a.parquet", row_group_size=300)
+    write_docs(tmp_path / "val.jsonl", 10, start=500)
+    cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=3, batch_size=2, lr=3e-3, warmup_steps=1, log_every=1,
+                      eval_every=3, eval_batches=1, save_every=3, device="cpu", dtype="fp32",
+                      model=LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=32),
+                      data=DataConfig(path=str(tmp_path / "train"), val_path=str(tmp_path / "val.jsonl"),
+                                      tokenizer=str(tiny_tokenizer_dir), seq_len=32, shuffle_buffer=8))
+    caplog.set_level("WARNING")
+    run_pretrain(cfg)
+    rejected = [json.loads(x) for x in (tmp_path / "run" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rejected and rejected[0]["where"] == f"{tmp_path / 'train' / 'a.parquet'}:row 1"
+    assert len(rejected) < 40  # 3 steps read a part of the 2,000 rows
+    assert f"{len(rejected)} records skipped so far (the first pass did not end)" in caplog.text

@@ -132,11 +132,16 @@ class RecordStream:
         if not produced:
             raise XiaolmError("no usable records for this process", where=", ".join(map(str, self.files)),
                               hint='records need a "text" field or "messages"; see the rejects file')
+        self.log_rejects(pass_ended=True)
+        self.epoch, self.records_done = self.epoch + 1, 0
+
+    def log_rejects(self, pass_ended: bool = False) -> None:
+        """Say once how many records the first pass skipped: at its end, or when training stops before it."""
         if self.epoch == 0 and self.rejects.total:
             where = getattr(self.rejects, "log_path", None)
-            log.warning("data stream (process %d): %d records skipped in the first pass (%s)%s", self.rank,
-                        self.rejects.total, self.rejects.summary(), f" — see {where}" if where else "")
-        self.epoch, self.records_done = self.epoch + 1, 0
+            log.warning("data stream (process %d): %d records skipped %s (%s)%s", self.rank, self.rejects.total,
+                        "in the first pass" if pass_ended else "so far (the first pass did not end)",
+                        self.rejects.summary(), f" — see {where}" if where else "")
 
     def _extra_state(self) -> dict[str, Any]:
         """The subclass's part of state_dict: the buffer and anything between records."""

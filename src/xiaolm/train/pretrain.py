@@ -114,4 +114,6 @@ def _run_streaming(cfg: TrainConfig, resume: bool) -> dict:
     val = validation_windows([p.strip() for p in cfg.data.val_path.split(",") if p.strip()], tokenizer,
                              cfg.data.seq_len, cfg.eval_batches * cfg.batch_size)
     objective = StreamingPretrainObjective(stream, val, cfg.batch_size, cfg.eval_batches, cfg.data.doc_mask)
-    return train(cfg, objective, model, cfg.data.tokenizer, resume=resume, stage="pretrain", ctx=ctx)
+    summary = train(cfg, objective, model, cfg.data.tokenizer, resume=resume, stage="pretrain", ctx=ctx)
+    stream.log_rejects()
+    return summary

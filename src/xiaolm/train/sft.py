@@ -156,4 +156,6 @@ def _run_streaming(cfg: TrainConfig, tokenizer, tokenizer_dir: str, resume: bool
     objective = StreamingSFTObjective(stream, val, cfg.batch_size, tokenizer.pad_token_id or 0, cfg.eval_batches)
     log.info("sft: streaming chats from %s through a buffer of %d, %d validation chats", cfg.data.path,
              cfg.data.shuffle_buffer, len(val))
-    return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
+    summary = train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
+    stream.log_rejects()
+    return summary
