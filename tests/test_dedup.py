@@ -153,6 +153,18 @@ def test_a_chain_of_near_duplicates_is_one_cluster(tmp_path):
     assert report["clusters"]["sizes"] == {"3": 1}
 
 
+def test_clusters_are_handed_on_as_spanning_forests_of_the_verified_pairs(tmp_path):
+    rng = random.Random(3)
+    base = random_text(rng, 300)
+    copies = [{"id": f"c{i}", "text": substitute(base, rng, 2)} for i in range(30)]
+    src = write(tmp_path / "copies.jsonl", [{"id": "base", "text": base}, *copies])
+    report = dedup_files([src], tmp_path / "out", DedupConfig(partitions=3), workers=1)
+    assert report["clusters"]["sizes"] == {"31": 1} and report["records_out"] == 1
+    work = report["work"]
+    # 31 mutual near copies: hundreds of verified pairs, but at most 30 edges per partition reach the cluster stage
+    assert work["verified_pairs"] > 100 and work["cluster_edges"] <= 3 * 30
+
+
 def test_exact_duplicates_ignore_whitespace_and_chats_compare_their_contents(tmp_path):
     src = write(tmp_path / "mixed.jsonl", [
         {"text": "今天 天气很好，我们去公园。"},

@@ -379,14 +379,21 @@ class _Signatures:
 
 
 def pair_partition(out: Path, part: int, sign_dir: str, docs: list[int], cfg: DedupConfig) -> dict:
-    """Candidate pairs of one bucket partition, kept if exact or with estimated Jaccard ≥ threshold."""
+    """Candidate pairs of one bucket partition, kept if exact or with estimated Jaccard ≥ threshold.
+
+    What is written is a spanning forest of the verified pairs (each document joined to the first of its
+    component): the same clusters from at most one edge per document, however many pairs verified.
+    """
     rows = np.concatenate([np.fromfile(Path(sign_dir) / f"{i:05d}" / f"buckets-{part:05d}.bin", dtype=ROW)
                            for i in range(len(docs))] or [np.zeros(0, ROW)])
     a, b = bucket_pairs(rows)
     jaccard, exact = _Signatures(Path(sign_dir), cfg.num_perm).similarity(a, b)
     keep = exact | (jaccard >= cfg.threshold)
-    np.stack([a[keep], b[keep]], axis=1).astype(np.uint64).tofile(out / "edges.bin")
-    return {"rows": int(len(rows)), "candidates": int(len(a)), "verified": int(keep.sum())}
+    keys, roots = connected_first(a[keep], b[keep])
+    joined = keys != roots
+    np.stack([keys[joined], roots[joined]], axis=1).astype(np.uint64).tofile(out / "edges.bin")
+    return {"rows": int(len(rows)), "candidates": int(len(a)), "verified": int(keep.sum()),
+            "edges": int(joined.sum())}
 
 
 def cluster_all(out: Path, pairs_dir: str, sign_dir: str, docs: list[int], partitions: int, cfg: DedupConfig,
@@ -540,6 +547,7 @@ def dedup_files(inputs: list[str | Path], out_dir: str | Path, cfg: DedupConfig 
                  "bucket_rows": sum(p["rows"] for p in paired),
                  "candidate_pairs": sum(p["candidates"] for p in paired),
                  "verified_pairs": sum(p["verified"] for p in paired),
+                 "cluster_edges": sum(p["edges"] for p in paired),
                  "max_batch_chars": max(s["max_batch_chars"] for s in signed)},
         "seconds": {**seconds, "total": round(time.perf_counter() - start, 3)},
         "inputs": fingerprint,
