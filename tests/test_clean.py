@@ -131,6 +131,25 @@ def test_rules_can_be_switched_off(tmp_path):
     assert report["rejected"] == {} and report["modified"] == {}
 
 
+@pytest.mark.parametrize(("rule", "text", "mark"), [
+    ("strip_wiki", "数学是[[科学|一门科学]]的基础。", "[["),
+    ("strip_markup", "数学是<b>科学</b>的基础。", "<b>"),
+    ("strip_urls", "数学见https://example.org/math页面。", "https://"),
+    ("strip_emails", "数学问题请写信到math@example.org询问。", "@"),
+    ("strip_control", "数学是\x07科学的基础。", "\x07"),
+    ("nfkc", "数学是ＡＢＣ的基础。", "ＡＢＣ"),
+    ("t2s", "數學是科學的基礎。", "數"),
+    ("normalize_punct", "数学是什么?科学的基础!", "?"),
+    ("collapse_space", "数学是科学的基础。   \n\n\n\n下一段。", "   "),
+])
+def test_each_normalizer_is_counted_and_can_be_switched_off(rule, text, mark):
+    on = Cleaner(CleanConfig())
+    assert mark not in on.normalize(text)
+    assert on.modified[rule] == 1 and on.examples[rule][0]["before"].startswith(text[:10])
+    off = Cleaner(CleanConfig(**{rule: False}))
+    assert mark in off.normalize(text) and rule not in off.modified
+
+
 def test_long_documents_are_split_and_counts_still_add_up(tmp_path):
     paras = [f"第{n}段的内容。" * 20 for n in "一二三"]  # 140 characters each
     src = write(tmp_path / "raw.jsonl", [{"id": "long", "text": "\n\n".join(paras)}, {"text": "短"}])
