@@ -118,3 +118,54 @@ def test_cli_import(tmp_path):
             main(["data", "import", recipe, str(FIXTURES / source), "--out", str(tmp_path / recipe)])
         assert e.value.code == code
     assert json.loads((tmp_path / "skypile" / "report.json").read_text())["records_written"] == 2
+
+
+def _firefly_files(tmp_path: Path) -> Path:
+    """Four input files in the firefly layout, one of them with a bad line."""
+    lines = (FIXTURES / "firefly" / "firefly-train-1.1M.jsonl").read_text(encoding="utf-8").splitlines()
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for i in range(4):
+        extra = ["{not json"] if i == 2 else []
+        (folder / f"firefly-{i}.jsonl").write_text("\n".join(lines + extra) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_files_convert_in_parallel_to_the_same_output_as_one_process(tmp_path):
+    folder = _firefly_files(tmp_path)
+    one = import_records("firefly", [folder], tmp_path / "one", workers=1)
+    two = import_records("firefly", [folder], tmp_path / "two", workers=2)
+    assert one["shards"] == two["shards"] == [f"part-{i:05d}.jsonl" for i in range(4)] and two["workers"] == 2
+    for key in ("records_read", "records_written", "rejected", "examples_rejected"):
+        assert one[key] == two[key], key
+    assert one["rejected"] == {"bad_json": 1}
+    for name in [*one["shards"], "rejects.jsonl"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert not (tmp_path / "two" / "_work").exists()
+
+
+def test_a_rerun_after_a_crash_converts_only_the_unfinished_files(tmp_path, monkeypatch):
+    import xiaolm.data.sources as sources
+
+    folder = _firefly_files(tmp_path)
+    whole = import_records("firefly", [folder], tmp_path / "whole", workers=1)
+    real, calls, crash = sources.import_file, [], [True]
+
+    def crash_on_third(out, recipe, path, shard_records):
+        calls.append(Path(path).name)
+        if crash[0] and len(calls) == 3:
+            raise RuntimeError("crash in the third file")
+        return real(out, recipe, path, shard_records)
+
+    monkeypatch.setattr(sources, "import_file", crash_on_third)
+    with pytest.raises(RuntimeError, match="crash"):
+        import_records("firefly", [folder], tmp_path / "out", workers=1)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    calls.clear()
+    crash[0] = False
+    again = import_records("firefly", [folder], tmp_path / "out", workers=1)
+    assert calls == ["firefly-2.jsonl", "firefly-3.jsonl"]  # the two finished files are not converted again
+    assert {k: again[k] for k in ("records_written", "rejected", "shards")} == \
+        {k: whole[k] for k in ("records_written", "rejected", "shards")}
+    for name in [*whole["shards"], "rejects.jsonl"]:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

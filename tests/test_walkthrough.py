@@ -39,7 +39,9 @@ def test_public_downloads_to_token_files(tmp_path):
           str(data / "packed"), "--workers", "2"])
 
     text = report(data / "clean" / "text")
-    assert text["shards"] == 2 and text["records_out"] > 0
+    imported = [report(data / "raw" / name) for name in ("zhwiki", "skypile")]
+    assert len(imported[0]["shards"]) == 2  # one shard (at least) per input file: zhwiki's AA/ and AB/
+    assert text["shards"] == sum(len(r["shards"]) for r in imported) and text["records_out"] > 0
     assert text["records_in"] == report(data / "raw" / "zhwiki")["records_written"] + \
         report(data / "raw" / "skypile")["records_written"]
     assert report(data / "dedup" / "text")["records_in"] == text["records_out"]

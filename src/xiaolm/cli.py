@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("recipe", metavar="RECIPE", help="one of the recipes listed below")
     im.add_argument("inputs", nargs="+", metavar="INPUT")
     im.add_argument("--out", required=True)
+    _executor_options(im)
     dd = _add_parser(data, "dedup", "remove exact and near-duplicate records (MinHash + LSH on character n-grams)",
                      "examples:\n  xiaolm data dedup data/clean --out data/dedup\n"
                      "  xiaolm data dedup data/clean --out data/dedup --threshold 0.7 --workers 8\n"
@@ -218,7 +219,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "data" and args.data_cmd == "import":
         from xiaolm.data.sources import import_records
 
-        import_records(args.recipe, args.inputs, args.out)
+        import_records(args.recipe, args.inputs, args.out, executor=args.executor, workers=args.workers)
     elif args.command == "data" and args.data_cmd == "dedup":
         from xiaolm.data.dedup import DedupConfig, dedup_files
 

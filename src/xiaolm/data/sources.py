@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -18,17 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
 from xiaolm.data.read import (
     RejectLog,
     files_fingerprint,
     finished_stage,
+    merge_examples,
     read_file,
     read_records,
     stage_inputs,
     text_lines,
 )
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, json_line
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files, json_line
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +177,13 @@ def _missing(record: dict, fields: tuple[str, ...]) -> list[str]:
 
 
 def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str | Path,
-                   shard_records: int = SHARD_RECORDS) -> dict:
-    """Convert one public dataset's files into our records under out_dir; return the report."""
+                   shard_records: int = SHARD_RECORDS, executor: str = "local", workers: int = 0) -> dict:
+    """Convert one public dataset's files into our records under out_dir; return the report.
+
+    Input files are converted in parallel, one task per file (`workers` processes, or Ray); the shards are then
+    numbered in input order, so the output does not depend on the process count. A rerun after an interruption
+    converts only the files not yet done.
+    """
     recipe = RECIPES.get(recipe_name)
     if recipe is None:
         raise XiaolmError(f"unknown recipe {recipe_name!r}", hint=f"one of: {', '.join(RECIPES)}")
@@ -188,22 +197,61 @@ def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str 
     if report is not None:
         log.info("data/import: %s is up to date (same inputs and recipe); skipping", out_dir)
         return report
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "_SUCCESS").unlink(missing_ok=True)
-    for old in out_dir.glob("part-*.jsonl"):
-        old.unlink()
+    _convert(recipe, files[0], RejectLog(), limit=PROBE)  # a file of another layout stops here, before any work
+    start = time.perf_counter()
+    work = work_dir(out_dir, config_text, fingerprint, outputs=["part-*.jsonl"])
+    names = [f"{i:05d}" for i in range(len(files))]
+    results = run_tasks(import_file, [(n, (recipe.name, str(f), shard_records)) for n, f in zip(names, files,
+                                                                                                   strict=True)],
+                        work / "import", executor, workers, desc=f"data/import {recipe.name}")
+    shards: list[str] = []
+    for n, result in zip(names, results, strict=True):
+        for part in result["shards"]:
+            name = f"part-{len(shards):05d}.jsonl"
+            if (work / "import" / n / part).exists():  # else moved by an interrupted run of this same stage
+                os.replace(work / "import" / n / part, out_dir / name)
+            shards.append(name)
+    concat_files([work / "import" / n / "rejects.jsonl" for n in names], out_dir / "rejects.jsonl")
+    rejected: Counter[str] = Counter()
+    examples: dict[str, list] = {}
+    for result in results:
+        rejected.update(result["rejected"])
+        merge_examples(examples, result["examples"])
+    report = {"recipe": recipe.name, "kind": recipe.kind, "inputs": fingerprint,
+              "records_read": sum(r["read"] for r in results), "records_written": sum(r["written"] for r in results),
+              "rejected": dict(rejected.most_common()), "shards": shards, "examples_rejected": examples,
+              "executor": executor, "workers": parallel_workers(workers),
+              "seconds": round(time.perf_counter() - start, 2)}
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "config.yaml", config_text)
+    atomic_write_text(out_dir / "_SUCCESS", "")
+    shutil.rmtree(work)
+    log.info("data/import %s: %d records read, %d written to %d shard(s), %d rejected (%s) — %s", recipe.name,
+             report["records_read"], report["records_written"], len(shards), sum(rejected.values()),
+             ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none", out_dir)
+    return report
+
+
+def import_file(out: Path, recipe_name: str, path: str, shard_records: int) -> dict:
+    """Task: one input file's records, converted, as out/part-NNNNN.jsonl shards, its rejects in out/."""
+    shards: list[str] = []
+    with RejectLog(out / "rejects.jsonl") as rejects, _ShardWriter(out, shard_records, shards) as writer:
+        counts = _convert(RECIPES[recipe_name], Path(path), rejects, write=writer.write)
+    return {"read": counts["read"], "written": counts["written"], "rejected": dict(rejects.counts),
+            "examples": dict(rejects.examples), "shards": shards}
+
+
+def _convert(recipe: Recipe, path: Path, rejects: RejectLog, write: Callable[[dict], None] | None = None,
+             limit: int = 0) -> Counter[str]:
+    """Convert the records of one file (its first `limit` when > 0), checking the layout on the first ones."""
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
     counts: Counter[str] = Counter()
-    shards: list[str] = []
-    writer = _ShardWriter(out_dir, shard_records, shards)
-    with RejectLog(out_dir / "rejects.jsonl") as rejects, writer, \
-            tqdm(desc=f"data/import {recipe.name}", unit="rec", disable=None) as bar:
-        stream = (recipe.read(files, rejects) if recipe.read is not None
-                  else read_records(files, rejects, encoding=recipe.encoding))
-        probed: list[bool] = []  # whether each of the first records lacks a needed field
-        record, where = {}, ", ".join(map(str, files))
+    stream = (recipe.read([path], rejects) if recipe.read is not None
+              else read_records([path], rejects, encoding=recipe.encoding))
+    probed: list[bool] = []  # whether each of the first records lacks a needed field
+    record, where = {}, str(path)
+    with tqdm(desc=f"data/import {path.name}", unit="rec", disable=True if in_worker() or limit else None) as bar:
         for record, where in stream:
             counts["read"] += 1
             bar.update(1)
@@ -212,6 +260,8 @@ def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str 
                 probed.append(bool(missing))
                 if len(probed) in (LAYOUT_CHECK, PROBE):
                     _check_layout(recipe, probed, record, where)
+            if counts["read"] == limit:
+                break
             if missing:
                 rejects.add("missing_field", where, record, detail=f"needs {', '.join(missing)}")
                 continue
@@ -221,21 +271,15 @@ def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str 
                 rejects.add("bad_record", where, record, detail=str(e))
                 continue
             out = {k: v for k, v in out.items() if v not in (None, "")}
-            out.setdefault("id", f"{recipe.name}:{Path(where.rsplit(':', 1)[0]).name}:{where.rsplit(':', 1)[1]}")
+            out.setdefault("id", f"{recipe.name}:{path.name}:{where.rsplit(':', 1)[1]}")
             out["source"] = recipe.name
-            writer.write(out)
+            if write is not None:
+                write(out)
             counts["written"] += 1
-        if 0 < len(probed) < LAYOUT_CHECK:
-            _check_layout(recipe, probed, record, where)
-    report = {"recipe": recipe.name, "kind": recipe.kind, "inputs": fingerprint, "records_read": counts["read"],
-              "records_written": counts["written"], "rejected": dict(rejects.counts), "shards": shards,
-              "examples_rejected": dict(rejects.examples), "seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "config.yaml", config_text)
-    atomic_write_text(out_dir / "_SUCCESS", "")
-    log.info("data/import %s: %d records read, %d written to %d shard(s), %d rejected (%s) — %s", recipe.name,
-             counts["read"], counts["written"], len(shards), rejects.total, rejects.summary(), out_dir)
-    return report
+    stream.close()
+    if 0 < len(probed) < LAYOUT_CHECK:
+        _check_layout(recipe, probed, record, where)
+    return counts
 
 
 def _check_layout(recipe: Recipe, probed: list[bool], record: dict, where: str) -> None:
