@@ -244,3 +244,30 @@ def test_lone_surrogate_escapes_are_rejected_and_pairs_kept(tmp_path):
     assert got == [({"text": "笑😀"}, "a.jsonl:2"), ({"t": "😀"}, "b.json:2")]
     assert rejects.counts == {"lone_surrogate": 2}
     assert [Path(r["where"]).name for r in rows(tmp_path / "rejects.jsonl")] == ["a.jsonl:1", "b.json:1"]
+
+
+@pytest.mark.parametrize("name", ["big.json", "big.jsonl.gz", "big.csv", "big.txt"])
+def test_memory_stays_flat_whatever_the_file_size(tmp_path, name):
+    import tracemalloc
+
+    line = "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 4  # 96 characters, 288 bytes
+    n = 60_000  # ~17 MB of text
+    path = tmp_path / name
+    if name == "big.json":
+        path.write_text("[\n" + ",\n".join(json.dumps({"text": line}, ensure_ascii=False) for _ in range(n)) + "\n]",
+                        encoding="utf-8")
+    elif name == "big.jsonl.gz":
+        path.write_bytes(gzip.compress(("\n".join(json.dumps({"text": line}, ensure_ascii=False)
+                                                  for _ in range(n)) + "\n").encode("utf-8"), 1))
+    elif name == "big.csv":
+        path.write_text("text\n" + "\n".join(line for _ in range(n)) + "\n", encoding="utf-8")
+    else:
+        path.write_text("\n\n".join(line for _ in range(n)) + "\n", encoding="utf-8")
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in read_records([path], RejectLog(), txt_docs="blank"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == n
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MB held while reading a {path.stat().st_size / 2**20:.0f} MB file"
