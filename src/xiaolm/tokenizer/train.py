@@ -15,8 +15,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import yaml
 
+from xiaolm.data.pack import token_dtype
 from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json, atomic_write_text
@@ -215,8 +217,8 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise XiaolmError(f"workers={workers} must be at least 1", where="workers")
-    if vocab_size > 65535:
-        log.warning("tokenizer: vocab_size %d exceeds 65535, so token files will be uint32", vocab_size)
+    if token_dtype(vocab_size) != np.uint16:
+        log.warning("tokenizer: vocab_size %d exceeds 65,536, so token files will be uint32", vocab_size)
     out_dir = Path(out_dir)
     files = stage_inputs(inputs, out_dir)
     input_bytes = _check_readable(files)
