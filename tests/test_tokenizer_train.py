@@ -176,6 +176,21 @@ def test_bad_inputs_fail_before_training_with_the_value_and_what_to_do(tmp_path)
         train_tokenizer([CORPUS[0]], tmp_path / "out", vocab_size=500, backend="sentencepiece", workers=1)
 
 
+@pytest.mark.parametrize("name", ["garbage.jsonl.zst", "garbage.parquet"])
+def test_an_unreadable_file_next_to_a_good_one_is_refused_before_counting(tmp_path, monkeypatch, name):
+    import xiaolm.tokenizer.train as train
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("counting started")
+
+    monkeypatch.setattr(train, "count_chunks", no_counting)
+    bad = tmp_path / name
+    bad.write_bytes(b"neither zstd nor parquet " * 4)
+    with pytest.raises(XiaolmError, match=f"{name}: cannot read this input"):
+        train_tokenizer([CORPUS[0], bad], tmp_path / "out", vocab_size=VOCAB, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
 def test_vocab_larger_than_the_chunks_support_is_refused_after_counting(tmp_path):
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text("".join(json.dumps({"text": "你好" * 40}) + "\n" for _ in range(40)), encoding="utf-8")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import logging
@@ -10,7 +9,6 @@ import os
 import re
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +17,7 @@ import numpy as np
 import yaml
 
 from xiaolm.data.pack import token_dtype
-from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
+from xiaolm.data.read import RejectLog, check_readable, finished_stage, inputs_fingerprint, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json, atomic_write_text
 from xiaolm.tokenizer.chat import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS
@@ -92,16 +90,11 @@ def _input_bytes(path: Path) -> int:
 
 
 def _check_readable(files: list[Path]) -> int:
-    """Open every input and read its first bytes; return the total (uncompressed) size. XiaolmError if not."""
+    """Read the start of every input as its reader will; return the total (uncompressed) size. XiaolmError if not."""
     total = 0
     for path in files:
-        try:
-            with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
-                f.read(1)
-            total += _input_bytes(path)
-        except (OSError, EOFError, zlib.error) as e:
-            raise XiaolmError(f"cannot read this input ({e.__class__.__name__}: {e})", where=str(path),
-                              hint="check that the file is complete and readable, or leave it out") from e
+        check_readable(path)
+        total += _input_bytes(path)
     return total
 
 
