@@ -139,7 +139,7 @@ def test_specials_in_chat_text_are_single_tokens(trained):
 
 
 def test_cjk_chars_gives_one_token_per_chinese_character(tmp_path):
-    out = train_tokenizer(CORPUS, tmp_path / "tok", vocab_size=VOCAB, cjk_chars=True, workers=1)
+    out = train_tokenizer(CORPUS, tmp_path / "tok", vocab_size=2000, cjk_chars=True, workers=1)
     tok = AutoTokenizer.from_pretrained(str(out))
     text = "床前明月光，疑是地上霜。"
     pieces = [tok.decode([i]) for i in tok.encode(text, add_special_tokens=False)]
@@ -160,7 +160,7 @@ def test_bad_inputs_fail_before_training_with_the_value_and_what_to_do(tmp_path)
         (dict(inputs=[empty_dir]), "no text to train on"),
         (dict(inputs=[broken]), "broken.jsonl.gz: cannot read this input"),
         (dict(vocab_size=200), "vocab_size=200 is too small — use at least 264"),
-        (dict(vocab_size=60000), "vocab_size=60000 is larger than .* bytes of input supports"),
+        (dict(vocab_size=60000), r"vocab_size=60000 is larger than this corpus supports \(its chunk counts allow"),
         (dict(max_memory="lots"), "cannot read the memory size 'lots'"),
         (dict(max_memory="10MB"), "max_memory=10MB is too small"),
         (dict(workers=0), "workers=0 must be at least 1"),
@@ -191,11 +191,55 @@ def test_an_unreadable_file_next_to_a_good_one_is_refused_before_counting(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_vocab_larger_than_the_chunks_support_is_refused_after_counting(tmp_path):
+def tiny_corpus(tmp_path: Path) -> Path:
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text("".join(json.dumps({"text": "你好" * 40}) + "\n" for _ in range(40)), encoding="utf-8")
-    with pytest.raises(XiaolmError, match="larger than this corpus supports"):
-        train_tokenizer([corpus], tmp_path / "out", vocab_size=400, workers=1)
+    return corpus
+
+
+def test_vocab_larger_than_the_chunks_support_is_refused_after_counting_before_the_merges(tmp_path, monkeypatch):
+    import xiaolm.tokenizer.train as train
+
+    def no_merges(*args, **kwargs):
+        raise AssertionError("merges trained")
+
+    monkeypatch.setattr(train, "train_bpe_from_counts", no_merges)
+    with pytest.raises(XiaolmError, match=r"larger than this corpus supports \(its chunk counts allow at most 287"):
+        train_tokenizer([tiny_corpus(tmp_path)], tmp_path / "out", vocab_size=400, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_larger_than_the_merges_found_is_refused_with_the_size_that_works_and_nothing_saved(tmp_path):
+    corpus = tmp_path / "two.jsonl"
+    corpus.write_text(json.dumps({"text": "xab yab"}) + "\n", encoding="utf-8")  # only "ab" occurs twice
+    with pytest.raises(XiaolmError, match=r"training found only 265 tokens\) — use --vocab-size 265 or less, a lower"):
+        train_tokenizer([corpus], tmp_path / "out", vocab_size=266, workers=1)
+    assert not (tmp_path / "out").exists()
+    out = train_tokenizer([corpus], tmp_path / "out", vocab_size=265, workers=1)
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 265
+
+
+def test_sentencepiece_vocab_too_high_is_refused_with_the_size_that_works(tmp_path):
+    corpus = tiny_corpus(tmp_path)
+    with pytest.raises(XiaolmError, match=r"larger than this corpus supports \(sentencepiece allows at most 268 tokens"
+                                          r"\) — use --vocab-size 268 or less"):
+        train_tokenizer([corpus], tmp_path / "out", vocab_size=400, backend="sentencepiece", workers=1)
+    assert not (tmp_path / "out").exists()
+    out = train_tokenizer([corpus], tmp_path / "out", vocab_size=268, backend="sentencepiece", workers=1)
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 268
+
+
+@pytest.mark.parametrize("min_frequency", [1, 2, 3])
+def test_merges_bound_is_never_below_what_bpe_learns(min_frequency):
+    from xiaolm.tokenizer.train import BASE_VOCAB, merges_bound, train_bpe_from_counts
+
+    rng = random.Random(min_frequency)
+    for _ in range(200):
+        counts = {"".join(rng.choice("ab你") for _ in range(rng.randint(1, 9))): rng.randint(1, 4) for _ in range(5)}
+        learnt = train_bpe_from_counts(counts, 5000, min_frequency).get_vocab_size() - BASE_VOCAB
+        assert learnt <= merges_bound(counts, min_frequency)
+    assert merges_bound({"xab": 1, " yab": 1}, 2) == 2  # only the boundaries of the frequent pair "ab" can go
+    assert merges_bound({"xyz": 5, "abc": 1}, 2) == 2 and merges_bound({"xyz": 1, "abc": 1}, 2) == 0
 
 
 def test_parse_size_reads_units():

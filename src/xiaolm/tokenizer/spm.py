@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer.chat import SPECIAL_TOKENS
 from xiaolm.tokenizer.pretokenize import DIGIT
+from xiaolm.tokenizer.train import vocab_too_large
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -84,9 +85,7 @@ def _vocab_error(message: str, vocab_size: int) -> XiaolmError | None:
         return XiaolmError(f"vocab_size={vocab_size} is too small for the characters of this corpus (needs {need})",
                            where="vocab_size", hint=f"use --vocab-size {need} or more, or --backend bpe")
     if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
-        most = int(m.group(1)) + extra
-        return XiaolmError(f"vocab_size={vocab_size} is larger than this corpus supports (at most {most})",
-                           where="vocab_size", hint="use a smaller --vocab-size or train on more text")
+        return vocab_too_large(vocab_size, int(m.group(1)) + extra, "sentencepiece allows at most")
     return None
 
 
