@@ -41,6 +41,10 @@ def texts(path: str) -> list[str]:
     return [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
+def report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
 def test_bounded_counter_never_exceeds_capacity_and_undercounts_by_at_most_its_bound():
     rng = random.Random(0)
     stream = [f"w{int(rng.paretovariate(1.1))}" for _ in range(20_000)]
@@ -121,7 +125,7 @@ def test_both_backends_load_in_autotokenizer_with_specials_first_and_exact_vocab
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token and tok.unk_token is None
     assert len(tok) == VOCAB and token_dtype(len(tok)) == np.uint16
     assert "<|im_start|>" in tok.chat_template
-    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["backend"] == backend
+    assert report(out)["backend"] == backend
 
 
 @pytest.mark.parametrize("text", MIXED_SCRIPT)
@@ -242,6 +246,53 @@ def test_merges_bound_is_never_below_what_bpe_learns(min_frequency):
     assert merges_bound({"xyz": 5, "abc": 1}, 2) == 2 and merges_bound({"xyz": 1, "abc": 1}, 2) == 0
 
 
+def test_a_smaller_max_memory_gives_smaller_tables_that_prune_and_still_round_trip(tmp_path, monkeypatch):
+    import xiaolm.tokenizer.train as train
+
+    # each chunk is made to cost 64 KB while counting and 128 KB while training, so that the smallest budget
+    # allowed holds only ~1,700 chunks while counting and 1,024 (the floor) for training: 30 KB of text overflow it
+    monkeypatch.setattr(train, "COUNT_BYTES_PER_CHUNK", 64 << 10)
+    monkeypatch.setattr(train, "TRAIN_BYTES_PER_CHUNK", 128 << 10)
+    rng = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(400)]
+    docs = ["，".join("".join(rng.choices(chars, k=rng.randint(2, 3))) for _ in range(30)) + "。" for _ in range(100)]
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    small, large = (train_tokenizer([corpus], tmp_path / budget, vocab_size=600, workers=1, max_memory=budget)
+                    for budget in ("256MB", "4GB"))
+    tight, roomy = report(small), report(large)
+    distinct = roomy["distinct_chunks_counted"]  # exact: nothing was pruned
+    assert tight["table_capacity"] < distinct <= roomy["table_capacity"]
+    assert tight["trained_capacity"] == tight["distinct_chunks_trained"] < roomy["distinct_chunks_trained"] == distinct
+    assert tight["trained_capacity"] < roomy["trained_capacity"]
+    assert tight["prunes"] > 0 and tight["count_error_max"] > 0 and tight["min_count_trained"] > 0
+    assert roomy["prunes"] == roomy["count_error_max"] == roomy["min_count_trained"] == 0
+    for out in (small, large):
+        tok = AutoTokenizer.from_pretrained(str(out))
+        assert len(tok) == 600
+        for text in (docs[0], MIXED_SCRIPT[2]):
+            assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_sentencepiece_samples_as_many_lines_as_max_memory_allows(tmp_path, monkeypatch):
+    import sentencepiece
+
+    from xiaolm.tokenizer.spm import sample_size
+
+    real, asked = sentencepiece.SentencePieceTrainer.train, []
+
+    def recording(**kwargs):
+        asked.append(kwargs["input_sentence_size"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(sentencepiece.SentencePieceTrainer, "train", recording)
+    corpus = tiny_corpus(tmp_path)
+    outs = [train_tokenizer([corpus], tmp_path / budget, vocab_size=268, backend="sentencepiece", workers=1,
+                            max_memory=budget) for budget in ("256MB", "4GB")]
+    assert asked == [report(out)["sampled_lines_max"] for out in outs] == [sample_size(256 << 20), sample_size(4 << 30)]
+    assert asked[0] < asked[1]
+
+
 def test_parse_size_reads_units():
     assert parse_size("4GB") == 4 << 30 and parse_size("512mb") == 512 << 20 and parse_size("1.5G") == 3 << 29
     assert parse_size(1000) == 1000 and parse_size("2 KiB") == 2048
@@ -264,8 +315,8 @@ def test_cli_trains_and_reports_stats(tmp_path, capsys):
         main(["tokenizer", "train", *CORPUS, "--out", str(out), "--vocab-size", "1000", "--workers", "2",
               "--max-memory", "1GB"])
     assert e.value.code == 0 and (out / "tokenizer.json").is_file()
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert report["workers"] == 2 and report["count_error_max"] == 0 and report["vocab_size"] == 1000
+    counted = report(out)
+    assert counted["workers"] == 2 and counted["count_error_max"] == 0 and counted["vocab_size"] == 1000
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "stats", str(out), CORPUS[0], "--worst", "2"])
     printed = capsys.readouterr().out
