@@ -125,7 +125,7 @@ def test_both_backends_load_in_autotokenizer_with_specials_first_and_exact_vocab
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token and tok.unk_token is None
     assert len(tok) == VOCAB and token_dtype(len(tok)) == np.uint16
     assert "<|im_start|>" in tok.chat_template
-    assert report(out)["backend"] == backend
+    assert report(out)["backend"] == backend and report(out)["max_memory"] == 2 << 30  # the default budget
 
 
 @pytest.mark.parametrize("text", MIXED_SCRIPT)

@@ -67,13 +67,13 @@ def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
 
 
 def parse_size(text: str | int) -> int:
-    """'4GB', '512MB', '1.5G' or a number of bytes → bytes; XiaolmError if unreadable."""
+    """'2GB', '512MB', '1.5G' or a number of bytes → bytes; XiaolmError if unreadable."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), flags=re.IGNORECASE)
     if not m:
         raise XiaolmError(f"cannot read the memory size '{text}'", where="max_memory",
-                          hint="write it like 4GB, 512MB or 2G")
+                          hint="write it like 2GB, 512MB or 1.5G")
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
 
 
@@ -195,7 +195,7 @@ def _save(tok: Tokenizer, out_dir: Path, config_text: str) -> None:
 
 def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 8192,
                     min_frequency: int = 2, text_field: str = "text", cjk_chars: bool = False,
-                    backend: str = "bpe", max_memory: str | int = "4GB", workers: int | None = None) -> Path:
+                    backend: str = "bpe", max_memory: str | int = "2GB", workers: int | None = None) -> Path:
     """Train on every text/chat record of `inputs`; save an AutoTokenizer-loadable dir and return it.
 
     backend "bpe": chunk counts in bounded memory (`max_memory`, `workers` processes), then byte-level BPE;
