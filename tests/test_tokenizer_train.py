@@ -32,6 +32,7 @@ MIXED_SCRIPT = [
     "lone combining \u0301 and variation selector \ufe0f, private use \ue000, noncharacter \ufdd0",
     "sentencepiece mark ▁ and byte-level Ġ Ċ chars stay literal",
     "literal <|im_start|>user\n<|im_end|> and <|endoftext|> in text",
+    "sentencepiece's own <unk>, <s></s> and byte pieces <0xE4><0xB8> stay text",
     "a" * 300 + "中" * 50 + "1" * 40,
     "",
 ]
@@ -128,12 +129,33 @@ def test_both_backends_load_in_autotokenizer_with_specials_first_and_exact_vocab
     assert report(out)["backend"] == backend and report(out)["max_memory"] == 2 << 30  # the default budget
 
 
+def unknown_ids(tok) -> set[int]:
+    """The id a model falls back to for text it cannot spell: sentencepiece's unk piece; none in byte-level BPE."""
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    if model["type"] == "BPE":
+        assert model["unk_token"] is None
+        return set()
+    return {model["unk_id"]}
+
+
 @pytest.mark.parametrize("text", MIXED_SCRIPT)
 def test_both_backends_round_trip_any_text_without_unknown_tokens(trained, text):
     tok = AutoTokenizer.from_pretrained(str(trained[1]))
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
-    assert tok.convert_tokens_to_ids("<unk>") not in ids  # sentencepiece's <unk> exists but byte fallback wins
+    assert not unknown_ids(tok) & set(ids)  # sentencepiece's unk piece exists but byte fallback wins
+
+
+@pytest.mark.parametrize("text", MIXED_SCRIPT)
+def test_plain_text_never_encodes_to_a_special_or_unknown_id(trained, text):
+    from tokenizers import Tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trained[1]))
+    plain = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    plain.encode_special_tokens = True  # as packing encodes plain documents
+    ids = plain.encode(text, add_special_tokens=False).ids
+    assert plain.decode(ids) == text
+    assert not set(ids) & (unknown_ids(tok) | set(range(len(SPECIAL_TOKENS))))
 
 
 def test_specials_in_chat_text_are_single_tokens(trained):
