@@ -348,6 +348,19 @@ def test_cli_trains_and_reports_stats(tmp_path, capsys):
     assert e.value.code == 2 and "vocab_size=10 is too small" in capsys.readouterr().err
 
 
+def test_cli_trains_the_sentencepiece_backend_with_the_default_memory_budget(tmp_path):
+    out = tmp_path / "tok"
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", CORPUS[0], "--out", str(out), "--vocab-size", "3000", "--workers", "1",
+              "--backend", "sentencepiece"])
+    assert e.value.code == 0
+    counted = report(out)
+    assert counted["backend"] == "sentencepiece" and counted["vocab_size"] == 3000
+    assert counted["max_memory"] == 2 << 30 and counted["sampled_lines_max"] > 0
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 3000 and tok.decode(tok.encode(MIXED_SCRIPT[1], add_special_tokens=False)) == MIXED_SCRIPT[1]
+
+
 def test_gzipped_input_trains(tmp_path):
     gz = tmp_path / "corpus.jsonl.gz"
     with gzip.open(gz, "wt", encoding="utf-8") as f:
