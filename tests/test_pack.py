@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xiaolm.data.pack import is_val, load_tokens, pack_files, read_meta
+from xiaolm.data.pack import is_val, load_tokens, pack_files, read_meta, token_dtype
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import IM_END, IM_START, normalize_chat, render_chat
 
@@ -49,6 +49,11 @@ def test_pack_writes_eos_separated_uint16_tokens_that_decode_back(tmp_path, toke
     assert sorted(decoded["train"] + decoded["val"]) == sorted(docs)
     assert decoded["train"] == [d for i, d in enumerate(docs) if not is_val(str(i), 0, 0.1)]  # order kept
     assert (tmp_path / "packed" / "_SUCCESS").is_file() and (tmp_path / "packed" / "config.yaml").is_file()
+
+
+def test_a_vocabulary_of_up_to_65536_tokens_packs_as_uint16():
+    assert token_dtype(65_536) == np.uint16 and np.iinfo(np.uint16).max == 65_536 - 1  # ids 0 .. 65,535
+    assert token_dtype(65_537) == np.uint32
 
 
 def test_val_split_is_deterministic_by_seed_and_whole_documents(tmp_path, tokenizer_dir):

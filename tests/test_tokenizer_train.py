@@ -32,6 +32,7 @@ MIXED_SCRIPT = [
     "lone combining \u0301 and variation selector \ufe0f, private use \ue000, noncharacter \ufdd0",
     "sentencepiece mark ▁ and byte-level Ġ Ċ chars stay literal",
     "literal <|im_start|>user\n<|im_end|> and <|endoftext|> in text",
+    "sentencepiece's own <unk>, <s></s> and byte pieces <0xE4><0xB8> stay text",
     "a" * 300 + "中" * 50 + "1" * 40,
     "",
 ]
@@ -39,6 +40,10 @@ MIXED_SCRIPT = [
 
 def texts(path: str) -> list[str]:
     return [json.loads(line)["text"] for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
 def test_bounded_counter_never_exceeds_capacity_and_undercounts_by_at_most_its_bound():
@@ -121,7 +126,16 @@ def test_both_backends_load_in_autotokenizer_with_specials_first_and_exact_vocab
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token and tok.unk_token is None
     assert len(tok) == VOCAB and token_dtype(len(tok)) == np.uint16
     assert "<|im_start|>" in tok.chat_template
-    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["backend"] == backend
+    assert report(out)["backend"] == backend and report(out)["max_memory"] == 2 << 30  # the default budget
+
+
+def unknown_ids(tok) -> set[int]:
+    """The id a model falls back to for text it cannot spell: sentencepiece's unk piece; none in byte-level BPE."""
+    model = json.loads(tok.backend_tokenizer.to_str())["model"]
+    if model["type"] == "BPE":
+        assert model["unk_token"] is None
+        return set()
+    return {model["unk_id"]}
 
 
 @pytest.mark.parametrize("text", MIXED_SCRIPT)
@@ -129,7 +143,19 @@ def test_both_backends_round_trip_any_text_without_unknown_tokens(trained, text)
     tok = AutoTokenizer.from_pretrained(str(trained[1]))
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
-    assert tok.convert_tokens_to_ids("<unk>") not in ids  # sentencepiece's <unk> exists but byte fallback wins
+    assert not unknown_ids(tok) & set(ids)  # sentencepiece's unk piece exists but byte fallback wins
+
+
+@pytest.mark.parametrize("text", MIXED_SCRIPT)
+def test_plain_text_never_encodes_to_a_special_or_unknown_id(trained, text):
+    from tokenizers import Tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trained[1]))
+    plain = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    plain.encode_special_tokens = True  # as packing encodes plain documents
+    ids = plain.encode(text, add_special_tokens=False).ids
+    assert plain.decode(ids) == text
+    assert not set(ids) & (unknown_ids(tok) | set(range(len(SPECIAL_TOKENS))))
 
 
 def test_specials_in_chat_text_are_single_tokens(trained):
@@ -139,7 +165,7 @@ def test_specials_in_chat_text_are_single_tokens(trained):
 
 
 def test_cjk_chars_gives_one_token_per_chinese_character(tmp_path):
-    out = train_tokenizer(CORPUS, tmp_path / "tok", vocab_size=VOCAB, cjk_chars=True, workers=1)
+    out = train_tokenizer(CORPUS, tmp_path / "tok", vocab_size=2000, cjk_chars=True, workers=1)
     tok = AutoTokenizer.from_pretrained(str(out))
     text = "床前明月光，疑是地上霜。"
     pieces = [tok.decode([i]) for i in tok.encode(text, add_special_tokens=False)]
@@ -160,7 +186,7 @@ def test_bad_inputs_fail_before_training_with_the_value_and_what_to_do(tmp_path)
         (dict(inputs=[empty_dir]), "no text to train on"),
         (dict(inputs=[broken]), "broken.jsonl.gz: cannot read this input"),
         (dict(vocab_size=200), "vocab_size=200 is too small — use at least 264"),
-        (dict(vocab_size=60000), "vocab_size=60000 is larger than .* bytes of input supports"),
+        (dict(vocab_size=60000), r"vocab_size=60000 is larger than this corpus supports \(its chunk counts allow"),
         (dict(max_memory="lots"), "cannot read the memory size 'lots'"),
         (dict(max_memory="10MB"), "max_memory=10MB is too small"),
         (dict(workers=0), "workers=0 must be at least 1"),
@@ -176,11 +202,117 @@ def test_bad_inputs_fail_before_training_with_the_value_and_what_to_do(tmp_path)
         train_tokenizer([CORPUS[0]], tmp_path / "out", vocab_size=500, backend="sentencepiece", workers=1)
 
 
-def test_vocab_larger_than_the_chunks_support_is_refused_after_counting(tmp_path):
+@pytest.mark.parametrize("name", ["garbage.jsonl.zst", "garbage.parquet"])
+def test_an_unreadable_file_next_to_a_good_one_is_refused_before_counting(tmp_path, monkeypatch, name):
+    import xiaolm.tokenizer.train as train
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("counting started")
+
+    monkeypatch.setattr(train, "count_chunks", no_counting)
+    bad = tmp_path / name
+    bad.write_bytes(b"neither zstd nor parquet " * 4)
+    with pytest.raises(XiaolmError, match=f"{name}: cannot read this input"):
+        train_tokenizer([CORPUS[0], bad], tmp_path / "out", vocab_size=VOCAB, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_corpus(tmp_path: Path) -> Path:
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text("".join(json.dumps({"text": "你好" * 40}) + "\n" for _ in range(40)), encoding="utf-8")
-    with pytest.raises(XiaolmError, match="larger than this corpus supports"):
-        train_tokenizer([corpus], tmp_path / "out", vocab_size=400, workers=1)
+    return corpus
+
+
+def test_vocab_larger_than_the_chunks_support_is_refused_after_counting_before_the_merges(tmp_path, monkeypatch):
+    import xiaolm.tokenizer.train as train
+
+    def no_merges(*args, **kwargs):
+        raise AssertionError("merges trained")
+
+    monkeypatch.setattr(train, "train_bpe_from_counts", no_merges)
+    with pytest.raises(XiaolmError, match=r"larger than this corpus supports \(its chunk counts allow at most 287"):
+        train_tokenizer([tiny_corpus(tmp_path)], tmp_path / "out", vocab_size=400, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_larger_than_the_merges_found_is_refused_with_the_size_that_works_and_nothing_saved(tmp_path):
+    corpus = tmp_path / "two.jsonl"
+    corpus.write_text(json.dumps({"text": "xab yab"}) + "\n", encoding="utf-8")  # only "ab" occurs twice
+    with pytest.raises(XiaolmError, match=r"training found only 265 tokens\) — use --vocab-size 265 or less, a lower"):
+        train_tokenizer([corpus], tmp_path / "out", vocab_size=266, workers=1)
+    assert not (tmp_path / "out").exists()
+    out = train_tokenizer([corpus], tmp_path / "out", vocab_size=265, workers=1)
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 265
+
+
+def test_sentencepiece_vocab_too_high_is_refused_with_the_size_that_works(tmp_path):
+    corpus = tiny_corpus(tmp_path)
+    with pytest.raises(XiaolmError, match=r"larger than this corpus supports \(sentencepiece allows at most 268 tokens"
+                                          r"\) — use --vocab-size 268 or less"):
+        train_tokenizer([corpus], tmp_path / "out", vocab_size=400, backend="sentencepiece", workers=1)
+    assert not (tmp_path / "out").exists()
+    out = train_tokenizer([corpus], tmp_path / "out", vocab_size=268, backend="sentencepiece", workers=1)
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 268
+
+
+@pytest.mark.parametrize("min_frequency", [1, 2, 3])
+def test_merges_bound_is_never_below_what_bpe_learns(min_frequency):
+    from xiaolm.tokenizer.train import BASE_VOCAB, merges_bound, train_bpe_from_counts
+
+    rng = random.Random(min_frequency)
+    for _ in range(200):
+        counts = {"".join(rng.choice("ab你") for _ in range(rng.randint(1, 9))): rng.randint(1, 4) for _ in range(5)}
+        learnt = train_bpe_from_counts(counts, 5000, min_frequency).get_vocab_size() - BASE_VOCAB
+        assert learnt <= merges_bound(counts, min_frequency)
+    assert merges_bound({"xab": 1, " yab": 1}, 2) == 2  # only the boundaries of the frequent pair "ab" can go
+    assert merges_bound({"xyz": 5, "abc": 1}, 2) == 2 and merges_bound({"xyz": 1, "abc": 1}, 2) == 0
+
+
+def test_a_smaller_max_memory_gives_smaller_tables_that_prune_and_still_round_trip(tmp_path, monkeypatch):
+    import xiaolm.tokenizer.train as train
+
+    # each chunk is made to cost 64 KB while counting and 128 KB while training, so that the smallest budget
+    # allowed holds only ~1,700 chunks while counting and 1,024 (the floor) for training: 30 KB of text overflow it
+    monkeypatch.setattr(train, "COUNT_BYTES_PER_CHUNK", 64 << 10)
+    monkeypatch.setattr(train, "TRAIN_BYTES_PER_CHUNK", 128 << 10)
+    rng = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(400)]
+    docs = ["，".join("".join(rng.choices(chars, k=rng.randint(2, 3))) for _ in range(30)) + "。" for _ in range(100)]
+    corpus = tmp_path / "words.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    small, large = (train_tokenizer([corpus], tmp_path / budget, vocab_size=600, workers=1, max_memory=budget)
+                    for budget in ("256MB", "4GB"))
+    tight, roomy = report(small), report(large)
+    distinct = roomy["distinct_chunks_counted"]  # exact: nothing was pruned
+    assert tight["table_capacity"] < distinct <= roomy["table_capacity"]
+    assert tight["trained_capacity"] == tight["distinct_chunks_trained"] < roomy["distinct_chunks_trained"] == distinct
+    assert tight["trained_capacity"] < roomy["trained_capacity"]
+    assert tight["prunes"] > 0 and tight["count_error_max"] > 0 and tight["min_count_trained"] > 0
+    assert roomy["prunes"] == roomy["count_error_max"] == roomy["min_count_trained"] == 0
+    for out in (small, large):
+        tok = AutoTokenizer.from_pretrained(str(out))
+        assert len(tok) == 600
+        for text in (docs[0], MIXED_SCRIPT[2]):
+            assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_sentencepiece_samples_as_many_lines_as_max_memory_allows(tmp_path, monkeypatch):
+    import sentencepiece
+
+    from xiaolm.tokenizer.spm import sample_size
+
+    real, asked = sentencepiece.SentencePieceTrainer.train, []
+
+    def recording(**kwargs):
+        asked.append(kwargs["input_sentence_size"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(sentencepiece.SentencePieceTrainer, "train", recording)
+    corpus = tiny_corpus(tmp_path)
+    outs = [train_tokenizer([corpus], tmp_path / budget, vocab_size=268, backend="sentencepiece", workers=1,
+                            max_memory=budget) for budget in ("256MB", "4GB")]
+    assert asked == [report(out)["sampled_lines_max"] for out in outs] == [sample_size(256 << 20), sample_size(4 << 30)]
+    assert asked[0] < asked[1]
 
 
 def test_parse_size_reads_units():
@@ -205,8 +337,8 @@ def test_cli_trains_and_reports_stats(tmp_path, capsys):
         main(["tokenizer", "train", *CORPUS, "--out", str(out), "--vocab-size", "1000", "--workers", "2",
               "--max-memory", "1GB"])
     assert e.value.code == 0 and (out / "tokenizer.json").is_file()
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert report["workers"] == 2 and report["count_error_max"] == 0 and report["vocab_size"] == 1000
+    counted = report(out)
+    assert counted["workers"] == 2 and counted["count_error_max"] == 0 and counted["vocab_size"] == 1000
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "stats", str(out), CORPUS[0], "--worst", "2"])
     printed = capsys.readouterr().out
@@ -214,6 +346,19 @@ def test_cli_trains_and_reports_stats(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "train", CORPUS[0], "--out", str(tmp_path / "x"), "--vocab-size", "10"])
     assert e.value.code == 2 and "vocab_size=10 is too small" in capsys.readouterr().err
+
+
+def test_cli_trains_the_sentencepiece_backend_with_the_default_memory_budget(tmp_path):
+    out = tmp_path / "tok"
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", CORPUS[0], "--out", str(out), "--vocab-size", "3000", "--workers", "1",
+              "--backend", "sentencepiece"])
+    assert e.value.code == 0
+    counted = report(out)
+    assert counted["backend"] == "sentencepiece" and counted["vocab_size"] == 3000
+    assert counted["max_memory"] == 2 << 30 and counted["sampled_lines_max"] > 0
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 3000 and tok.decode(tok.encode(MIXED_SCRIPT[1], add_special_tokens=False)) == MIXED_SCRIPT[1]
 
 
 def test_gzipped_input_trains(tmp_path):

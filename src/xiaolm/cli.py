@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="tok_cmd", required=True)
     t = _add_parser(tok, "train", "train a byte-level BPE tokenizer with ChatML special tokens",
                     "examples:\n  xiaolm tokenizer train data/clean --out tok --vocab-size 8192\n"
-                    "  xiaolm tokenizer train data/clean --out tok --vocab-size 32000 --max-memory 2GB --workers 4\n"
+                    "  xiaolm tokenizer train data/clean --out tok --vocab-size 32000 --max-memory 8GB --workers 4\n"
                     "  xiaolm tokenizer train data/clean --out tok-spm --vocab-size 32000 --backend sentencepiece")
     t.add_argument("inputs", nargs="+", metavar="INPUT")
     t.add_argument("--out", required=True)
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", default="bpe", choices=["bpe", "sentencepiece"],
                    help="bpe: bounded-memory chunk counts + byte-level BPE (default); sentencepiece: unigram "
                         "on a sample of lines, byte fallback")
-    t.add_argument("--max-memory", default="4GB", help="memory the training may use (default 4GB)")
+    t.add_argument("--max-memory", default="2GB",
+                   help="memory the training may use, e.g. 512MB or 8GB (default %(default)s)")
     t.add_argument("--workers", type=int, help="counting processes (default: one per CPU, at most 8)")
     ts = _add_parser(tok, "stats", "measure a tokenizer on text: chars/bytes per token, vocabulary use",
                      "examples:\n  xiaolm tokenizer stats tok data/val.jsonl --limit 10000")

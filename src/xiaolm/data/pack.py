@@ -28,8 +28,8 @@ SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id fits, else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+    """uint16 while every id (0 .. vocab_size − 1) fits, i.e. up to 65,536 tokens; else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def is_val(key: str, seed: int, fraction: float) -> bool:

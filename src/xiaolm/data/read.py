@@ -494,20 +494,39 @@ def where_at(path: str | Path, number: int) -> str:
     return f"{path}:row {number}" if _base_suffix(Path(path)) == ".parquet" else f"{path}:{number}"
 
 
-def _read_parquet(path: Path, rejects: RejectLog | None, batch_rows: int = 1024) -> Iterator[tuple[dict, str]]:
-    """Rows of a Parquet file as dicts, read batch by batch; provenance is `file:row N` (1-based)."""
+def _parquet_file(path: Path) -> Any:
+    """pyarrow's ParquetFile (reads the file's metadata); XiaolmError when pyarrow is missing."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise XiaolmError("reading .parquet needs pyarrow", where=str(path), hint="pip install pyarrow") from None
+    return pq.ParquetFile(path)
+
+
+def _read_parquet(path: Path, rejects: RejectLog | None, batch_rows: int = 1024) -> Iterator[tuple[dict, str]]:
+    """Rows of a Parquet file as dicts, read batch by batch; provenance is `file:row N` (1-based)."""
     row = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        for batch in _parquet_file(path).iter_batches(batch_size=batch_rows):
             for record in batch.to_pylist():
                 row += 1
                 yield record, where_at(path, row)
     except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for damaged files
         _unreadable(path, row + 1, e, rejects)
+
+
+def check_readable(path: Path) -> None:
+    """Read the start of a file as its reader will: the first block through its decompression, or a Parquet
+    file's metadata; XiaolmError naming the file if that fails. Damage further on is only found while reading."""
+    try:
+        if _base_suffix(path) == ".parquet":
+            _parquet_file(path)
+        else:
+            with open_bytes(path) as f:
+                f.read(_CHUNK)
+    except (*_READ_ERRORS, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
+        raise XiaolmError(f"cannot read this input ({e.__class__.__name__}: {e})", where=str(path),
+                          hint="check that the file is complete and readable, or leave it out") from e
 
 
 def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None,

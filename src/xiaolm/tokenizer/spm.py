@@ -3,7 +3,8 @@
 sentencepiece reads at most `input_sentence_size` lines, a uniform sample of all lines (reservoir sampling), so
 its memory follows the sample, not the corpus. Identity normalization, no dummy prefix, kept whitespace and
 byte fallback make the round trip lossless; the converted vocabulary spells spaces as spaces (not "▁"), so a
-literal "▁" in text survives too.
+literal "▁" in text survives too; text spelling "<unk>" (or a special token, where specials are encoded as
+text, as packing does) becomes ordinary pieces.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer.chat import SPECIAL_TOKENS
 from xiaolm.tokenizer.pretokenize import DIGIT
+from xiaolm.tokenizer.train import vocab_too_large
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPACE = "\u2581"  # sentencepiece's whitespace mark
+SPECIAL_MARK = "<|"  # how every special token begins
+UNK = "<|unk|>"  # sentencepiece's <unk>, renamed like the specials so that text never matches it
 MAX_LINE_CHARS = 2000  # longer lines are cut: sentencepiece skips lines over max_sentence_length bytes
 # sentencepiece's unigram trainer peaks at about this many bytes of memory per byte of sampled text
 # (suffix array, seed pieces, lattices): ~20 measured on the demo corpus, 60 leaves headroom
@@ -63,7 +67,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_memory: int, 
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=training_lines(texts), model_writer=model, model_type="unigram",
-            # our specials replace sentencepiece's; its <unk> follows them, never produced
+            # our specials replace sentencepiece's; its <unk> (saved as UNK) follows them, never produced
             vocab_size=vocab_size - len(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
             byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
@@ -84,9 +88,7 @@ def _vocab_error(message: str, vocab_size: int) -> XiaolmError | None:
         return XiaolmError(f"vocab_size={vocab_size} is too small for the characters of this corpus (needs {need})",
                            where="vocab_size", hint=f"use --vocab-size {need} or more, or --backend bpe")
     if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
-        most = int(m.group(1)) + extra
-        return XiaolmError(f"vocab_size={vocab_size} is larger than this corpus supports (at most {most})",
-                           where="vocab_size", hint="use a smaller --vocab-size or train on more text")
+        return vocab_too_large(vocab_size, int(m.group(1)) + extra, "sentencepiece allows at most")
     return None
 
 
@@ -104,11 +106,16 @@ def sentencepiece_to_tokenizers(model_bytes: bytes) -> Tokenizer:
             continue
         if piece.type == piece.UNKNOWN:
             unk_id = len(vocab)  # tokenizers' Unigram needs one; byte fallback means it is never produced
+            vocab.append((UNK, piece.score))
+            continue
         vocab.append((piece.piece.replace(SPACE, " "), piece.score))
     tok = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=True))
-    # the splits sentencepiece trained with: digits alone, a piece never spans more than one space-led word
+    # the splits sentencepiece trained with: digits alone, a piece never spans more than one space-led word.
+    # The model matches any of its pieces in text, so "<|" stands alone too: no text becomes a special token
+    # (when specials are encoded as text) or UNK; byte pieces such as <0xE4> hold a digit, already alone
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(DIGIT), behavior="isolated"),
+        pre_tokenizers.Split(SPECIAL_MARK, behavior="isolated"),
         pre_tokenizers.Split(Regex(r" *[^ ]+| +"), behavior="isolated"),
     ])
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import logging
-import os
 import re
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import yaml
 
-from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, read_records, stage_inputs
+from xiaolm.data.pack import token_dtype
+from xiaolm.data.read import RejectLog, check_readable, finished_stage, inputs_fingerprint, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json, atomic_write_text
 from xiaolm.tokenizer.chat import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS
@@ -41,6 +40,7 @@ COUNT_BYTES_PER_CHUNK = 600
 TRAIN_BYTES_PER_CHUNK = 2200
 BASE_MEMORY = 150 << 20  # interpreter, libraries, queues and batches in flight
 _REPEAT = 1 << 16  # a chunk is fed to the BPE trainer in strings of at most this many copies
+_BOUND_BATCH = 1 << 16  # chunks encoded at once while bounding the merges
 
 
 def record_text(record: dict, text_field: str = "text") -> str | None:
@@ -67,60 +67,60 @@ def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
 
 
 def parse_size(text: str | int) -> int:
-    """'4GB', '512MB', '1.5G' or a number of bytes → bytes; XiaolmError if unreadable."""
+    """'2GB', '512MB', '1.5G' or a number of bytes → bytes; XiaolmError if unreadable."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), flags=re.IGNORECASE)
     if not m:
         raise XiaolmError(f"cannot read the memory size '{text}'", where="max_memory",
-                          hint="write it like 4GB, 512MB or 2G")
+                          hint="write it like 2GB, 512MB or 1.5G")
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
 
 
-def _input_bytes(path: Path) -> int:
-    """Uncompressed size of an input file (a .gz file records it, modulo 4 GiB, in its last 4 bytes)."""
-    with open(path, "rb") as f:
-        if not path.name.endswith(".gz"):
-            return os.fstat(f.fileno()).st_size
-        f.seek(0, os.SEEK_END)
-        if f.tell() < 4:
-            return 0
-        f.seek(-4, os.SEEK_END)
-        return int.from_bytes(f.read(4), "little")
+def vocab_too_large(vocab_size: int, supported: int, how: str, min_frequency: int = 1) -> XiaolmError:
+    """The error for a corpus that supports fewer tokens than asked for; `how` says how `supported` is known."""
+    lower = ", a lower --min-frequency" if min_frequency > 1 else ""
+    return XiaolmError(f"vocab_size={vocab_size} is larger than this corpus supports ({how} {supported} tokens)",
+                       where="vocab_size", hint=f"use --vocab-size {supported} or less{lower}, or more text")
 
 
-def _check_readable(files: list[Path]) -> int:
-    """Open every input and read its first bytes; return the total (uncompressed) size. XiaolmError if not."""
-    total = 0
-    for path in files:
-        try:
-            with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
-                f.read(1)
-            total += _input_bytes(path)
-        except (OSError, EOFError, zlib.error) as e:
-            raise XiaolmError(f"cannot read this input ({e.__class__.__name__}: {e})", where=str(path),
-                              hint="check that the file is complete and readable, or leave it out") from e
-    return total
-
-
-def _check_vocab(vocab_size: int, supported: int, what: str) -> None:
+def _check_vocab(vocab_size: int, supported: int, how: str, min_frequency: int = 1) -> None:
     if vocab_size > supported:
-        raise XiaolmError(f"vocab_size={vocab_size} is larger than {what} supports (at most {supported})",
-                          where="vocab_size", hint="use a smaller --vocab-size or train on more text")
+        raise vocab_too_large(vocab_size, supported, how, min_frequency)
+
+
+def _byte_pairs(counts: dict[str, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of (each adjacent byte pair inside a chunk, as first·256 + second; that chunk's count)."""
+    items = iter(counts.items())
+    while batch := list(itertools.islice(items, _BOUND_BATCH)):
+        encoded = [chunk.encode("utf-8") for chunk, _ in batch]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(batch))
+        data = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int32)
+        inside = np.ones(len(data) - 1, dtype=bool)
+        inside[np.cumsum(lengths)[:-1] - 1] = False  # the pair across the end of a chunk and the next one
+        weights = np.repeat(np.fromiter((n for _, n in batch), dtype=np.int64, count=len(batch)), lengths)
+        yield (data[:-1] * 256 + data[1:])[inside], weights[:-1][inside]
 
 
 def merges_bound(counts: dict[str, int], min_frequency: int) -> int:
-    """An upper bound on the BPE merges possible on these chunk counts.
+    """An upper bound on the tokens BPE can add to the base vocabulary from these chunk counts.
 
-    Each merge lowers the (count-weighted) number of symbols by at least min_frequency, and adds a token that
-    occurs inside some distinct chunk, which can take at most (bytes − 1) merges.
+    Each new token comes from a merge, and a merge needs min_frequency adjacent occurrences of two symbols
+    (overlapping ones counted, as tokenizers counts them), each an occurrence of the byte pair across their
+    boundary: only boundaries whose byte pair occurs that often ever go. A merge removes at least one of them in
+    some distinct chunk, and at least ⌈min_frequency/2⌉ counted by occurrence (in a run like "aaa" only every
+    other occurrence of a pair is merged).
     """
-    weighted = distinct = 0
-    for chunk, n in counts.items():
-        extra = len(chunk.encode("utf-8")) - 1
-        distinct += extra
-        weighted += n * extra
-    return min(distinct, weighted // max(1, min_frequency))
+    pair_counts = np.zeros(1 << 16)
+    for pairs, weights in _byte_pairs(counts):
+        pair_counts += np.bincount(pairs, weights=weights, minlength=1 << 16)
+    frequent = pair_counts >= min_frequency
+    distinct = weighted = 0
+    for pairs, weights in _byte_pairs(counts):
+        removable = frequent[pairs]
+        distinct += int(removable.sum())
+        weighted += int(weights[removable].sum())
+    return min(distinct, weighted // ((min_frequency + 1) // 2))
 
 
 def _texts(files: list[Path], text_field: str, rejects: RejectLog, stats: dict[str, int]) -> Iterator[str]:
@@ -169,7 +169,8 @@ def _train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, cjk_ch
     log.info("tokenizer: counted %d chunks (%d distinct in tables of at most %d) in %.1fs with %d processes; "
              "counts are low by at most %d; training on the %d most frequent", result.total, result.distinct,
              capacity, count_s, workers, result.dropped_max, len(result.counts))
-    _check_vocab(vocab_size, BASE_VOCAB + merges_bound(result.counts, min_frequency), "this corpus")
+    supported = BASE_VOCAB + merges_bound(result.counts, min_frequency)
+    _check_vocab(vocab_size, supported, "its chunk counts allow at most", min_frequency)
     t1 = time.perf_counter()
     tok = train_bpe_from_counts(result.counts, vocab_size, min_frequency, cjk_chars)
     info = {"chunks": result.total, "distinct_chunks_counted": result.distinct, "table_capacity": capacity,
@@ -194,7 +195,7 @@ def _save(tok: Tokenizer, out_dir: Path, config_text: str) -> None:
 
 def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 8192,
                     min_frequency: int = 2, text_field: str = "text", cjk_chars: bool = False,
-                    backend: str = "bpe", max_memory: str | int = "4GB", workers: int | None = None) -> Path:
+                    backend: str = "bpe", max_memory: str | int = "2GB", workers: int | None = None) -> Path:
     """Train on every text/chat record of `inputs`; save an AutoTokenizer-loadable dir and return it.
 
     backend "bpe": chunk counts in bounded memory (`max_memory`, `workers` processes), then byte-level BPE;
@@ -215,11 +216,12 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise XiaolmError(f"workers={workers} must be at least 1", where="workers")
-    if vocab_size > 65535:
-        log.warning("tokenizer: vocab_size %d exceeds 65535, so token files will be uint32", vocab_size)
+    if token_dtype(vocab_size) != np.uint16:
+        log.warning("tokenizer: vocab_size %d exceeds 65,536, so token files will be uint32", vocab_size)
     out_dir = Path(out_dir)
     files = stage_inputs(inputs, out_dir)
-    input_bytes = _check_readable(files)
+    for path in files:
+        check_readable(path)
     settings = {"vocab_size": vocab_size, "min_frequency": min_frequency, "text_field": text_field,
                 "cjk_chars": cjk_chars, "backend": backend, "max_memory": memory, "workers": workers,
                 "inputs": [str(i) for i in inputs]}
@@ -236,8 +238,6 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
         if first is None:
             raise XiaolmError("no text to train on", where=", ".join(map(str, inputs)),
                               hint=f"inputs need '{text_field}' or 'messages' records")
-        # every merge needs a pair of symbols, so text of B bytes supports at most B merges
-        _check_vocab(vocab_size, BASE_VOCAB + input_bytes // min_frequency, f"{input_bytes} bytes of input")
         texts = itertools.chain([first], texts)
         if backend == "bpe":
             tok, info = _train_bpe(texts, vocab_size, min_frequency, cjk_chars, memory, workers)
@@ -248,6 +248,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
     if rejects.total or stats["skipped"]:
         log.warning("tokenizer: skipped %d records without text and %d unreadable ones (%s)",
                     stats["skipped"], rejects.total, rejects.summary())
+    _check_vocab(vocab_size, tok.get_vocab_size(), "training found only", min_frequency if backend == "bpe" else 1)
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids != list(range(len(SPECIAL_TOKENS))):
         raise AssertionError(f"special tokens got ids {ids}")
@@ -258,9 +259,6 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
         "backend": backend, "vocab_size": tok.get_vocab_size(), "seconds": seconds, **info,
         "max_memory": memory, "inputs": fingerprint})
     atomic_write_text(out_dir / "_SUCCESS", "")
-    if tok.get_vocab_size() < vocab_size:
-        log.warning("tokenizer: the corpus only supports %d tokens (asked for %d)", tok.get_vocab_size(),
-                    vocab_size)
     log.info("tokenizer: trained %s on %d texts in %.1fs, vocab %d — %s", backend, stats["texts"], seconds,
              tok.get_vocab_size(), out_dir)
     return out_dir
