@@ -45,7 +45,8 @@ def test_forum_questions_join_title_and_description(tmp_path):
 def test_empty_answers_are_rejected_with_the_missing_field(tmp_path):
     report, records, rejects = imported("baike_qa2019", tmp_path)
     assert len(records) == 2 and report["rejected"] == {"missing_field": 1}
-    assert rejects[0]["detail"] == "needs answer" and rejects[0]["where"].endswith("baike_qa_valid.json:3")
+    assert rejects[0]["detail"] == "needs answer (absent, empty or not text)"
+    assert rejects[0]["where"].endswith("baike_qa_valid.json:3")
 
 
 def test_medical_csv_is_read_as_gb18030(tmp_path):
@@ -131,7 +132,8 @@ def _firefly_files(tmp_path: Path) -> Path:
     return folder
 
 
-def test_files_convert_in_parallel_to_the_same_output_as_one_process(tmp_path):
+def test_files_convert_in_parallel_to_the_same_output_as_one_process(tmp_path, caplog):
+    caplog.set_level("INFO")
     folder = _firefly_files(tmp_path)
     one = import_records("firefly", [folder], tmp_path / "one", workers=1)
     two = import_records("firefly", [folder], tmp_path / "two", workers=2)
@@ -139,6 +141,7 @@ def test_files_convert_in_parallel_to_the_same_output_as_one_process(tmp_path):
     for key in ("records_read", "records_written", "rejected", "examples_rejected"):
         assert one[key] == two[key], key
     assert one["rejected"] == {"bad_json": 1}
+    assert "data/import firefly: 8 records read, 8 written to 4 shard(s), 1 rejected (bad_json 1)" in caplog.text
     for name in [*one["shards"], "rejects.jsonl"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
     assert not (tmp_path / "two" / "_work").exists()

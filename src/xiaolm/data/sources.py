@@ -263,7 +263,8 @@ def _convert(recipe: Recipe, path: Path, rejects: RejectLog, write: Callable[[di
             if counts["read"] == limit:
                 break
             if missing:
-                rejects.add("missing_field", where, record, detail=f"needs {', '.join(missing)}")
+                rejects.add("missing_field", where, record,
+                            detail=f"needs {', '.join(missing)} (absent, empty or not text)")
                 continue
             try:
                 out = recipe.convert(record)
