@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xiaolm.data.pack import is_val, load_tokens, pack_files, read_meta, token_dtype
+from xiaolm.data.pack import is_val, load_tokens, pack_files, read_meta
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import IM_END, IM_START, normalize_chat, render_chat
+from xiaolm.tokenizer.train import token_dtype
 
 MIXED = Path(__file__).parent / "fixtures" / "mixed"
 META_KEYS = {"dtype", "vocab_size", "eos_id", "pad_id", "im_start_id", "im_end_id", "train_tokens",

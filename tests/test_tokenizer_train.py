@@ -11,12 +11,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from xiaolm.cli import main
-from xiaolm.data.pack import token_dtype
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer import SPECIAL_TOKENS, tokenizer_stats, train_tokenizer
 from xiaolm.tokenizer.count import BoundedCounter, count_chunks
 from xiaolm.tokenizer.pretokenize import MAX_CJK_RUN, ChunkSplitter, build_pre_tokenizer
-from xiaolm.tokenizer.train import parse_size
+from xiaolm.tokenizer.train import parse_size, token_dtype
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CORPUS = [str(FIXTURES / "corpus_zh.jsonl"), str(FIXTURES / "mixed")]

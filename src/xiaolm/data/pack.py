@@ -20,16 +20,13 @@ from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_di
 from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, merge_examples, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
+from xiaolm.tokenizer.chat import EOS, IM_END, IM_START
+from xiaolm.tokenizer.train import load_tokenizer, token_dtype, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
 BATCH = 512
 SPLITS = ("train", "val")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 while every id (0 .. vocab_size − 1) fits, i.e. up to 65,536 tokens; else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def is_val(key: str, seed: int, fraction: float) -> bool:
@@ -65,8 +62,6 @@ def document_text(record: dict, text_field: str) -> tuple[str, bool]:
 
 def _encoders(tokenizer_dir: str | Path) -> tuple[Any, dict[bool, Callable]]:
     """The tokenizer and its batch encoders for plain text (False) and ChatML-rendered chats (True)."""
-    from xiaolm.tokenizer.train import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     chat_encoder = tokenizer.backend_tokenizer
     # plain documents are encoded as text even where they spell out a special token such as <|im_end|>
@@ -184,9 +179,6 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
     concatenated in input order: the result does not depend on the number of processes, and a rerun after an
     interruption reuses the files already tokenized.
     """
-    from xiaolm.tokenizer.chat import EOS, IM_END, IM_START
-    from xiaolm.tokenizer.train import tokenizer_hash
-
     if not 0 <= val_fraction < 1:
         raise XiaolmError(f"val_fraction={val_fraction} is out of range", where="val_fraction",
                           hint="use a fraction in [0, 1), e.g. 0.01")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from xiaolm.errors import XiaolmError
 from xiaolm.tokenizer.chat import SPECIAL_TOKENS
 from xiaolm.tokenizer.pretokenize import DIGIT
-from xiaolm.tokenizer.train import vocab_too_large
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -64,32 +62,17 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_memory: int, 
     lines = sample_size(max_memory)
     spm.set_random_generator_seed(0)  # the line sample, hence the model, is the same on every run
     start = time.perf_counter()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=training_lines(texts), model_writer=model, model_type="unigram",
-            # our specials replace sentencepiece's; its <unk> (saved as UNK) follows them, never produced
-            vocab_size=vocab_size - len(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-            byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-            character_coverage=0.9995, input_sentence_size=lines, shuffle_input_sentence=True,
-            max_sentence_length=4 * MAX_LINE_CHARS + 16, num_threads=threads, minloglevel=2)
-    except RuntimeError as e:
-        raise _vocab_error(str(e), vocab_size) or e from e
+    spm.SentencePieceTrainer.train(  # its RuntimeErrors (e.g. a vocabulary too large) are the caller's to word
+        sentence_iterator=training_lines(texts), model_writer=model, model_type="unigram",
+        # our specials replace sentencepiece's; its <unk> (saved as UNK) follows them, never produced
+        vocab_size=vocab_size - len(SPECIAL_TOKENS), unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        character_coverage=0.9995, input_sentence_size=lines, shuffle_input_sentence=True,
+        max_sentence_length=4 * MAX_LINE_CHARS + 16, num_threads=threads, minloglevel=2)
     seconds = time.perf_counter() - start
     tok = sentencepiece_to_tokenizers(model.getvalue())
     return tok, {"sampled_lines_max": lines, "spm_seconds": round(seconds, 3), "spm_model": "unigram"}
-
-
-def _vocab_error(message: str, vocab_size: int) -> XiaolmError | None:
-    """sentencepiece's complaints about the vocabulary size, said our way; None for anything else."""
-    extra = len(SPECIAL_TOKENS)
-    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
-        need = int(m.group(1)) + extra
-        return XiaolmError(f"vocab_size={vocab_size} is too small for the characters of this corpus (needs {need})",
-                           where="vocab_size", hint=f"use --vocab-size {need} or more, or --backend bpe")
-    if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
-        return vocab_too_large(vocab_size, int(m.group(1)) + extra, "sentencepiece allows at most")
-    return None
 
 
 def sentencepiece_to_tokenizers(model_bytes: bytes) -> Tokenizer:

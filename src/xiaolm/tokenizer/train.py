@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from xiaolm.data.pack import token_dtype
 from xiaolm.data.read import RejectLog, check_readable, finished_stage, inputs_fingerprint, read_records, stage_inputs
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json, atomic_write_text
@@ -77,11 +76,28 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id (0 .. vocab_size − 1) fits, i.e. up to 65,536 tokens; else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
 def vocab_too_large(vocab_size: int, supported: int, how: str, min_frequency: int = 1) -> XiaolmError:
     """The error for a corpus that supports fewer tokens than asked for; `how` says how `supported` is known."""
     lower = ", a lower --min-frequency" if min_frequency > 1 else ""
     return XiaolmError(f"vocab_size={vocab_size} is larger than this corpus supports ({how} {supported} tokens)",
                        where="vocab_size", hint=f"use --vocab-size {supported} or less{lower}, or more text")
+
+
+def _sentencepiece_error(message: str, vocab_size: int) -> XiaolmError | None:
+    """sentencepiece's complaints about the vocabulary size, said our way; None for anything else."""
+    extra = len(SPECIAL_TOKENS)
+    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        need = int(m.group(1)) + extra
+        return XiaolmError(f"vocab_size={vocab_size} is too small for the characters of this corpus (needs {need})",
+                           where="vocab_size", hint=f"use --vocab-size {need} or more, or --backend bpe")
+    if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+        return vocab_too_large(vocab_size, int(m.group(1)) + extra, "sentencepiece allows at most")
+    return None
 
 
 def _check_vocab(vocab_size: int, supported: int, how: str, min_frequency: int = 1) -> None:
@@ -244,7 +260,10 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
         else:
             from xiaolm.tokenizer.spm import train_sentencepiece
 
-            tok, info = train_sentencepiece(texts, vocab_size, memory, cjk_chars, threads=workers)
+            try:
+                tok, info = train_sentencepiece(texts, vocab_size, memory, cjk_chars, threads=workers)
+            except RuntimeError as e:
+                raise _sentencepiece_error(str(e), vocab_size) or e from e
     if rejects.total or stats["skipped"]:
         log.warning("tokenizer: skipped %d records without text and %d unreadable ones (%s)",
                     stats["skipped"], rejects.total, rejects.summary())
