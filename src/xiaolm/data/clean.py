@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
-from xiaolm.data.read import TXT_DOCS, RejectLog, merge_examples, plan_stage, read_records
+from xiaolm.data.read import RejectLog, check_txt_docs, merge_examples, plan_stage, read_records, reject_summary
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files, json_line
 
@@ -427,9 +427,7 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
         raise XiaolmError(f"inconsistent limits min_chars={cfg.min_chars} max_chars={cfg.max_chars} "
                           f"min_cjk_ratio={cfg.min_cjk_ratio}", where="config",
                           hint="need 0 <= min_chars <= max_chars and 0 <= min_cjk_ratio <= 1")
-    if cfg.txt_docs not in TXT_DOCS:
-        raise XiaolmError(f"unknown txt_docs={cfg.txt_docs!r}", where="config",
-                          hint="line (one document a line) or blank (documents separated by blank lines)")
+    check_txt_docs(cfg.txt_docs)
     Cleaner(cfg)  # a missing block list or language-ID package fails here, before any work
     out_dir = Path(out_dir)
     files, fingerprint, config_text, report = plan_stage("data/clean", inputs, out_dir, cfg)
@@ -466,5 +464,5 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
     shutil.rmtree(work)
     log.info("data/clean: %d in, %d out, %d rejected (%s) in %.1f s — see %s", report["records_in"],
              report["records_out"], sum(rejected.values()),
-             ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none", seconds, out_dir / "rejects.jsonl")
+             reject_summary(rejected), seconds, out_dir / "rejects.jsonl")
     return report

@@ -36,6 +36,7 @@ from xiaolm.data.read import (
     merge_examples,
     plan_stage,
     read_records,
+    reject_summary,
     where_at,
     where_number,
 )
@@ -560,7 +561,7 @@ def dedup_files(inputs: list[str | Path], out_dir: str | Path, cfg: DedupConfig 
     log.info("data/dedup: %d in, %d out, %d removed (%d exact, %d near) in %d clusters, %d rejected (%s) — see %s",
              report["records_in"], kept, removed, clustered["removed_exact"], clustered["removed_near"],
              clustered["clusters"], sum(rejected.values()),
-             ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none", out_dir / "rejects.jsonl")
+             reject_summary(rejected), out_dir / "rejects.jsonl")
     return report
 
 

@@ -17,7 +17,15 @@ import numpy as np
 import yaml
 
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
-from xiaolm.data.read import RejectLog, finished_stage, inputs_fingerprint, merge_examples, read_records, stage_inputs
+from xiaolm.data.read import (
+    RejectLog,
+    finished_stage,
+    inputs_fingerprint,
+    merge_examples,
+    read_records,
+    reject_summary,
+    stage_inputs,
+)
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
 from xiaolm.tokenizer.chat import EOS, IM_END, IM_START
@@ -231,7 +239,7 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
     shutil.rmtree(work)
     log.info("data/pack: %d train tokens (%d docs), %d val tokens (%d docs), %d rejected (%s) in %.1f s — %s",
              meta["train_tokens"], meta["train_docs"], meta["val_tokens"], meta["val_docs"], sum(rejected.values()),
-             ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none", seconds, out_dir)
+             reject_summary(rejected), seconds, out_dir)
     return meta
 
 

@@ -83,8 +83,20 @@ class RejectLog:
         return sum(self.counts.values())
 
     def summary(self) -> str:
-        """`bad_json 1, too_short 20` (most frequent first), or `none`."""
-        return ", ".join(f"{k} {v}" for k, v in self.counts.most_common()) or "none"
+        """`too_short 20, bad_json 1` (most frequent first), or `none`."""
+        return reject_summary(self.counts)
+
+
+def reject_summary(counts: Counter[str]) -> str:
+    """Rejections by reason for a log line: `too_short 20, bad_json 1` (most frequent first), or `none`."""
+    return ", ".join(f"{k} {v}" for k, v in counts.most_common()) or "none"
+
+
+def check_txt_docs(txt_docs: str) -> None:
+    """XiaolmError unless `txt_docs` names a way to cut .txt files into documents."""
+    if txt_docs not in TXT_DOCS:
+        raise XiaolmError(f"unknown txt_docs={txt_docs!r}", where="txt_docs",
+                          hint="use line (one document a line) or blank (documents separated by blank lines)")
 
 
 def merge_examples(into: dict[str, list], found: dict[str, list], limit: int = MAX_EXAMPLES) -> None:
@@ -543,9 +555,7 @@ def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None,
 def read_file(path: Path, rejects: RejectLog | None, fmt: str | None = None,
               encoding: str = "utf-8", txt_docs: str = "line") -> Iterator[tuple[dict, str]]:
     """(record, "file:line") of one file in format `fmt` (".jsonl", ".csv", …; default: from its name)."""
-    if txt_docs not in TXT_DOCS:
-        raise XiaolmError(f"unknown txt_docs={txt_docs!r}", where="txt_docs",
-                          hint="use line (one document a line) or blank (documents separated by blank lines)")
+    check_txt_docs(txt_docs)
     suffix = fmt or _base_suffix(path)
     if suffix == ".json":
         records = _read_json(path, rejects)

@@ -28,6 +28,7 @@ from xiaolm.data.read import (
     merge_examples,
     read_file,
     read_records,
+    reject_summary,
     stage_inputs,
     text_lines,
 )
@@ -228,7 +229,7 @@ def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str 
     shutil.rmtree(work)
     log.info("data/import %s: %d records read, %d written to %d shard(s), %d rejected (%s) — %s", recipe.name,
              report["records_read"], report["records_written"], len(shards), sum(rejected.values()),
-             ", ".join(f"{k} {v}" for k, v in rejected.most_common()) or "none", out_dir)
+             reject_summary(rejected), out_dir)
     return report
 
 
