@@ -20,16 +20,9 @@ import argparse
 import torch
 
 from xiaolm.config import load_config
+from xiaolm.device import peak_memory_mb, resolve_autocast_dtype, resolve_device
 from xiaolm.model.loss import CHUNK_ELEMENTS
-from xiaolm.train.loop import (
-    TrainConfig,
-    build_model,
-    lm_loss,
-    make_optimizer,
-    peak_memory_mb,
-    resolve_autocast_dtype,
-    resolve_device,
-)
+from xiaolm.train.loop import TrainConfig, build_model, lm_loss, make_optimizer
 
 
 def estimate_bytes(cfg: TrainConfig, n_params: int, half: bool, device: str) -> dict[str, float]:

@@ -21,8 +21,9 @@ import time
 
 import torch
 
+from xiaolm.device import peak_memory_mb
 from xiaolm.model.llama import Llama, LlamaConfig
-from xiaolm.train.loop import TrainConfig, make_optimizer, peak_memory_mb
+from xiaolm.train.loop import TrainConfig, make_optimizer
 
 
 def build(side: str, a: argparse.Namespace):

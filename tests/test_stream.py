@@ -187,7 +187,8 @@ def write_chats(path, n, start=0):
 
 
 def test_chat_stream_yields_every_chat_once_per_epoch_and_resumes_exactly(tmp_path, tiny_tokenizer_dir):
-    from xiaolm.data.stream import ChatStream, encode_example
+    from xiaolm.data.stream import ChatStream
+    from xiaolm.tokenizer.chat import encode_example
 
     tok = load_tokenizer(tiny_tokenizer_dir)
     write_chats(tmp_path / "c.jsonl", 300)

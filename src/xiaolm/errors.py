@@ -14,3 +14,10 @@ class XiaolmError(Exception):
         """Render as `where: what — hint`."""
         text = f"{self.where}: {self.what}" if self.where else self.what
         return f"{text} — {self.hint}" if self.hint else text
+
+class Unusable(Exception):
+    """A record that cannot be used (no text, a bad chat): a short reason code and an optional detail."""
+
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail

@@ -26,7 +26,7 @@ from xiaolm.data.read import (
     reject_summary,
     stage_inputs,
 )
-from xiaolm.errors import XiaolmError
+from xiaolm.errors import Unusable, XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
 from xiaolm.tokenizer.chat import EOS, IM_END, IM_START
 from xiaolm.tokenizer.train import load_tokenizer, token_dtype, tokenizer_hash
@@ -42,13 +42,6 @@ def is_val(key: str, seed: int, fraction: float) -> bool:
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
-
-class Unusable(Exception):
-    """A record with no usable text: a short reason code and an optional detail."""
-
-    def __init__(self, reason: str, detail: str | None = None):
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
 
 
 def document_text(record: dict, text_field: str) -> tuple[str, bool]:

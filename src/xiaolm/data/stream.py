@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from xiaolm.data.pack import Unusable, document_text
+from xiaolm.data.pack import document_text
 from xiaolm.data.read import RejectLog, expand_inputs, read_records
-from xiaolm.errors import XiaolmError
+from xiaolm.errors import Unusable, XiaolmError
+from xiaolm.tokenizer.chat import Example, encode_example
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,6 @@ class ChatStream(RecordStream):
         self.buffer, self.pending = _examples_from_state("buffer", state), _examples_from_state("pending", state)
 
 
-Example = tuple[np.ndarray, np.ndarray]  # int32 input_ids and labels of one chat
 
 
 def _examples_state(name: str, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -257,19 +257,6 @@ def _examples_from_state(name: str, state: dict[str, Any]) -> list[Example]:
         at += 2 * n
     return out
 
-
-def encode_example(tokenizer, record: dict, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """A chat record as (input_ids, labels) int32 arrays cut to seq_len + 1; Unusable when it cannot train."""
-    from xiaolm.tokenizer import encode_chat, normalize_chat
-
-    try:
-        ids, labels = encode_chat(tokenizer, normalize_chat(record))
-    except ValueError as e:
-        raise Unusable("bad_chat", str(e)) from None
-    ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
-    if all(label == -100 for label in labels[1:]):
-        raise Unusable("no_assistant_tokens", "no assistant tokens within data.seq_len")
-    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
 
 
 class StreamingPretrainObjective:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from xiaolm.model.llama import Llama
-from xiaolm.train.sft import collate
+from xiaolm.tokenizer.chat import collate
 
 
 @torch.no_grad()

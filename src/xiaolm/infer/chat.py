@@ -32,10 +32,10 @@ def trim_history(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_t
 def run_chat(model_path: str, gen: GenerationConfig, system: str | None = None,
              input_fn: Callable[[str], str] = input, output: TextIO = sys.stdout) -> None:
     """Chat with the model at `model_path` until /exit, /quit or end of input."""
+    from xiaolm.device import resolve_device
     from xiaolm.errors import XiaolmError
     from xiaolm.model.export import load_model
     from xiaolm.tokenizer import encode_prompt
-    from xiaolm.train.loop import resolve_device
 
     model, tokenizer = load_model(model_path, device=resolve_device("auto"))
     if tokenizer is None:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
+
+from xiaolm.errors import Unusable
+
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -84,3 +89,30 @@ def encode_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of the conversation followed by `<|im_start|>assistant\\n`, ready for generation."""
     text = render_chat(messages, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+Example = tuple[np.ndarray, np.ndarray]  # int32 input_ids and labels of one chat
+
+
+def encode_example(tokenizer, record: dict, seq_len: int) -> Example:
+    """A chat record as (input_ids, labels) int32 arrays cut to seq_len + 1; Unusable when it cannot train."""
+    try:
+        ids, labels = encode_chat(tokenizer, normalize_chat(record))
+    except ValueError as e:
+        raise Unusable("bad_chat", str(e)) from None
+    ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
+    if all(label == -100 for label in labels[1:]):
+        raise Unusable("no_assistant_tokens", "no assistant tokens within data.seq_len")
+    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest example in the batch; padded targets are -100."""
+    width = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, (ids, labels) in enumerate(examples):
+        n = len(ids) - 1
+        x[row, :n] = torch.as_tensor(ids[:-1])
+        y[row, :n] = torch.as_tensor(labels[1:])
+    return {"x": x, "y": y}

@@ -18,6 +18,7 @@ import torch
 from typing_extensions import Self
 
 from xiaolm.config import save_config
+from xiaolm.device import peak_memory_mb, resolve_autocast_dtype
 from xiaolm.errors import XiaolmError
 from xiaolm.model.llama import Llama, LlamaConfig, flops_per_token
 from xiaolm.train.checkpoint import (
@@ -110,26 +111,6 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return model(batch["x"], batch["y"], doc_ids=batch.get("doc"))[1]
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` → cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise XiaolmError("device=cuda but no CUDA GPU is visible", hint="use device=auto or device=cpu")
-    return torch.device(name)
-
-
-def resolve_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype for autocast, None for plain fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None  # CPU: bf16 (dtype=bf16) pays only on AMX CPUs, and there it cost the demo accuracy
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def resolve_compile(value: str, device: torch.device) -> bool:
@@ -465,18 +446,6 @@ def _restore_weights(model: Llama, ckpt: Path) -> None:
                           hint="resume with the model.* settings of that run, or start a new out=")
     model.load_state_dict(restored.state_dict())
 
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: allocated tensors on CUDA, resident set size of the process elsewhere."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:  # VmHWM: this process's own peak (ru_maxrss would carry a launcher's peak over fork + exec)
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def _save_best(run_dir: Path, model: Llama, step: int, val_loss: float, ctx: DistContext) -> None:

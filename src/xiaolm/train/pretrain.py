@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from xiaolm.data.pack import load_tokens, read_meta
+from xiaolm.device import resolve_device
 from xiaolm.errors import XiaolmError
 from xiaolm.train import distributed
-from xiaolm.train.loop import TrainConfig, build_model, lm_loss, resolve_device, train
+from xiaolm.train.loop import TrainConfig, build_model, lm_loss, train
 
 
 class PretrainObjective:

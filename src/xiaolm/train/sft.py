@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xiaolm.data.pack import Unusable
 from xiaolm.data.read import RejectLog, read_records
-from xiaolm.data.stream import ChatStream, Example, encode_example
-from xiaolm.errors import XiaolmError
+from xiaolm.data.stream import ChatStream
+from xiaolm.device import resolve_device
+from xiaolm.errors import Unusable, XiaolmError
 from xiaolm.tokenizer import load_tokenizer
+from xiaolm.tokenizer.chat import Example, collate, encode_example
 from xiaolm.train import distributed
-from xiaolm.train.loop import TrainConfig, build_model, lm_loss, resolve_device, train
+from xiaolm.train.loop import TrainConfig, build_model, lm_loss, train
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,6 @@ def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: Reje
                 rejects.add(e.reason, where, record, e.detail)
     return examples
 
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example in the batch; padded targets are -100."""
-    width = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, (ids, labels) in enumerate(examples):
-        n = len(ids) - 1
-        x[row, :n] = torch.as_tensor(ids[:-1])
-        y[row, :n] = torch.as_tensor(labels[1:])
-    return {"x": x, "y": y}
 
 
 class SFTObjective:
