@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from xiaolm.model.llama import Llama, LlamaConfig
-from xiaolm.train.loop import DataConfig, TrainConfig
+from xiaolm.train.config import DataConfig, TrainConfig
 from xiaolm.train.pretrain import PretrainObjective, run_pretrain
 
 SEQ, BATCH = 256, 16

@@ -22,7 +22,10 @@ import torch
 from xiaolm.config import load_config
 from xiaolm.device import peak_memory_mb, resolve_autocast_dtype, resolve_device
 from xiaolm.model.loss import CHUNK_ELEMENTS
-from xiaolm.train.loop import TrainConfig, build_model, lm_loss, make_optimizer
+from xiaolm.train.config import TrainConfig
+from xiaolm.train.loop import make_optimizer
+from xiaolm.train.objective import lm_loss
+from xiaolm.train.stage import build_model
 
 
 def estimate_bytes(cfg: TrainConfig, n_params: int, half: bool, device: str) -> dict[str, float]:
@@ -49,7 +52,7 @@ def main() -> None:
     cfg = load_config(TrainConfig, a.config, a.overrides)
     device = resolve_device(cfg.device)
     amp = resolve_autocast_dtype(cfg.dtype, device)
-    model = build_model(cfg, a.vocab, device)
+    cfg, model = build_model(cfg, a.vocab, device)
     opt = make_optimizer(model, cfg, device)
     n = model.num_params()
     est = estimate_bytes(cfg, n, half=amp is not None, device=device.type)

@@ -4,7 +4,7 @@ import pytest
 
 from xiaolm.config import load_config, parse_overrides
 from xiaolm.errors import XiaolmError
-from xiaolm.train.loop import TrainConfig
+from xiaolm.train.config import TrainConfig
 
 
 def test_overrides_reach_nested_fields_with_types(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from xiaolm.config import load_config
-from xiaolm.train.loop import TrainConfig
+from xiaolm.train.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

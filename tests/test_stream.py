@@ -145,7 +145,7 @@ def run_cut_and_resumed(tmp_path, tokenizer_dir, run, seq_len, stream=False) -> 
 
     from tests.test_train_loop import losses
     from xiaolm.model.llama import LlamaConfig
-    from xiaolm.train.loop import DataConfig, TrainConfig
+    from xiaolm.train.config import DataConfig, TrainConfig
 
     def cfg(out):
         return TrainConfig(out=str(tmp_path / out), max_steps=8, batch_size=4, lr=3e-3, warmup_steps=2,
@@ -232,7 +232,7 @@ def test_pretraining_streams_parquet_and_reports_rejects_before_the_first_pass_e
     import pyarrow.parquet as pq
 
     from xiaolm.model.llama import LlamaConfig
-    from xiaolm.train.loop import DataConfig, TrainConfig
+    from xiaolm.train.config import DataConfig, TrainConfig
     from xiaolm.train.pretrain import run_pretrain
 
     texts = [f"第{i}篇文章。" + "春眠不觉晓，处处闻啼鸟。" * 3 if i % 50 else None for i in range(2000)]

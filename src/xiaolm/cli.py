@@ -245,7 +245,7 @@ def run(argv: list[str] | None = None) -> int:
                         cjk_chars=args.cjk_chars, backend=args.backend, max_memory=args.max_memory,
                         workers=args.workers)
     elif args.command in ("pretrain", "sft"):
-        from xiaolm.train.loop import TrainConfig
+        from xiaolm.train.config import TrainConfig
 
         cfg = load_config(TrainConfig, args.config, args.overrides)
         if args.command == "pretrain":

@@ -29,9 +29,18 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML reads `compile: true` as a boolean
+            value = str(value).lower()
+        if value not in args:
+            raise XiaolmError(f"bad value {value!r} for '{key}'", where=key,
+                              hint=f"use one of {', '.join(str(a) for a in args)}")
+        return value
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise XiaolmError(f"expected a mapping for '{key}', got {value!r}", hint="check the config file")
+        if hasattr(typ, "config_variant"):  # e.g. model.arch picks the architecture's config class
+            typ = typ.config_variant(value)
         return _build(typ, value, prefix=f"{key}.")
     try:
         if typ is bool:
@@ -50,8 +59,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return typ(value)
         if origin in (list, tuple):
             if isinstance(value, str):
-                value = [v for v in value.split(",") if v]
-            return list(value)
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            elem = args[0] if args else Any
+            return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)] if elem is not Any else list(value)
     except (TypeError, ValueError):
         raise XiaolmError(f"bad value {value!r} for '{key}' (expected {getattr(typ, '__name__', typ)})",
                           hint="fix the value in the config file or override") from None
@@ -88,7 +100,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        # another `arch` means another config class: the old architecture's settings do not carry over
+        same_kind = isinstance(old, dict) and v.get("arch", old.get("arch")) == old.get("arch") \
+            if isinstance(v, dict) else False
+        out[k] = _merge(old, v) if same_kind else v
     return out
 
 

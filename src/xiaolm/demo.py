@@ -16,7 +16,7 @@ import torch
 from xiaolm.config import save_config
 from xiaolm.io import atomic_write_json
 from xiaolm.model.llama import LlamaConfig
-from xiaolm.train.loop import DataConfig, TrainConfig
+from xiaolm.train.config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -186,7 +186,10 @@ class TokenStream(RecordStream):
         super().__init__(inputs, buffer_size, seed, rank, world, rejects,
                          "pretraining text from (and it holds no meta.json of packed token files either)")
         self.tokenizer, self.seq_len, self.text_field = tokenizer, seq_len, text_field
-        self.eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else 0
+        if tokenizer.eos_token is None:
+            raise XiaolmError("the tokenizer has no EOS token to put between documents",
+                              hint="use a tokenizer trained by `xiaolm tokenizer train` (it has <|endoftext|>)")
+        self.eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         self.pending: list[int] = []  # tokens not yet filling a whole window
 
     def _items(self) -> Iterator[np.ndarray]:
@@ -257,46 +260,6 @@ def _examples_from_state(name: str, state: dict[str, Any]) -> list[Example]:
         at += 2 * n
     return out
 
-
-
-class StreamingPretrainObjective:
-    """Pretraining from a TokenStream; batches must be asked for in order, which the training loop does."""
-
-    def __init__(self, stream: TokenStream, val_windows: np.ndarray, batch_size: int, eval_batches: int,
-                 doc_mask: bool):
-        self.stream, self.val, self.batch_size, self.n_eval = stream, val_windows, batch_size, eval_batches
-        self.doc_mask = doc_mask
-        self.rows_out = 0
-
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from xiaolm.train.loop import lm_loss
-
-        return lm_loss(model, batch)
-
-    def _batch(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
-        chunk = torch.from_numpy(np.ascontiguousarray(windows))
-        batch = {"x": chunk[:, :-1].contiguous(), "y": chunk[:, 1:].contiguous()}
-        if self.doc_mask:
-            is_eos = (batch["x"] == self.stream.eos).long()
-            batch["doc"] = is_eos.cumsum(dim=1) - is_eos
-        return batch
-
-    def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
-        """The next `count` windows of this process's stream."""
-        self.rows_out += count
-        return self._batch(np.stack([next(self.stream) for _ in range(count)]))
-
-    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Fixed validation windows."""
-        for i in range(0, min(len(self.val), self.n_eval * self.batch_size), self.batch_size):
-            yield self._batch(self.val[i:i + self.batch_size])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rows_out": self.rows_out, "stream": self.stream.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows_out = state["rows_out"]
-        self.stream.load_state_dict(state["stream"])
 
 
 def validation_windows(inputs: Sequence[str | Path], tokenizer, seq_len: int, limit: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,12 +19,21 @@ from safetensors.torch import save as safetensors_bytes
 
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json
-from xiaolm.model.llama import Llama, LlamaConfig
+from xiaolm.model.adapters import ADAPTER_CONFIG, load_adapter, merge_lora
+from xiaolm.model.registry import build_model_from_config, config_from_hf
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved beside a model."""
+    from xiaolm.tokenizer.train import load_tokenizer as load
+
+    return load(path)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -35,12 +44,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
-def save_model_weights(model: Llama, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+def save_model_weights(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write model.safetensors (HF names; a tied lm_head omitted, as HF does) and config.json, atomically."""
-    save_weights(model.state_dict(), model.cfg, out_dir, dtype or model.model.embed_tokens.weight.dtype)
+    save_weights(model.state_dict(), model.cfg, out_dir, dtype or next(model.parameters()).dtype)
 
 
-def save_weights(state: dict[str, torch.Tensor], cfg: LlamaConfig, out_dir: str | Path,
+def save_weights(state: dict[str, torch.Tensor], cfg: Any, out_dir: str | Path,
                  dtype: torch.dtype = torch.float32) -> None:
     """save_model_weights for a state dict already gathered (e.g. from a sharded model)."""
     out_dir = Path(out_dir)
@@ -69,7 +78,7 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
                               where=str(path), hint="the run was moved or pruned; point at a checkpoint dir")
         tok = path / "tokenizer"
         return ckpt, tok if (tok / "tokenizer.json").is_file() else None
-    if (path / CONFIG).is_file():
+    if (path / CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file():
         if (path / "tokenizer.json").is_file():
             return path, path
         # a checkpoint inside a run dir (run/best, run/checkpoints/step-N) uses the run's tokenizer
@@ -82,9 +91,32 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               with_tokenizer: bool = True) -> tuple[Llama, PreTrainedTokenizerFast | None]:
-    """(Llama in eval mode, tokenizer or None) from a run dir or an HF model dir; safetensors only."""
+               with_tokenizer: bool = True) -> tuple[nn.Module, PreTrainedTokenizerFast | None]:
+    """(model in eval mode, tokenizer or None) from a run dir or an HF model dir; safetensors only.
+
+    A LoRA checkpoint (adapter only) is loaded onto its base model and merged into it.
+    """
     weights_dir, tok_dir = resolve_model_dir(path)
+    if (weights_dir / ADAPTER_CONFIG).is_file() and not (weights_dir / WEIGHTS).is_file():
+        model = merge_lora(load_adapter(_adapter_base(weights_dir), weights_dir))
+    else:
+        model = _load_weights(weights_dir)
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None and with_tokenizer else None
+    return model, tokenizer
+
+
+def _adapter_base(adapter_dir: Path) -> nn.Module:
+    """The base model an adapter was trained on (adapter_config.json's base_model_name_or_path)."""
+    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise XiaolmError(f"the adapter's base model {base!r} is not a directory here", where=str(adapter_dir),
+                          hint="edit base_model_name_or_path in adapter_config.json to the base model's dir")
+    return load_model(base, with_tokenizer=False)[0]
+
+
+def _load_weights(weights_dir: Path) -> nn.Module:
+    """The registry model described by weights_dir/config.json, with its model.safetensors."""
     cfg_path, st_path = weights_dir / CONFIG, weights_dir / WEIGHTS
     if not cfg_path.is_file():
         raise XiaolmError("config.json is missing", where=str(weights_dir))
@@ -96,8 +128,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise XiaolmError(f"config.json is unreadable: {e}", where=str(cfg_path)) from None
-    cfg = LlamaConfig.from_hf_config(hf, where=str(cfg_path))
-    model = Llama(cfg)
+    cfg = config_from_hf(hf, where=str(cfg_path))
+    model = build_model_from_config(cfg)
     try:
         state = load_file(str(st_path))
     except (OSError, SafetensorError) as e:
@@ -114,16 +146,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise XiaolmError(f"weights do not match config.json (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})",
                           where=str(st_path), hint="the checkpoint belongs to a different model shape")
-    model = model.to(device=device, dtype=dtype or torch.float32).eval()
-    tokenizer = None
-    if tok_dir is not None and with_tokenizer:
-        from xiaolm.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tok_dir)
-    return model, tokenizer
+    return model
 
 
-def generation_config(model: Llama, tokenizer: PreTrainedTokenizerFast | None) -> dict:
+def generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerFast | None) -> dict:
     """generation_config.json: stop at <|im_end|> or <|endoftext|>; sampling defaults as `xiaolm chat`."""
     from xiaolm.tokenizer import EOS, IM_END
 
@@ -136,12 +162,21 @@ def generation_config(model: Llama, tokenizer: PreTrainedTokenizerFast | None) -
             "max_new_tokens": 256}
 
 
-def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
-    """Write an HF model dir (weights, config, tokenizer, generation_config) that transformers loads as is."""
+def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", merge: bool = False) -> Path:
+    """Write an HF model dir (weights, config, tokenizer, generation_config) that transformers loads as is.
+
+    A LoRA run exports its base model plus the adapter in `adapter/` (peft loads it onto the base), or with
+    merge=True one plain model with the adapter folded in.
+    """
     if dtype not in DTYPES:
         raise XiaolmError(f"unknown dtype {dtype!r}", hint="choose fp32, fp16 or bf16")
-    model, tokenizer = load_model(source)
-    _, tok_dir = resolve_model_dir(source)
+    weights_dir, tok_dir = resolve_model_dir(source)
+    adapter = (weights_dir / ADAPTER_CONFIG).is_file() and not (weights_dir / WEIGHTS).is_file() and not merge
+    if adapter:
+        model = _adapter_base(weights_dir)
+        tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
+    else:
+        model, tokenizer = load_model(source)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # build the whole directory beside the target, then swap it in: readers never see a half export
@@ -156,6 +191,8 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32") -> P
                 if (tok_dir / name).is_file():
                     shutil.copy2(tok_dir / name, tmp / name)
         atomic_write_json(tmp / "generation_config.json", generation_config(model, tokenizer))
+        if adapter:
+            _copy_adapter(weights_dir, tmp / "adapter", out_dir.resolve())
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -163,5 +200,14 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32") -> P
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("export: wrote %s (%s, %.2fM parameters)", out_dir, dtype, model.num_params() / 1e6)
+    log.info("export: wrote %s (%s, %.2fM parameters%s)", out_dir, dtype, model.num_params() / 1e6,
+             ", LoRA adapter in adapter/" if adapter else "")
     return out_dir
+
+
+def _copy_adapter(src: Path, dst: Path, base: Path) -> None:
+    """Copy a peft adapter dir, pointing its base_model_name_or_path at the exported base."""
+    dst.mkdir(parents=True)
+    shutil.copy2(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
+    cfg = json.loads((src / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    atomic_write_json(dst / ADAPTER_CONFIG, {**cfg, "base_model_name_or_path": str(base)})

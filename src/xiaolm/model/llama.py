@@ -6,6 +6,7 @@ FLOPs. Keeping HF's names and rotary layout means a state_dict moves between the
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +17,18 @@ import torch.utils.checkpoint
 from torch import nn
 
 from xiaolm.errors import XiaolmError
-from xiaolm.model.loss import linear_cross_entropy
+from xiaolm.model.config import ModelConfig
+from xiaolm.model.loss import linear_cross_entropy, linear_token_logprobs
 
 WHERE = "model config"
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
     """Model shape; `ffn_dim=None` picks the usual SwiGLU width (≈ 8/3·dim, rounded up to 64)."""
 
+    arch: str = "llama"
     vocab_size: int = 8192
     dim: int = 256
     n_layers: int = 4
@@ -131,13 +135,20 @@ class LlamaConfig:
                               where=where)
         eos = d.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
+        if not isinstance(eos, int):
+            raise XiaolmError("config.json has no eos_token_id", where=where,
+                              hint="set eos_token_id to the id of the tokenizer's end-of-text token")
+        pad = d.get("pad_token_id")
+        if not isinstance(pad, int):  # documented choice: EOS doubles as padding, as in xiaolm's chat format
+            log.info("config.json has no pad_token_id: padding with eos_token_id=%d", eos)
+            pad = eos
         return cls(vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
                    n_heads=d["num_attention_heads"],
                    n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
                    ffn_dim=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 512),
                    rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
                    norm_eps=d.get("rms_norm_eps", 1e-5), tie_embeddings=d.get("tie_word_embeddings", True),
-                   eos_token_id=eos if isinstance(eos, int) else 0, pad_token_id=d.get("pad_token_id") or 0,
+                   eos_token_id=eos, pad_token_id=pad,
                    bos_token_id=d.get("bos_token_id"))
 
 
@@ -302,14 +313,35 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(logits [B,T,V], None) without targets; (None, mean cross-entropy over targets != -100) with them."""
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                output: str = "auto") -> Any:
+        """By `output`: "auto" → (logits [B,T,V], None) without targets, (None, mean cross-entropy over targets
+        != -100) with them; "logprobs" → log p(target) [B,T] (0 where target is -100); "hidden" → the final
+        normed hidden states [B,T,D] (for value and reward heads)."""
         # With a kv_cache, positions continue from cache.length and new keys/values are appended.
         # attn_mask (bool [B,1,T,S], True = may attend) and position_ids [B,T] replace the causal mask and
         # the positions: generate_batch uses them for left-padded prompts. doc_ids [B,T] (packed documents
         # numbered along each row) keep attention inside each document and restart positions at its start.
-        b, t = input_ids.shape
+        x = self.hidden_states(input_ids, kv_cache, attn_mask, position_ids, doc_ids)
+        if output == "hidden":
+            return x
+        if output == "logprobs":
+            if targets is None:
+                raise ValueError("output='logprobs' needs targets")
+            flat = linear_token_logprobs(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+            return flat.view(targets.shape)
+        if output != "auto":
+            raise ValueError(f"unknown output {output!r}: use auto, logprobs or hidden")
+        if targets is None:
+            return self.lm_head(x), None
+        # the [tokens, vocab] logits never materialize at once: see model/loss.py
+        return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+
+    def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None,
+                      attn_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B,T,D]; the arguments mean what they mean in forward."""
+        t = input_ids.shape[1]
         start = kv_cache.length if kv_cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise XiaolmError(f"sequence of {start + t} tokens exceeds "
@@ -338,11 +370,7 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
             kv_cache.length += t
-        x = self.model.norm(x)
-        if targets is None:
-            return self.lm_head(x), None
-        # the [tokens, vocab] logits never materialize at once: see model/loss.py
-        return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        return self.model.norm(x)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied embedding counted once); optionally without the token embedding table."""

@@ -1,4 +1,4 @@
-"""Cross-entropy fused with the output projection, computed in row chunks.
+"""Cross-entropy and per-token log-probabilities fused with the output projection, computed in row chunks.
 
 The logits of a whole batch ([tokens, vocab] floats: 1 GB for 8k tokens × 32k vocab) never exist at once. Each
 chunk's logits are made, turned into the loss and into the gradients for the hidden states and the output
@@ -65,3 +65,50 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if chunk is None:
         chunk = max(1, CHUNK_ELEMENTS.get(h.device.type, 1 << 22) // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """log softmax(h @ wᵀ)[target] per row (0 where target is -100); backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        valid = targets != IGNORE
+        safe = targets.clamp(min=0)
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        w_c = w.to(h.dtype)
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i:i + chunk] @ w_c.t()).float()
+            picked = logits.gather(1, safe[i:i + chunk].unsqueeze(1)).squeeze(1)
+            out[i:i + chunk] = (picked - torch.logsumexp(logits, dim=-1)) * valid[i:i + chunk]
+        ctx.save_for_backward(h, w, safe, valid)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, w, safe, valid = ctx.saved_tensors
+        w_c = w.to(h.dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        g = grad_out.float() * valid
+        for i in range(0, h.shape[0], ctx.chunk):
+            h_c, t_c = h[i:i + ctx.chunk], safe[i:i + ctx.chunk]
+            # d logp[t] / d logits = onehot(t) - softmax, scaled by the incoming gradient of each row
+            probs = (h_c @ w_c.t()).float().softmax(dim=-1).neg_()
+            probs[torch.arange(len(t_c), device=h.device), t_c] += 1.0
+            probs.mul_(g[i:i + ctx.chunk].unsqueeze(1))
+            probs_c = probs.to(h.dtype)
+            grad_h[i:i + ctx.chunk] = probs_c @ w_c
+            grad_w += (probs_c.t() @ h_c).float()
+        return grad_h, grad_w.to(w.dtype), None, None
+
+
+def linear_token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int | None = None) -> torch.Tensor:
+    """log p(target) [N] float32 of hidden states h [N, D] under head weight [V, D]; 0 where target is -100.
+
+    The sums DPO, reward and RL losses need (per sequence, per token); the [N, V] logits never exist at once.
+    """
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS.get(h.device.type, 1 << 22) // weight.shape[0])
+    return _LinearTokenLogprobs.apply(h, weight, targets, chunk)

@@ -107,12 +107,14 @@ def encode_example(tokenizer, record: dict, seq_len: int) -> Example:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example in the batch; padded targets are -100."""
+    """Pad to the longest example in the batch; padded targets are -100, `mask` marks the real tokens."""
     width = max(len(ids) for ids, _ in examples) - 1
     x = torch.full((len(examples), width), pad_id, dtype=torch.long)
     y = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
     for row, (ids, labels) in enumerate(examples):
         n = len(ids) - 1
         x[row, :n] = torch.as_tensor(ids[:-1])
         y[row, :n] = torch.as_tensor(labels[1:])
-    return {"x": x, "y": y}
+        mask[row, :n] = True
+    return {"x": x, "y": y, "mask": mask}

@@ -14,13 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from xiaolm.io import atomic_write_json, atomic_write_text
-from xiaolm.model.export import save_weights
+from xiaolm.errors import XiaolmError
+from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
+from xiaolm.model.adapters import ADAPTER_CONFIG, is_lora, load_lora_state_dict, save_adapter
+from xiaolm.model.export import load_model, save_weights
 from xiaolm.train.distributed import DistContext, barrier, full_state_dict, save_optimizer
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+HEADS = "heads.safetensors"  # an objective's own modules (value or reward head), beside the model
 OPTIMIZER_DIR = "optimizer"
 MANIFEST = "manifest.json"
 
@@ -57,12 +60,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], ctx: DistContext, keep_last: int = 2,
-                    extra: dict[str, Any] | None = None) -> None:
+                    extra: dict[str, Any] | None = None, base_model: str | None = None) -> None:
     """Write checkpoints/step-N atomically, point `latest` at it, and prune older ones (every process calls it).
 
-    Layout: model.safetensors + config.json (whole weights, loadable by `xiaolm export`), optimizer/ (a torch
-    distributed checkpoint, one shard per process), state.pt (step, RNG, counters), manifest.json (sha256 of
-    every file). On several machines checkpoints/ must be on storage they share.
+    Layout: the model parts (see save_model_parts), optimizer/ (a torch distributed checkpoint, one shard per
+    process), state.pt (step, RNG, counters), manifest.json (sha256 of every file). On several machines
+    checkpoints/ must be on storage they share.
     """
     ckpt_root = run_dir / "checkpoints"
     tmp = ckpt_root / f".tmp-step-{step}"
@@ -76,7 +79,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     save_optimizer(tmp / OPTIMIZER_DIR, model, optimizer)
     barrier(ctx)
     if ctx.is_main:
-        save_weights(weights, model.cfg, tmp)
+        save_model_parts(weights, model, tmp, base_model)
         torch.save(state, tmp / STATE_FILE)
         files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, **(extra or {})})
@@ -117,3 +120,66 @@ def find_resumable(run_dir: Path) -> Path | None:
 def load_state(ckpt: Path) -> dict[str, Any]:
     """Load training state (step, RNG, counters) without unpickling arbitrary objects."""
     return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def split_parts(module: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """(state-dict prefix of the language model, the language model, perhaps peft-wrapped) of a trained module."""
+    lm = getattr(module, "lm", None)
+    return ("lm.", lm) if isinstance(lm, torch.nn.Module) else ("", module)
+
+
+def save_model_parts(state: dict[str, torch.Tensor], module: torch.nn.Module, out_dir: Path,
+                     base_model: str | None) -> None:
+    """Write a trained module's parts: HF weights (model.safetensors + config.json), or only the LoRA adapter
+    (peft's adapter_config.json + adapter_model.safetensors over `base_model`), plus heads.safetensors."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save as safetensors_bytes
+
+    from xiaolm.model.registry import base_model as registry_model
+
+    prefix, lm = split_parts(module)
+    lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if is_lora(lm):
+        adapter = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(lm, state_dict=lm_state).items()}
+        save_adapter(adapter, lm, out_dir, base_model)
+    else:
+        save_weights(lm_state, registry_model(lm).cfg, out_dir)
+    heads = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(prefix)}
+    if heads:
+        with atomic_open(out_dir / HEADS, "wb") as f:
+            f.write(safetensors_bytes(heads, metadata={"format": "pt"}))
+
+
+def load_model_parts(module: torch.nn.Module, ckpt: Path) -> None:
+    """Put the parts saved by save_model_parts back into a module built the same way (refusing another shape)."""
+    from safetensors.torch import load_file
+
+    from xiaolm.model.registry import base_model as registry_model
+
+    prefix, lm = split_parts(module)
+    if is_lora(lm) != (ckpt / ADAPTER_CONFIG).is_file():
+        raise XiaolmError("the checkpoint and this run disagree on LoRA (adapters in one, not the other)",
+                          where=str(ckpt), hint="resume with the lora.* settings the run was started with")
+    if is_lora(lm):
+        load_lora_state_dict(lm, load_file(str(ckpt / "adapter_model.safetensors")), str(ckpt))
+    else:
+        model = registry_model(lm)
+        restored, _ = load_model(ckpt, with_tokenizer=False)
+        ours, theirs = _shape(model.cfg.hf_config()), _shape(restored.cfg.hf_config())
+        clash = [f"{k}={ours.get(k)} (checkpoint {theirs.get(k)})" for k in sorted(ours.keys() | theirs.keys())
+                 if ours.get(k) != theirs.get(k)]
+        if clash:
+            raise XiaolmError(f"checkpoint has a different model shape: {', '.join(clash)}", where=str(ckpt),
+                              hint="resume with the model.* settings of that run, or start a new out=")
+        model.load_state_dict(restored.state_dict())
+    heads = load_file(str(ckpt / HEADS)) if (ckpt / HEADS).is_file() else {}
+    own = {k for k in module.state_dict() if not k.startswith(prefix)} if prefix else set()
+    if set(heads) != own:
+        raise XiaolmError(f"the checkpoint's heads {sorted(heads)[:3]} do not match this objective's "
+                          f"{sorted(own)[:3]}", where=str(ckpt), hint="resume with the same stage and settings")
+    if heads:
+        module.load_state_dict(heads, strict=False)
+
+
+def _shape(hf: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hf.items() if k not in ("torch_dtype", "dtype")}

@@ -64,7 +64,9 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, parallel: str) -> torch
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.model.layers:  # one all-gather per block: only one block is whole at a time
+        from xiaolm.model.registry import arch_of, base_model
+
+        for block in arch_of(model).blocks(base_model(model)):  # one all-gather per block at a time
             fully_shard(block)
         fully_shard(model)
         return model
@@ -128,13 +130,13 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-def mean_across(value: float, ctx: DistContext, device: torch.device) -> float:
-    """Average a scalar over all processes."""
+def sum_across(values: list[float], ctx: DistContext, device: torch.device) -> list[float]:
+    """Sum each scalar over all processes, in one collective (the values themselves for a single process)."""
     if ctx.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t) / ctx.world
+    return t.tolist()
 
 
 def gather_objects(obj: object, ctx: DistContext) -> list:

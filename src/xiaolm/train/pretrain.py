@@ -1,25 +1,38 @@
-"""Pretraining objective: random windows of the packed token file, next-token loss."""
+"""Pretraining objectives: next-token loss on windows of the packed token file, or of records streamed."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from xiaolm.data.pack import load_tokens, read_meta
-from xiaolm.device import resolve_device
+from xiaolm.data.stream import TokenStream, validation_windows
 from xiaolm.errors import XiaolmError
-from xiaolm.train import distributed
-from xiaolm.train.loop import TrainConfig, build_model, lm_loss, train
+from xiaolm.train.config import TrainConfig
+from xiaolm.train.objective import Objective
+from xiaolm.train.stage import run_stage
+
+log = logging.getLogger(__name__)
 
 
-class PretrainObjective:
+def window_batch(windows: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tensor]:
+    """Windows of seq_len + 1 tokens → inputs x, targets y, and with eos_id the document number of each input
+    token (an EOS ends its document: the next token starts a new one), so attention stays inside documents."""
+    batch = {"x": windows[:, :-1].contiguous(), "y": windows[:, 1:].contiguous()}
+    if eos_id is not None:
+        is_eos = (batch["x"] == eos_id).long()
+        batch["doc"] = is_eos.cumsum(dim=1) - is_eos
+    return batch
+
+
+class PretrainObjective(Objective):
     """Windows of the packed token file; row k of the stream starts at a hash of (seed, k), so batches are a
     pure function of their position and resume needs no data-position bookkeeping."""
-
-    loss = staticmethod(lm_loss)
 
     def __init__(self, data_dir: str | Path, seq_len: int, seed: int, eval_batches: int, eval_batch_size: int,
                  eos_id: int | None = None):
@@ -34,12 +47,7 @@ class PretrainObjective:
 
     def _windows(self, tokens: np.ndarray, starts: np.ndarray) -> dict[str, torch.Tensor]:
         chunk = np.stack([tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        chunk = torch.from_numpy(chunk)
-        batch = {"x": chunk[:, :-1].contiguous(), "y": chunk[:, 1:].contiguous()}
-        if self.eos_id is not None:  # an EOS ends its document: the next token starts a new one
-            is_eos = (batch["x"] == self.eos_id).long()
-            batch["doc"] = is_eos.cumsum(dim=1) - is_eos
-        return batch
+        return window_batch(torch.from_numpy(chunk), self.eos_id)
 
     def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Windows for stream rows first … first+count-1 (the same rows whatever the process count)."""
@@ -55,6 +63,36 @@ class PretrainObjective:
             yield self._windows(self.val_tokens, starts[i:i + self.eval_batch_size])
 
 
+class StreamingPretrainObjective(Objective):
+    """Pretraining from a TokenStream; batches must be asked for in order, which the training loop does."""
+
+    def __init__(self, stream: TokenStream, val_windows: np.ndarray, batch_size: int, eval_batches: int,
+                 doc_mask: bool):
+        self.stream, self.val, self.batch_size, self.n_eval = stream, val_windows, batch_size, eval_batches
+        self.eos_id = stream.eos if doc_mask else None
+        self.rows_out = 0
+
+    def _batch(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
+        return window_batch(torch.from_numpy(np.ascontiguousarray(windows)), self.eos_id)
+
+    def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        """The next `count` windows of this process's stream."""
+        self.rows_out += count
+        return self._batch(np.stack([next(self.stream) for _ in range(count)]))
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Fixed validation windows."""
+        for i in range(0, min(len(self.val), self.n_eval * self.batch_size), self.batch_size):
+            yield self._batch(self.val[i:i + self.batch_size])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows_out": self.rows_out, "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows_out = state["rows_out"]
+        self.stream.load_state_dict(state["stream"])
+
+
 def mix64(rows: np.ndarray, seed: int) -> np.ndarray:
     """A well-mixed uint64 per row (splitmix64 of seed and row): random-looking, reproducible, vectorized."""
     with np.errstate(over="ignore"):
@@ -62,6 +100,11 @@ def mix64(rows: np.ndarray, seed: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
+
+
+def split_paths(value: str) -> list[str]:
+    """'a.jsonl,b.jsonl' → ['a.jsonl', 'b.jsonl']."""
+    return [p.strip() for p in value.split(",") if p.strip()]
 
 
 def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -83,18 +126,21 @@ def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
             raise XiaolmError(f"the token files in {cfg.data.path} were packed with another tokenizer than "
                               f"{tokenizer_dir}", where="data.tokenizer",
                               hint=f"use the one in meta.json ({meta.get('tokenizer_dir')}) or pack again")
-    device = resolve_device(cfg.device)
-    ctx = distributed.setup(device)
-    device = distributed.rank_device(device, ctx)
-    model = build_model(cfg, meta["vocab_size"], device)
-    objective = PretrainObjective(cfg.data.path, cfg.data.seq_len, cfg.seed, cfg.eval_batches, cfg.batch_size,
-                                  eos_id=meta.get("eos_id") if cfg.data.doc_mask else None)
-    return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="pretrain", ctx=ctx)
+    eos_id = meta.get("eos_id")
+    if cfg.data.doc_mask and eos_id is None:
+        raise XiaolmError("data.doc_mask=true but meta.json has no eos_id to find document boundaries",
+                          where=str(Path(cfg.data.path, "meta.json")),
+                          hint="pack the data again with `xiaolm data pack`, or set data.doc_mask=false")
+
+    def objective(c: TrainConfig, ctx: Any) -> Objective:
+        return PretrainObjective(c.data.path, c.data.seq_len, c.seed, c.eval_batches, c.batch_size,
+                                 eos_id=eos_id if c.data.doc_mask else None)
+
+    return run_stage(cfg, "pretrain", tokenizer_dir, meta["vocab_size"], objective, resume)
 
 
 def _run_streaming(cfg: TrainConfig, resume: bool) -> dict:
     """Pretraining straight from record files through a shuffle buffer (data/stream.py)."""
-    from xiaolm.data.stream import StreamingPretrainObjective, TokenStream, validation_windows
     from xiaolm.tokenizer import load_tokenizer
 
     if not cfg.data.tokenizer:
@@ -104,17 +150,18 @@ def _run_streaming(cfg: TrainConfig, resume: bool) -> dict:
         raise XiaolmError("streaming from record files needs data.val_path (held-out records)",
                           where="data.val_path", hint="point it at a few MB of records kept out of data.path")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    device = resolve_device(cfg.device)
-    ctx = distributed.setup(device)
-    device = distributed.rank_device(device, ctx)
-    model = build_model(cfg, len(tokenizer), device)
-    split = [p.strip() for p in cfg.data.path.split(",") if p.strip()]
-    rejects = Path(cfg.out) / ("rejects.jsonl" if ctx.rank == 0 else f"rejects.rank{ctx.rank}.jsonl")
-    stream = TokenStream(split, tokenizer, cfg.data.seq_len, cfg.data.shuffle_buffer, seed=cfg.seed,
-                         rank=ctx.rank, world=ctx.world, rejects=rejects)
-    val = validation_windows([p.strip() for p in cfg.data.val_path.split(",") if p.strip()], tokenizer,
-                             cfg.data.seq_len, cfg.eval_batches * cfg.batch_size)
-    objective = StreamingPretrainObjective(stream, val, cfg.batch_size, cfg.eval_batches, cfg.data.doc_mask)
-    summary = train(cfg, objective, model, cfg.data.tokenizer, resume=resume, stage="pretrain", ctx=ctx)
-    stream.log_rejects()
+    streams: list[TokenStream] = []
+
+    def objective(c: TrainConfig, ctx: Any) -> Objective:
+        rejects = Path(c.out) / ("rejects.jsonl" if ctx.rank == 0 else f"rejects.rank{ctx.rank}.jsonl")
+        stream = TokenStream(split_paths(c.data.path), tokenizer, c.data.seq_len, c.data.shuffle_buffer,
+                             seed=c.seed, rank=ctx.rank, world=ctx.world, rejects=rejects)
+        streams.append(stream)
+        val = validation_windows(split_paths(c.data.val_path), tokenizer, c.data.seq_len,
+                                 c.eval_batches * c.batch_size)
+        return StreamingPretrainObjective(stream, val, c.batch_size, c.eval_batches, c.data.doc_mask)
+
+    summary = run_stage(cfg, "pretrain", cfg.data.tokenizer, len(tokenizer), objective, resume)
+    for stream in streams:
+        stream.log_rejects()
     return summary

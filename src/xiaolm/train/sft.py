@@ -6,18 +6,20 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from xiaolm.data.read import RejectLog, read_records
 from xiaolm.data.stream import ChatStream
-from xiaolm.device import resolve_device
 from xiaolm.errors import Unusable, XiaolmError
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import Example, collate, encode_example
-from xiaolm.train import distributed
-from xiaolm.train.loop import TrainConfig, build_model, lm_loss, train
+from xiaolm.train.config import TrainConfig
+from xiaolm.train.objective import Objective
+from xiaolm.train.pretrain import split_paths
+from xiaolm.train.stage import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,8 @@ def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: Reje
 
 
 
-class SFTObjective:
+class SFTObjective(Objective):
     """Shuffled epochs over encoded chats; batch `index` is a pure function of (seed, index)."""
-
-    loss = staticmethod(lm_loss)
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, seed: int, pad_id: int,
                  eval_batches: int):
@@ -74,16 +74,11 @@ class StreamingSFTObjective(SFTObjective):
         """The next `count` chats of this process's stream."""
         return collate([next(self.stream) for _ in range(count)], self.pad_id)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
-
-
-def split_paths(value: str) -> list[str]:
-    """'a.jsonl,b.jsonl' → ['a.jsonl', 'b.jsonl']."""
-    return [p.strip() for p in value.split(",") if p.strip()]
 
 
 def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -116,14 +111,11 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
         raise XiaolmError(f"need training and validation chats, got {len(train_set)} and {len(val)}{rejected}",
                           where=cfg.data.path,
                           hint=f"records must be {{\"messages\": [...]}}; see {out / 'rejects.jsonl'}")
-    device = resolve_device(cfg.device)
-    ctx = distributed.setup(device)
-    device = distributed.rank_device(device, ctx)
-    model = build_model(cfg, len(tokenizer), device)
-    objective = SFTObjective(train_set, val, cfg.batch_size, cfg.seed, tokenizer.pad_token_id or 0,
-                             cfg.eval_batches)
+    pad_id = pad_token_id(tokenizer, tokenizer_dir)
     log.info("sft: %d training chats, %d validation chats", len(train_set), len(val))
-    return train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
+    return run_stage(cfg, "sft", tokenizer_dir, len(tokenizer),
+                     lambda c, ctx: SFTObjective(train_set, val, c.batch_size, c.seed, pad_id, c.eval_batches),
+                     resume)
 
 
 def _run_streaming(cfg: TrainConfig, tokenizer, tokenizer_dir: str, resume: bool) -> dict:
@@ -131,21 +123,30 @@ def _run_streaming(cfg: TrainConfig, tokenizer, tokenizer_dir: str, resume: bool
     if not cfg.data.val_path:
         raise XiaolmError("streaming chats (data.stream=true) needs data.val_path (held-out chats)",
                           where="data.val_path", hint="point it at a few thousand chats kept out of data.path")
-    device = resolve_device(cfg.device)
-    ctx = distributed.setup(device)
-    device = distributed.rank_device(device, ctx)
-    out = Path(cfg.out)
-    stream = ChatStream(split_paths(cfg.data.path), tokenizer, cfg.data.seq_len, cfg.data.shuffle_buffer,
-                        seed=cfg.seed, rank=ctx.rank, world=ctx.world,
-                        rejects=out / ("rejects.jsonl" if ctx.rank == 0 else f"rejects.rank{ctx.rank}.jsonl"))
     val = load_chat_examples(split_paths(cfg.data.val_path), tokenizer, cfg.data.seq_len, None)
     if not val:
         raise XiaolmError("no usable validation chats", where=cfg.data.val_path,
                           hint='records must be {"messages": [...]} with an assistant turn')
-    model = build_model(cfg, len(tokenizer), device)
-    objective = StreamingSFTObjective(stream, val, cfg.batch_size, tokenizer.pad_token_id or 0, cfg.eval_batches)
+    pad_id = pad_token_id(tokenizer, tokenizer_dir)
+    streams: list[ChatStream] = []
+
+    def objective(c: TrainConfig, ctx: Any) -> Objective:
+        rejects = Path(c.out) / ("rejects.jsonl" if ctx.rank == 0 else f"rejects.rank{ctx.rank}.jsonl")
+        streams.append(ChatStream(split_paths(c.data.path), tokenizer, c.data.seq_len, c.data.shuffle_buffer,
+                                  seed=c.seed, rank=ctx.rank, world=ctx.world, rejects=rejects))
+        return StreamingSFTObjective(streams[-1], val, c.batch_size, pad_id, c.eval_batches)
+
     log.info("sft: streaming chats from %s through a buffer of %d, %d validation chats", cfg.data.path,
              cfg.data.shuffle_buffer, len(val))
-    summary = train(cfg, objective, model, tokenizer_dir, resume=resume, stage="sft", ctx=ctx)
-    stream.log_rejects()
+    summary = run_stage(cfg, "sft", tokenizer_dir, len(tokenizer), objective, resume)
+    for stream in streams:
+        stream.log_rejects()
     return summary
+
+
+def pad_token_id(tokenizer: Any, where: str) -> int:
+    """The tokenizer's padding id (padded positions never count: their targets are -100)."""
+    if tokenizer.pad_token_id is None:
+        raise XiaolmError("the tokenizer has no padding token", where=str(where),
+                          hint="use a tokenizer trained by `xiaolm tokenizer train` (it pads with <|endoftext|>)")
+    return tokenizer.pad_token_id

@@ -1,0 +1,63 @@
+"""Settings every training stage understands: the run, its data, its model, what trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from xiaolm.model.adapters import LoraSettings
+from xiaolm.model.config import ModelConfig
+from xiaolm.model.llama import LlamaConfig
+
+
+@dataclass
+class DataConfig:
+    """Where a training stage reads its data."""
+
+    path: str = ""  # pretrain: packed token dir, or record files/dirs to stream; sft: chat files, comma separated
+    val_path: str = ""  # held-out records (sft: empty → a val_fraction split of `path`; streaming: required)
+    val_fraction: float = 0.02
+    tokenizer: str = ""  # tokenizer dir; empty → the one recorded by pack / the init_from run
+    seq_len: int = 256
+    doc_mask: bool = True  # pretrain: attention stays inside each packed document, positions restart at it
+    shuffle_buffer: int = 1024  # streamed data (pretrain from records, sft with stream=true): items mixed in memory
+    stream: bool = False  # sft: read the chats through the shuffle buffer instead of holding them all (needs val_path)
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training stage understands."""
+
+    out: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per forward pass in each process
+    grad_accum: int = 1  # forward passes per optimizer step (derived when global_batch_size is set)
+    global_batch_size: int = 0  # sequences per optimizer step over all processes; 0 → batch × accum × processes
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 fully_shard, when torchrun starts several processes
+    compile: Literal["auto", "true", "false"] = "auto"  # torch.compile each block; auto: on for CUDA
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay (constant lr, linear decay at the end)
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    threads: int = 0  # CPU threads for torch; 0 → torch's default
+    peak_tflops: float = 0.0  # the device's dense bf16 peak, for MFU; 0 → looked up for known GPUs
+    wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`)
+    init_from: str = ""  # run dir or HF model dir whose weights start this run
+    lora: LoraSettings = field(default_factory=LoraSettings)  # lora.r > 0: train adapters, not the whole model
+    freeze: list[str] = field(default_factory=list)  # parts that do not train: embeddings, lm_head, layers.0-3
+    model: ModelConfig = field(default_factory=LlamaConfig)  # model.arch picks the architecture
+    data: DataConfig = field(default_factory=DataConfig)
