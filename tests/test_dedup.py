@@ -16,18 +16,14 @@ import pytest
 
 from xiaolm.cli import main
 from xiaolm.data import dedup
-from xiaolm.data.dedup import (
-    REMOVED,
-    ROW,
-    DedupConfig,
+from xiaolm.data.dedup import REMOVED, ROW, DedupConfig, dedup_files, sign_shard
+from xiaolm.data.minhash import (
     candidate_probability,
     choose_bands,
     connected_first,
-    dedup_files,
     estimate_jaccard,
     minhash,
     permutations,
-    sign_shard,
 )
 from xiaolm.errors import XiaolmError
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from xiaolm.data import read
-from xiaolm.data.read import RejectLog, expand_inputs, read_records
 from xiaolm.errors import XiaolmError
+from xiaolm.records import read
+from xiaolm.records.inputs import expand_inputs
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog
 
 MIXED = Path(__file__).parent / "fixtures" / "mixed"
 

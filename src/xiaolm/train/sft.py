@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xiaolm.data.read import RejectLog, read_records
 from xiaolm.data.stream import ChatStream
 from xiaolm.device import resolve_device
 from xiaolm.errors import Unusable, XiaolmError
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import Example, collate, encode_example
 from xiaolm.train import distributed
