@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SHARD_RECORDS = 100_000
 LAYOUT_CHECK, PROBE = 20, 200  # after 20 and 200 records: stop if most lack the recipe's fields
+CONVERT_REJECTS = ("missing_field", "bad_record")  # reasons given to records read (the reader's own are not)
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,14 @@ def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str 
                 os.replace(work / "import" / n / part, out_dir / name)
             shards.append(name)
     rejected, examples = gather_rejects(out_dir, [work / "import" / n for n in names], results)
+    written = sum(r["written"] for r in results)
+    if not written:  # every record failed: no shard, and no _SUCCESS that would let a later stage go on
+        records_in = sum(r["read"] for r in results) + sum(
+            n for reason, n in rejected.items() if reason not in CONVERT_REJECTS)
+        raise XiaolmError(f"0 of {records_in} records converted: {reject_summary(rejected)}",
+                          where=f"data/import {recipe.name}", hint=f"see {out_dir / 'rejects.jsonl'}")
     report = {"recipe": recipe.name, "kind": recipe.kind, "inputs": fingerprint,
-              "records_read": sum(r["read"] for r in results), "records_written": sum(r["written"] for r in results),
+              "records_read": sum(r["read"] for r in results), "records_written": written,
               "rejected": dict(rejected.most_common()), "shards": shards, "examples_rejected": examples,
               "executor": executor, "workers": parallel_workers(workers),
               "seconds": round(time.perf_counter() - start, 2)}
