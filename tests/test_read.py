@@ -273,3 +273,28 @@ def test_memory_stays_flat_whatever_the_file_size(tmp_path, name):
         tracemalloc.stop()
     assert count == n
     assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MB held while reading a {path.stat().st_size / 2**20:.0f} MB file"
+
+
+def test_a_file_that_cannot_be_opened_stops_the_stage_naming_it(tmp_path, monkeypatch):
+    from xiaolm.data.clean import clean_files
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "床前明月光，疑是地上霜。"}\n', encoding="utf-8")
+    locked = folder / "b.jsonl"
+    locked.write_text('{"text": "举头望明月，低头思故乡。"}\n', encoding="utf-8")
+    real_open = open
+
+    def no_permission(path, *args, **kwargs):  # as root, chmod 000 would not stop the reading
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(read, "open", no_permission, raising=False)
+    with RejectLog() as rejects, pytest.raises(XiaolmError, match="Permission denied") as e:
+        list(read_records([folder], rejects))
+    assert e.value.where == str(locked) and "unreadable_file" not in rejects.counts
+    with pytest.raises(XiaolmError, match="b.jsonl"):
+        clean_files([folder], tmp_path / "out", workers=1)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+

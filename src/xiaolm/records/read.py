@@ -55,22 +55,35 @@ def read_items(path: str | Path, limit: int = 0) -> list[dict]:
     return items[:limit] if limit else items
 
 
+def _open(path: Path) -> IO[bytes]:
+    """The file opened for reading; XiaolmError naming it when it cannot be (permissions, an I/O error): such a
+    file stops the stage, where damage inside a file that opens is a counted unreadable_file reject."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise XiaolmError(f"cannot open this input ({e.__class__.__name__}: {e.strerror or e})", where=str(path),
+                          hint="make it readable, or leave it out of the inputs") from e
+
+
 def open_bytes(path: Path) -> IO[bytes]:
     """A binary stream of the file's content, gunzipped or zstd-decompressed by its name's ending."""
+    raw = _open(path)
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        stream.myfileobj = raw  # closed with the stream, as when gzip opens the file itself
+        return stream
     if path.name.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(_ZstdReader(path, zstandard.ZstdDecompressor()), buffer_size=_CHUNK)
-    return open(path, "rb")
+        return io.BufferedReader(_ZstdReader(raw, zstandard.ZstdDecompressor()), buffer_size=_CHUNK)
+    return raw
 
 
 class _ZstdReader(io.RawIOBase):
     """Decompresses a .zst file frame by frame; a file that ends inside a frame raises EOFError, as gzip does."""
 
-    def __init__(self, path: Path, decompressor: Any):
-        self._file, self._zstd = open(path, "rb"), decompressor
+    def __init__(self, file: IO[bytes], decompressor: Any):
+        self._file, self._zstd = file, decompressor
         self._frame = decompressor.decompressobj()
         self._pending = b""
         self._started = False
@@ -342,6 +355,7 @@ def _parquet_file(path: Path) -> Any:
         import pyarrow.parquet as pq
     except ImportError:
         raise XiaolmError("reading .parquet needs pyarrow", where=str(path), hint="pip install pyarrow") from None
+    _open(path).close()  # a file that cannot be opened stops the stage; pyarrow's errors below are about damage
     return pq.ParquetFile(path)
 
 
