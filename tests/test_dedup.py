@@ -327,3 +327,31 @@ def test_bad_settings_and_missing_inputs_fail_before_work(tmp_path):
         dedup_files([tmp_path / "missing.jsonl"], tmp_path / "out")
     with pytest.raises(XiaolmError, match="no input records"):
         dedup_files([tmp_path], tmp_path / "out")
+
+
+def test_many_partitions_stay_within_a_low_open_files_limit(corpus, tmp_path):
+    folder, _ = corpus
+    dedup_files([folder], tmp_path / "free", DedupConfig(partitions=300), workers=1)
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              "from xiaolm.data.dedup import DedupConfig, dedup_files\n"
+              "dedup_files([sys.argv[1]], sys.argv[2], DedupConfig(partitions=300), workers=1)\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "limited")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]  # 300 partitions, at most 64 open files
+    assert outputs(tmp_path / "limited") == outputs(tmp_path / "free")
+
+
+def test_bucket_rows_gathered_before_writing_make_the_same_partition_files(corpus, tmp_path, monkeypatch):
+    folder, _ = corpus
+    cfg = DedupConfig(batch_chars=1000)
+
+    def partition_files(name: str) -> list[bytes]:
+        (tmp_path / name).mkdir()
+        sign_shard(tmp_path / name, 0, str(folder / "part0.jsonl"), cfg, 5)
+        return [(tmp_path / name / f"buckets-{p:05d}.bin").read_bytes() for p in range(5)]
+
+    gathered = partition_files("gathered")
+    monkeypatch.setattr(dedup, "BUCKET_BUFFER", 1)  # written batch by batch
+    assert partition_files("each_batch") == gathered

@@ -9,8 +9,9 @@ Stages, each a set of tasks run by `executor.StageRunner` (a rerun skips finishe
   clusters  one task: union-find over the kept pairs; each cluster keeps its first document in input order
   filter    one task per input file: kept records → part-NNNNN.jsonl (copied as text), removed ones (with the
             kept id) aside
-Memory: a sign task holds `batch_chars` characters of text at once, a pairs task one partition of bucket rows
-(about 3 × `partition_mb`), the cluster task the duplicate pairs only; nothing holds the corpus.
+Memory: a sign task holds `batch_chars` characters of text at once (and up to BUCKET_BUFFER bytes of bucket rows),
+a pairs task one partition of bucket rows (about 3 × `partition_mb`), the cluster task the duplicate pairs only;
+nothing holds the corpus. Open files: a task keeps a handful open, however many partitions there are.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ REMOVED = "_removed.jsonl"  # leading underscore: later stages reading this dire
 ROW = np.dtype([("bucket", "<u8"), ("doc", "<u8")])  # one band bucket of one document
 SHARD_BITS = 40  # a document key is (input file index << 40) | position in that file: sorting keys = input order
 _PREVIEW = 120
+BUCKET_BUFFER = 16 << 20  # bytes of bucket rows a sign task gathers before appending them to the partitions
 SIMILARITY_CHUNK = 1 << 16  # pairs whose signatures are read at once (2 × 512 bytes each with 128 permutations)
 
 
@@ -123,7 +125,7 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
     """Records (with id and source), line numbers, signatures, exact hashes and bucket rows of one input file."""
     bands, rows = _lsh_shape(cfg)
     a, b = permutations(cfg.num_perm, cfg.seed)
-    files = [open(out / f"buckets-{p:05d}.bin", "wb") for p in range(partitions)]
+    buckets_out = _Partitions(out, partitions)
     n = batches = max_batch = 0
     texts: list[str] = []
     exact: list[int] = []
@@ -144,11 +146,7 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
         table = np.empty(buckets.size, dtype=ROW)
         table["bucket"] = buckets.ravel()
         table["doc"] = np.repeat(docs, bands + 1)
-        part = (table["bucket"] >> np.uint64(32)) % np.uint64(partitions)
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(partitions + 1))
-        for p in range(partitions):
-            table[order[bounds[p]:bounds[p + 1]]].tofile(files[p])
+        buckets_out.add(table)
         n += len(texts)
         batches += 1
         max_batch = max(max_batch, sum(map(len, texts)))
@@ -157,26 +155,55 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
         lines.clear()
 
     chars = 0
-    try:
-        with RejectLog(out / "rejects.jsonl") as rejects, open(out / "sig.bin", "wb") as sig_file, \
-                open(out / "exact.bin", "wb") as exact_file, open(out / "lines.bin", "wb") as lines_file, \
-                open(out / "records.jsonl", "w", encoding="utf-8") as records:
-            for record, where, text in read_documents(Path(path), cfg.text_field, rejects):
-                if texts and chars + len(text) > cfg.batch_chars:
-                    flush()
-                    chars = 0
-                texts.append(text)
-                exact.append(exact_hash(text))
-                chars += len(text)
-                lines.append(where_number(where))
-                rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
-                records.write(json_line(rec))
-            flush()
-    finally:
-        for f in files:
-            f.close()
+    with RejectLog(out / "rejects.jsonl") as rejects, open(out / "sig.bin", "wb") as sig_file, \
+            open(out / "exact.bin", "wb") as exact_file, open(out / "lines.bin", "wb") as lines_file, \
+            open(out / "records.jsonl", "w", encoding="utf-8") as records:
+        for record, where, text in read_documents(Path(path), cfg.text_field, rejects):
+            if texts and chars + len(text) > cfg.batch_chars:
+                flush()
+                chars = 0
+            texts.append(text)
+            exact.append(exact_hash(text))
+            chars += len(text)
+            lines.append(where_number(where))
+            rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
+            records.write(json_line(rec))
+        flush()
+    buckets_out.flush()
     return {"path": path, "docs": n, "rejected": dict(rejects.counts), "examples": dict(rejects.examples),
             "batches": batches, "max_batch_chars": max_batch}
+
+
+class _Partitions:
+    """Bucket rows appended to partition files by their bucket's hash, gathered first so that one file is open at
+    a time: 100 GB of input makes about a thousand partitions, past a common `ulimit -n` of 1024."""
+
+    def __init__(self, out: Path, count: int):
+        self.paths = [out / f"buckets-{p:05d}.bin" for p in range(count)]
+        for path in self.paths:
+            path.write_bytes(b"")
+        self.pending: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Queue rows; written once BUCKET_BUFFER bytes are waiting."""
+        self.pending.append(rows)
+        self.size += rows.nbytes
+        if self.size >= BUCKET_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the waiting rows to their partitions, in the order they came (as if written batch by batch)."""
+        if not self.pending:
+            return
+        table = np.concatenate(self.pending)
+        self.pending, self.size = [], 0
+        part = (table["bucket"] >> np.uint64(32)) % np.uint64(len(self.paths))
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(len(self.paths) + 1))
+        for p in np.flatnonzero(np.diff(bounds)).tolist():
+            with open(self.paths[p], "ab") as f:
+                table[order[bounds[p]:bounds[p + 1]]].tofile(f)
 
 
 class _Signatures:
