@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from xiaolm.cli import main
-from xiaolm.data import dedup
-from xiaolm.data.dedup import REMOVED, ROW, DedupConfig, dedup_files, sign_shard
+from xiaolm.data import buckets, dedup
+from xiaolm.data.buckets import ROW
+from xiaolm.data.dedup import REMOVED, DedupConfig, dedup_files, sign_shard
 from xiaolm.data.minhash import (
     candidate_probability,
     choose_bands,
@@ -203,7 +204,7 @@ def test_memory_settings_bound_the_batch_and_split_buckets_into_partitions(tmp_p
     report = dedup_files([folder], tmp_path / "out", cfg, workers=1)
     assert report["work"]["partitions"] == 3 and report["work"]["max_batch_chars"] <= 1000
     assert report["removed"] == {"exact": 3, "near": 12}  # same result in small pieces
-    monkeypatch.setattr(dedup, "SIMILARITY_CHUNK", 2)  # signatures of two pairs at a time
+    monkeypatch.setattr(buckets, "SIMILARITY_CHUNK", 2)  # signatures of two pairs at a time
     dedup_files([folder], tmp_path / "chunked", cfg, workers=1)
     assert outputs(tmp_path / "chunked") == outputs(tmp_path / "out")
 
@@ -353,5 +354,5 @@ def test_bucket_rows_gathered_before_writing_make_the_same_partition_files(corpu
         return [(tmp_path / name / f"buckets-{p:05d}.bin").read_bytes() for p in range(5)]
 
     gathered = partition_files("gathered")
-    monkeypatch.setattr(dedup, "BUCKET_BUFFER", 1)  # written batch by batch
+    monkeypatch.setattr(buckets, "BUCKET_BUFFER", 1)  # written batch by batch
     assert partition_files("each_batch") == gathered

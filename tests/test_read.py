@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from xiaolm.errors import XiaolmError
-from xiaolm.records import read
+from xiaolm.records import compression, read
 from xiaolm.records.inputs import expand_inputs
 from xiaolm.records.read import read_records
 from xiaolm.records.rejects import RejectLog
@@ -72,7 +72,7 @@ def test_bad_lines_go_to_rejects_with_reason_and_file_line_and_reading_goes_on(t
 
 
 def test_json_array_streams_across_buffer_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(read, "_CHUNK", 7)  # every element and multi-byte character straddles a read
+    monkeypatch.setattr(read, "CHUNK", 7)  # every element and multi-byte character straddles a read
     items = [{"text": f"第{i}条：春风又绿江南岸，“明月”何时照我还？", "n": i,
               "nested": {"list": [i, 3.25, None]}} for i in range(30)]
     f = tmp_path / "big.json"
@@ -290,7 +290,7 @@ def test_a_file_that_cannot_be_opened_stops_the_stage_naming_it(tmp_path, monkey
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(read, "open", no_permission, raising=False)
+    monkeypatch.setattr(compression, "open", no_permission, raising=False)
     with RejectLog() as rejects, pytest.raises(XiaolmError, match="Permission denied") as e:
         list(read_records([folder], rejects))
     assert e.value.where == str(locked) and "unreadable_file" not in rejects.counts

@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import codecs
 import csv
-import gzip
 import io
 import json
 import logging
 import re
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from xiaolm.errors import XiaolmError
+from xiaolm.records.compression import CHUNK, READ_ERRORS, open_bytes, open_file
 from xiaolm.records.inputs import base_suffix, expand_inputs
 from xiaolm.records.rejects import RejectLog
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 TXT_DOCS = ("line", "blank")  # how a .txt file is cut into documents: one a line, or at blank lines
 # a blank-line document that grows past this many characters is handed on and the next one begins, so that a
 # file without blank lines cannot fill memory (cleaning splits long documents further)
@@ -55,76 +53,6 @@ def read_items(path: str | Path, limit: int = 0) -> list[dict]:
     return items[:limit] if limit else items
 
 
-def _open(path: Path) -> IO[bytes]:
-    """The file opened for reading; XiaolmError naming it when it cannot be (permissions, an I/O error): such a
-    file stops the stage, where damage inside a file that opens is a counted unreadable_file reject."""
-    try:
-        return open(path, "rb")
-    except OSError as e:
-        raise XiaolmError(f"cannot open this input ({e.__class__.__name__}: {e.strerror or e})", where=str(path),
-                          hint="make it readable, or leave it out of the inputs") from e
-
-
-def open_bytes(path: Path) -> IO[bytes]:
-    """A binary stream of the file's content, gunzipped or zstd-decompressed by its name's ending."""
-    raw = _open(path)
-    if path.name.endswith(".gz"):
-        stream = gzip.GzipFile(fileobj=raw, mode="rb")
-        stream.myfileobj = raw  # closed with the stream, as when gzip opens the file itself
-        return stream
-    if path.name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(_ZstdReader(raw, zstandard.ZstdDecompressor()), buffer_size=_CHUNK)
-    return raw
-
-
-class _ZstdReader(io.RawIOBase):
-    """Decompresses a .zst file frame by frame; a file that ends inside a frame raises EOFError, as gzip does."""
-
-    def __init__(self, file: IO[bytes], decompressor: Any):
-        self._file, self._zstd = file, decompressor
-        self._frame = decompressor.decompressobj()
-        self._pending = b""
-        self._started = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            chunk = self._file.read(_CHUNK)
-            if not chunk:
-                if self._started and not self._frame.eof:
-                    raise EOFError("compressed file ended before the end of its zstd frame")
-                return 0
-            self._started = True
-            self._pending = self._frame.decompress(chunk)
-            while self._frame.eof and self._frame.unused_data:  # the next frame begins in this chunk
-                rest = self._frame.unused_data
-                self._frame = self._zstd.decompressobj()
-                self._pending += self._frame.decompress(rest)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _zstd_error() -> tuple[type[Exception], ...]:
-    try:
-        import zstandard
-    except ImportError:
-        return ()
-    return (zstandard.ZstdError,)
-
-
-_READ_ERRORS = (EOFError, OSError, zlib.error, *_zstd_error())
-
-
 def text_lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str]]:
     """(line number, decoded line without its newline); undecodable lines go to rejects."""
     n = 0
@@ -141,7 +69,7 @@ def text_lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str
                 if n == 1:
                     line = line.removeprefix("\ufeff")
                 yield n, line.rstrip("\r\n")
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         _unreadable(path, n + 1, e, rejects)
 
 
@@ -208,7 +136,7 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
 
             def fill() -> None:
                 nonlocal buf, pos, eof, first
-                chunk = f.read(max(_CHUNK, len(buf) - pos))
+                chunk = f.read(max(CHUNK, len(buf) - pos))
                 eof = not chunk
                 buf = buf[pos:] + utf8.decode(chunk, final=eof)
                 pos = 0
@@ -277,7 +205,7 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
                     yield value, where
             if in_array and not closed:
                 _reject(rejects, "bad_json", f"{path}:{line}", None, detail="the array is not closed with ]")
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         _unreadable(path, line, e, rejects)
 
 
@@ -310,7 +238,7 @@ def _read_csv(path: Path, rejects: RejectLog | None, encoding: str = "utf-8") ->
                 yield dict(zip(header, row, strict=True)), where
     except csv.Error as e:
         _reject(rejects, "bad_csv_row", f"{path}:{line}", None, detail=f"{e}; stopped reading this file")
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         _unreadable(path, line, e, rejects)
 
 
@@ -355,7 +283,7 @@ def _parquet_file(path: Path) -> Any:
         import pyarrow.parquet as pq
     except ImportError:
         raise XiaolmError("reading .parquet needs pyarrow", where=str(path), hint="pip install pyarrow") from None
-    _open(path).close()  # a file that cannot be opened stops the stage; pyarrow's errors below are about damage
+    open_file(path).close()  # a file that cannot be opened stops the stage; pyarrow's errors below are about damage
     return pq.ParquetFile(path)
 
 
@@ -379,8 +307,8 @@ def check_readable(path: Path) -> None:
             _parquet_file(path)
         else:
             with open_bytes(path) as f:
-                f.read(_CHUNK)
-    except (*_READ_ERRORS, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
+                f.read(CHUNK)
+    except (*READ_ERRORS, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
         raise XiaolmError(f"cannot read this input ({e.__class__.__name__}: {e})", where=str(path),
                           hint="check that the file is complete and readable, or leave it out") from e
 
