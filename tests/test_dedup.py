@@ -15,19 +15,16 @@ import numpy as np
 import pytest
 
 from xiaolm.cli import main
-from xiaolm.data import dedup
-from xiaolm.data.dedup import (
-    REMOVED,
-    ROW,
-    DedupConfig,
+from xiaolm.data import buckets, dedup
+from xiaolm.data.buckets import ROW
+from xiaolm.data.dedup import REMOVED, DedupConfig, dedup_files, sign_shard
+from xiaolm.data.minhash import (
     candidate_probability,
     choose_bands,
     connected_first,
-    dedup_files,
     estimate_jaccard,
     minhash,
     permutations,
-    sign_shard,
 )
 from xiaolm.errors import XiaolmError
 
@@ -207,7 +204,7 @@ def test_memory_settings_bound_the_batch_and_split_buckets_into_partitions(tmp_p
     report = dedup_files([folder], tmp_path / "out", cfg, workers=1)
     assert report["work"]["partitions"] == 3 and report["work"]["max_batch_chars"] <= 1000
     assert report["removed"] == {"exact": 3, "near": 12}  # same result in small pieces
-    monkeypatch.setattr(dedup, "SIMILARITY_CHUNK", 2)  # signatures of two pairs at a time
+    monkeypatch.setattr(buckets, "SIMILARITY_CHUNK", 2)  # signatures of two pairs at a time
     dedup_files([folder], tmp_path / "chunked", cfg, workers=1)
     assert outputs(tmp_path / "chunked") == outputs(tmp_path / "out")
 
@@ -331,3 +328,31 @@ def test_bad_settings_and_missing_inputs_fail_before_work(tmp_path):
         dedup_files([tmp_path / "missing.jsonl"], tmp_path / "out")
     with pytest.raises(XiaolmError, match="no input records"):
         dedup_files([tmp_path], tmp_path / "out")
+
+
+def test_many_partitions_stay_within_a_low_open_files_limit(corpus, tmp_path):
+    folder, _ = corpus
+    dedup_files([folder], tmp_path / "free", DedupConfig(partitions=300), workers=1)
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              "from xiaolm.data.dedup import DedupConfig, dedup_files\n"
+              "dedup_files([sys.argv[1]], sys.argv[2], DedupConfig(partitions=300), workers=1)\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "limited")], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]  # 300 partitions, at most 64 open files
+    assert outputs(tmp_path / "limited") == outputs(tmp_path / "free")
+
+
+def test_bucket_rows_gathered_before_writing_make_the_same_partition_files(corpus, tmp_path, monkeypatch):
+    folder, _ = corpus
+    cfg = DedupConfig(batch_chars=1000)
+
+    def partition_files(name: str) -> list[bytes]:
+        (tmp_path / name).mkdir()
+        sign_shard(tmp_path / name, 0, str(folder / "part0.jsonl"), cfg, 5)
+        return [(tmp_path / name / f"buckets-{p:05d}.bin").read_bytes() for p in range(5)]
+
+    gathered = partition_files("gathered")
+    monkeypatch.setattr(buckets, "BUCKET_BUFFER", 1)  # written batch by batch
+    assert partition_files("each_batch") == gathered

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from xiaolm.data import read
-from xiaolm.data.read import RejectLog, expand_inputs, read_records
 from xiaolm.errors import XiaolmError
+from xiaolm.records import compression, read
+from xiaolm.records.inputs import expand_inputs
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog
 
 MIXED = Path(__file__).parent / "fixtures" / "mixed"
 
@@ -70,7 +72,7 @@ def test_bad_lines_go_to_rejects_with_reason_and_file_line_and_reading_goes_on(t
 
 
 def test_json_array_streams_across_buffer_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(read, "_CHUNK", 7)  # every element and multi-byte character straddles a read
+    monkeypatch.setattr(read, "CHUNK", 7)  # every element and multi-byte character straddles a read
     items = [{"text": f"第{i}条：春风又绿江南岸，“明月”何时照我还？", "n": i,
               "nested": {"list": [i, 3.25, None]}} for i in range(30)]
     f = tmp_path / "big.json"
@@ -271,3 +273,28 @@ def test_memory_stays_flat_whatever_the_file_size(tmp_path, name):
         tracemalloc.stop()
     assert count == n
     assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MB held while reading a {path.stat().st_size / 2**20:.0f} MB file"
+
+
+def test_a_file_that_cannot_be_opened_stops_the_stage_naming_it(tmp_path, monkeypatch):
+    from xiaolm.data.clean import clean_files
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "床前明月光，疑是地上霜。"}\n', encoding="utf-8")
+    locked = folder / "b.jsonl"
+    locked.write_text('{"text": "举头望明月，低头思故乡。"}\n', encoding="utf-8")
+    real_open = open
+
+    def no_permission(path, *args, **kwargs):  # as root, chmod 000 would not stop the reading
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(compression, "open", no_permission, raising=False)
+    with RejectLog() as rejects, pytest.raises(XiaolmError, match="Permission denied") as e:
+        list(read_records([folder], rejects))
+    assert e.value.where == str(locked) and "unreadable_file" not in rejects.counts
+    with pytest.raises(XiaolmError, match="b.jsonl"):
+        clean_files([folder], tmp_path / "out", workers=1)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+

@@ -172,3 +172,14 @@ def test_a_rerun_after_a_crash_converts_only_the_unfinished_files(tmp_path, monk
         {k: whole[k] for k in ("records_written", "rejected", "shards")}
     for name in [*whole["shards"], "rejects.jsonl"]:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_an_import_that_converts_no_record_fails_naming_the_reasons(tmp_path):
+    lines = [json.dumps({"id": i, "conversations": [{"from": "robot", "value": "你好"}]}) for i in range(12)]
+    (tmp_path / "turns.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(XiaolmError, match=r"0 of 12 records converted: bad_record 12") as e:
+        import_records("belle-multiturn", [tmp_path / "turns.json"], out, workers=1)
+    assert str(out / "rejects.jsonl") in str(e.value)
+    assert len((out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()) == 12
+    assert not (out / "_SUCCESS").exists() and not (out / "report.json").exists()

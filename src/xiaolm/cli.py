@@ -165,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
         raise XiaolmError("model has no tokenizer files", where=args.model, hint="export it with `xiaolm export`")
-    from xiaolm.data.read import read_items
+    from xiaolm.records.read import read_items
 
     items = read_items(args.data, args.limit)
     if not items:

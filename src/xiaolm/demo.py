@@ -62,12 +62,12 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.data.clean import CleanConfig, clean_files
     from xiaolm.data.demo.corpus import build_demo_corpus
     from xiaolm.data.pack import pack_files
-    from xiaolm.data.read import read_items
     from xiaolm.eval.perplexity import perplexity
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.eval.report import write_report
     from xiaolm.model.export import export_hf, load_model
     from xiaolm.model.llama import Llama
+    from xiaolm.records.read import read_items
     from xiaolm.tokenizer import load_tokenizer, train_tokenizer
     from xiaolm.train.pretrain import run_pretrain
     from xiaolm.train.sft import run_sft

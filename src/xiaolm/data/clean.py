@@ -7,7 +7,6 @@ import html
 import logging
 import os
 import re
-import shutil
 import time
 import unicodedata
 from collections import Counter, defaultdict
@@ -16,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
-from xiaolm.data.read import RejectLog, check_txt_docs, merge_examples, plan_stage, read_records, reject_summary
+from xiaolm.data.stage import finish_stage, gather_rejects, plan_stage
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files, json_line
+from xiaolm.io import atomic_open, json_line
+from xiaolm.records.read import check_txt_docs, read_records
+from xiaolm.records.rejects import RejectLog, reject_summary
+from xiaolm.records.text import chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -315,19 +317,6 @@ def _language_id(lang: str) -> Callable[[str], str] | None:
     return lambda text: langid.classify(text)[0]
 
 
-def _chat_fields(record: dict) -> list[dict] | None:
-    """The messages of a chat record if it looks like one, else None; ValueError if it is malformed."""
-    from xiaolm.tokenizer.chat import normalize_chat
-
-    if "messages" not in record and not ("prompt" in record and "response" in record):
-        return None
-    normalize_chat(record)  # validates roles and contents
-    if "messages" in record:
-        return record["messages"]
-    return [{"role": "user", "content": record["prompt"]},
-            {"role": "assistant", "content": record["response"]}]
-
-
 def _outputs(record: dict, cleaner: Cleaner, cfg: CleanConfig
              ) -> tuple[list[dict], list[str], list[str]] | None:
     """(output records, filter texts, dedup-key texts); None if no text; ValueError for a bad chat."""
@@ -337,7 +326,7 @@ def _outputs(record: dict, cleaner: Cleaner, cfg: CleanConfig
         if len(pieces) > 1:
             cleaner.note("split_long", text, f"{len(pieces)} pieces")
         return [{**record, cfg.text_field: p} for p in pieces], pieces, pieces
-    messages = _chat_fields(record)
+    messages = chat_messages(record)
     if messages is None:
         return None
     clean = [{**m, "content": cleaner.normalize(m["content"])} for m in messages]
@@ -442,15 +431,11 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
         part = work / "clean" / n / "part.jsonl"
         if part.exists():  # else moved by an interrupted run of this same stage
             os.replace(part, out_dir / f"part-{n}.jsonl")
-    concat_files([work / "clean" / n / "rejects.jsonl" for n in names], out_dir / "rejects.jsonl")
-    rejected: Counter[str] = Counter()
+    rejected, examples = gather_rejects(out_dir, [work / "clean" / n for n in names], shards,
+                                        examples=("examples", "reject_examples"))
     modified: Counter[str] = Counter()
-    examples: dict[str, list] = {}
     for shard in shards:
-        rejected.update(shard["rejected"])
         modified.update(shard["modified"])
-        merge_examples(examples, shard["examples"])
-        merge_examples(examples, shard["reject_examples"])
     seconds = time.perf_counter() - start
     size = sum(shard["bytes"] for shard in shards)
     report = {"records_in": sum(s["records_in"] for s in shards), "records_out": sum(s["records_out"] for s in shards),
@@ -458,10 +443,7 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
               "added_by_split": sum(s["added_by_split"] for s in shards), "examples": examples,
               "shards": len(files), "executor": executor, "workers": parallel_workers(workers),
               "input_mb": round(size / 1e6, 3), "seconds": round(seconds, 3), "inputs": fingerprint}
-    atomic_write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "config.yaml", config_text)
-    atomic_write_text(out_dir / "_SUCCESS", "")
-    shutil.rmtree(work)
+    finish_stage(out_dir, work, config_text, report)
     log.info("data/clean: %d in, %d out, %d rejected (%s) in %.1f s — see %s", report["records_in"],
              report["records_out"], sum(rejected.values()),
              reject_summary(rejected), seconds, out_dir / "rejects.jsonl")

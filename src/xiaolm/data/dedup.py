@@ -9,8 +9,9 @@ Stages, each a set of tasks run by `executor.StageRunner` (a rerun skips finishe
   clusters  one task: union-find over the kept pairs; each cluster keeps its first document in input order
   filter    one task per input file: kept records → part-NNNNN.jsonl (copied as text), removed ones (with the
             kept id) aside
-Memory: a sign task holds `batch_chars` characters of text at once, a pairs task one partition of bucket rows
-(about 3 × `partition_mb`), the cluster task the duplicate pairs only; nothing holds the corpus.
+Memory: a sign task holds `batch_chars` characters of text at once (and up to BUCKET_BUFFER bytes of bucket rows),
+a pairs task one partition of bucket rows (about 3 × `partition_mb`), the cluster task the duplicate pairs only;
+nothing holds the corpus. Open files: a task keeps a handful open, however many partitions there are.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,31 +28,30 @@ from pathlib import Path
 
 import numpy as np
 
+from xiaolm.data.buckets import ROW, SHARD_BITS, Partitions, Signatures
 from xiaolm.data.executor import WORK, StageRunner, work_dir
-from xiaolm.data.read import (
-    MAX_EXAMPLES,
-    RejectLog,
-    merge_examples,
-    plan_stage,
-    read_records,
-    reject_summary,
-    where_at,
-    where_number,
+from xiaolm.data.minhash import (
+    band_buckets,
+    bucket_pairs,
+    candidate_probability,
+    choose_bands,
+    connected_first,
+    exact_hash,
+    minhash,
+    normalize,
+    permutations,
 )
-from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files, json_line, json_text
+from xiaolm.data.stage import finish_stage, gather_rejects, plan_stage
+from xiaolm.errors import Unusable, XiaolmError
+from xiaolm.io import atomic_open, concat_files, json_line, json_text
+from xiaolm.records.read import read_records, where_at, where_number
+from xiaolm.records.rejects import MAX_EXAMPLES, RejectLog, reject_summary
+from xiaolm.records.text import record_text
 
 log = logging.getLogger(__name__)
 
 REMOVED = "_removed.jsonl"  # leading underscore: later stages reading this directory skip it
-ROW = np.dtype([("bucket", "<u8"), ("doc", "<u8")])  # one band bucket of one document
-SHARD_BITS = 40  # a document key is (input file index << 40) | position in that file: sorting keys = input order
-_M64 = np.uint64(0xFF51AFD7ED558CCD)
-_BASE = np.uint64(0x100000001B3)
-_EXACT_DOMAIN = 0x9E3779B97F4A7C15
 _PREVIEW = 120
-_CHUNK = 1 << 17
-SIMILARITY_CHUNK = 1 << 16  # pairs whose signatures are read at once (2 × 512 bytes each with 128 permutations)
 
 
 @dataclass
@@ -70,20 +68,6 @@ class DedupConfig:
     batch_chars: int = 250_000  # text signed at once by one task (≈ 40 bytes of memory per character)
     partitions: int = 0  # bucket files; 0: enough that each holds about partition_mb of rows
     partition_mb: int = 256
-
-
-def choose_bands(threshold: float, num_perm: int, recall: float = 0.99) -> tuple[int, int]:
-    """(bands, rows): the most rows per band for which a pair at `threshold` shares a bucket w.p. ≥ recall."""
-    for rows in range(num_perm, 0, -1):
-        bands = num_perm // rows
-        if candidate_probability(threshold, bands, rows) >= recall:
-            return bands, rows
-    return num_perm, 1
-
-
-def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
-    """Chance that two documents with this Jaccard similarity share at least one LSH band bucket."""
-    return 1.0 - (1.0 - jaccard**rows) ** bands
 
 
 def _lsh_shape(cfg: DedupConfig) -> tuple[int, int]:
@@ -107,171 +91,17 @@ def _check(cfg: DedupConfig) -> None:
         raise XiaolmError("bad dedup settings: " + "; ".join(problems), where="config")
 
 
-# ---------------------------------------------------------------- the math: pure functions on numpy arrays
-
-
-def normalize(text: str) -> str:
-    """The text that is compared: whitespace removed."""
-    return "".join(text.split())
-
-
-def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random (a, b) of the hash permutations x → a·x + b mod 2³² (a odd)."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
-    b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
-    return a, b
-
-
-def _mix64(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer, in place: every input bit affects every output bit."""
-    h ^= h >> np.uint64(33)
-    h *= _M64
-    h ^= h >> np.uint64(33)
-    return h
-
-
-def shingle_hashes(texts: list[str], ngram: int) -> tuple[np.ndarray, np.ndarray]:
-    """32-bit hashes of every character n-gram of each text (concatenated) and each text's first index.
-
-    Texts shorter than n are padded with NUL so every text has at least one shingle.
-    """
-    padded = [t if len(t) >= ngram else t + "\0" * (ngram - len(t)) for t in texts]
-    lengths = np.fromiter((len(t) for t in padded), dtype=np.int64, count=len(padded))
-    cps = np.frombuffer("".join(padded).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
-    # rolling polynomial hash of n consecutive codepoints (wrapping uint64 arithmetic)
-    width = len(cps) - ngram + 1
-    h = cps[:width].copy()
-    for j in range(1, ngram):
-        h *= _BASE
-        h += cps[j:j + width]
-    counts = lengths - ngram + 1
-    starts = np.cumsum(lengths) - lengths
-    firsts = np.cumsum(counts) - counts
-    # positions whose n-gram lies inside one text (not across the boundary to the next)
-    valid = np.repeat(starts - firsts, counts) + np.arange(int(counts.sum()))
-    h = _mix64(h[valid])
-    return (h >> np.uint64(32)).astype(np.uint32), firsts
-
-
-def minhash(texts: list[str], ngram: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """MinHash signatures, shape (len(texts), len(a)) uint32, of the texts' character n-gram sets."""
-    sig = np.empty((len(a), len(texts)), dtype=np.uint32)
-    if not texts:
-        return sig.T
-    h, firsts = shingle_hashes(texts, ngram)
-    # groups of documents with about _CHUNK shingles: one pass per permutation over a group stays in the CPU cache
-    bounds = np.unique(np.searchsorted(firsts, np.arange(0, len(h), _CHUNK)))
-    for lo, hi in zip(bounds, [*bounds[1:], len(texts)], strict=True):
-        start, stop = firsts[lo], firsts[hi] if hi < len(texts) else len(h)
-        part, offsets = h[start:stop], firsts[lo:hi] - start
-        buf = np.empty_like(part)
-        for p in range(len(a)):
-            np.multiply(part, a[p], out=buf)
-            buf += b[p]
-            np.minimum.reduceat(buf, offsets, out=sig[p, lo:hi])
-    return np.ascontiguousarray(sig.T)
-
-
-def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
-    """Share of permutations on which two signatures (or rows of two signature arrays) agree."""
-    return (sig_a == sig_b).mean(axis=-1)
-
-
-def exact_hash(text: str) -> int:
-    """64-bit hash of a normalized text."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
-def band_buckets(sig: np.ndarray, exact: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Bucket ids, shape (docs, bands + 1): one per band of `rows` signature values, the last from the exact hash."""
-    out = np.empty((len(sig), bands + 1), dtype=np.uint64)
-    for k in range(bands):
-        h = np.full(len(sig), k + 1, dtype=np.uint64)
-        for v in sig[:, k * rows:(k + 1) * rows].T:
-            h ^= v.astype(np.uint64)
-            h *= _BASE
-        out[:, k] = _mix64(h)
-    out[:, bands] = _mix64(exact ^ np.uint64(_EXACT_DOMAIN))
-    return out
-
-
-def connected_first(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Union-find over edges a–b between integer keys: (keys, smallest key of each key's component)."""
-    keys = np.unique(np.concatenate([a, b]))
-    ia, ib = np.searchsorted(keys, a), np.searchsorted(keys, b)
-    label = np.arange(len(keys))
-    while True:  # min-label propagation with pointer jumping; labels only decrease, so this terminates
-        low = np.minimum(label[ia], label[ib])
-        new = label.copy()
-        np.minimum.at(new, ia, low)
-        np.minimum.at(new, ib, low)
-        while True:
-            jumped = new[new]
-            if np.array_equal(jumped, new):
-                break
-            new = jumped
-        if np.array_equal(new, label):
-            return keys, keys[label]
-        label = new
-
-
-def bucket_pairs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs (a < b) from bucket rows: each document with its bucket's first and previous document."""
-    bucket = rows["bucket"]
-    order = np.argsort(bucket)
-    sorted_buckets = bucket[order]
-    same = sorted_buckets[1:] == sorted_buckets[:-1]
-    shared = np.zeros(len(rows), dtype=bool)  # rows in a bucket with another row: few, sorted fully below
-    shared[1:] |= same
-    shared[:-1] |= same
-    rows = rows[order[shared]]
-    order = np.lexsort((rows["doc"], rows["bucket"]))
-    bucket, doc = rows["bucket"][order], rows["doc"][order]
-    n = len(rows)
-    if n < 2:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    new = np.ones(n, dtype=bool)
-    new[1:] = bucket[1:] != bucket[:-1]
-    first = np.maximum.accumulate(np.where(new, np.arange(n), 0))
-    member = np.flatnonzero(~new)
-    a = np.concatenate([doc[first[member]], doc[member - 1]])
-    b = np.concatenate([doc[member], doc[member]])
-    keep = a != b
-    pairs = np.unique(np.stack([np.minimum(a, b)[keep], np.maximum(a, b)[keep]], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
-
-
 # ---------------------------------------------------------------- reading documents
-
-
-def document_text(record: dict, text_field: str) -> str | None:
-    """The text to compare: the text field, or a chat's message contents joined; None if neither; ValueError
-    for a malformed chat."""
-    value = record.get(text_field)
-    if isinstance(value, str):
-        return value
-    if "messages" in record or ("prompt" in record and "response" in record):
-        from xiaolm.tokenizer.chat import normalize_chat
-
-        return "\n".join(m["content"] for m in normalize_chat(record))
-    return None
 
 
 def read_documents(path: Path, text_field: str, rejects: RejectLog | None) -> Iterator[tuple[dict, str, str]]:
     """(record, "file:line", normalized text) of every usable record of one file; others go to rejects."""
     for record, where in read_records([path], rejects):
         try:
-            text = document_text(record, text_field)
-        except ValueError as e:
+            text, _ = record_text(record, text_field)
+        except Unusable as e:
             if rejects is not None:
-                rejects.add("bad_chat", where, record, str(e))
-            continue
-        if text is None:
-            if rejects is not None:
-                detail = (f"'{text_field}' is a {type(record[text_field]).__name__}, not a string"
-                          if text_field in record else f"no '{text_field}' field and not a chat record")
-                rejects.add("missing_field", where, record, detail)
+                rejects.add(e.reason, where, record, e.detail)
             continue
         yield record, where, normalize(text)
 
@@ -290,7 +120,7 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
     """Records (with id and source), line numbers, signatures, exact hashes and bucket rows of one input file."""
     bands, rows = _lsh_shape(cfg)
     a, b = permutations(cfg.num_perm, cfg.seed)
-    files = [open(out / f"buckets-{p:05d}.bin", "wb") for p in range(partitions)]
+    buckets_out = Partitions(out, partitions)
     n = batches = max_batch = 0
     texts: list[str] = []
     exact: list[int] = []
@@ -311,11 +141,7 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
         table = np.empty(buckets.size, dtype=ROW)
         table["bucket"] = buckets.ravel()
         table["doc"] = np.repeat(docs, bands + 1)
-        part = (table["bucket"] >> np.uint64(32)) % np.uint64(partitions)
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(partitions + 1))
-        for p in range(partitions):
-            table[order[bounds[p]:bounds[p + 1]]].tofile(files[p])
+        buckets_out.add(table)
         n += len(texts)
         batches += 1
         max_batch = max(max_batch, sum(map(len, texts)))
@@ -324,59 +150,23 @@ def sign_shard(out: Path, shard: int, path: str, cfg: DedupConfig, partitions: i
         lines.clear()
 
     chars = 0
-    try:
-        with RejectLog(out / "rejects.jsonl") as rejects, open(out / "sig.bin", "wb") as sig_file, \
-                open(out / "exact.bin", "wb") as exact_file, open(out / "lines.bin", "wb") as lines_file, \
-                open(out / "records.jsonl", "w", encoding="utf-8") as records:
-            for record, where, text in read_documents(Path(path), cfg.text_field, rejects):
-                if texts and chars + len(text) > cfg.batch_chars:
-                    flush()
-                    chars = 0
-                texts.append(text)
-                exact.append(exact_hash(text))
-                chars += len(text)
-                lines.append(where_number(where))
-                rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
-                records.write(json_line(rec))
-            flush()
-    finally:
-        for f in files:
-            f.close()
+    with RejectLog(out / "rejects.jsonl") as rejects, open(out / "sig.bin", "wb") as sig_file, \
+            open(out / "exact.bin", "wb") as exact_file, open(out / "lines.bin", "wb") as lines_file, \
+            open(out / "records.jsonl", "w", encoding="utf-8") as records:
+        for record, where, text in read_documents(Path(path), cfg.text_field, rejects):
+            if texts and chars + len(text) > cfg.batch_chars:
+                flush()
+                chars = 0
+            texts.append(text)
+            exact.append(exact_hash(text))
+            chars += len(text)
+            lines.append(where_number(where))
+            rec = {**record, "id": record_id(record, text), "source": record.get("source") or source}
+            records.write(json_line(rec))
+        flush()
+    buckets_out.flush()
     return {"path": path, "docs": n, "rejected": dict(rejects.counts), "examples": dict(rejects.examples),
             "batches": batches, "max_batch_chars": max_batch}
-
-
-class _Signatures:
-    """The signatures and exact hashes of given documents, read row by row from the signed shards' files."""
-
-    def __init__(self, sign_dir: Path, num_perm: int):
-        self.sign_dir, self.num_perm = sign_dir, num_perm
-
-    def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(signatures, exact hashes) of documents by key; memory grows with len(keys), not with the shards."""
-        sig = np.empty((len(keys), self.num_perm), np.uint32)
-        exact = np.empty(len(keys), np.uint64)
-        shard, pos = keys >> np.uint64(SHARD_BITS), keys & np.uint64((1 << SHARD_BITS) - 1)
-        width = self.num_perm * 4
-        for i in np.unique(shard).tolist():
-            rows = np.flatnonzero(shard == i)
-            folder = self.sign_dir / f"{i:05d}"
-            with open(folder / "sig.bin", "rb") as s, open(folder / "exact.bin", "rb") as e:
-                sig_fd, exact_fd = s.fileno(), e.fileno()
-                for row, p in zip(rows.tolist(), pos[rows].tolist(), strict=True):
-                    sig[row] = np.frombuffer(os.pread(sig_fd, width, p * width), np.uint32)
-                    exact[row] = int.from_bytes(os.pread(exact_fd, 8, p * 8), "little")
-        return sig, exact
-
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(estimated Jaccard, exact-duplicate flag) of document pairs, SIMILARITY_CHUNK pairs at a time."""
-        jaccard, exact, chunk = np.empty(len(a), np.float64), np.empty(len(a), bool), SIMILARITY_CHUNK
-        for start in range(0, len(a), chunk):
-            sig_a, ex_a = self.get(a[start:start + chunk])
-            sig_b, ex_b = self.get(b[start:start + chunk])
-            jaccard[start:start + chunk] = estimate_jaccard(sig_a, sig_b)
-            exact[start:start + chunk] = ex_a == ex_b
-        return jaccard, exact
 
 
 def pair_partition(out: Path, part: int, sign_dir: str, docs: list[int], cfg: DedupConfig) -> dict:
@@ -388,7 +178,7 @@ def pair_partition(out: Path, part: int, sign_dir: str, docs: list[int], cfg: De
     rows = np.concatenate([np.fromfile(Path(sign_dir) / f"{i:05d}" / f"buckets-{part:05d}.bin", dtype=ROW)
                            for i in range(len(docs))] or [np.zeros(0, ROW)])
     a, b = bucket_pairs(rows)
-    jaccard, exact = _Signatures(Path(sign_dir), cfg.num_perm).similarity(a, b)
+    jaccard, exact = Signatures(Path(sign_dir), cfg.num_perm).similarity(a, b)
     keep = exact | (jaccard >= cfg.threshold)
     keys, roots = connected_first(a[keep], b[keep])
     joined = keys != roots
@@ -405,7 +195,7 @@ def cluster_all(out: Path, pairs_dir: str, sign_dir: str, docs: list[int], parti
     keys, roots = connected_first(edges[:, 0], edges[:, 1])
     gone = keys != roots
     removed, kept = keys[gone], roots[gone]
-    jaccard, exact = _Signatures(Path(sign_dir), cfg.num_perm).similarity(removed, kept)
+    jaccard, exact = Signatures(Path(sign_dir), cfg.num_perm).similarity(removed, kept)
     ids = _lookup_ids(Path(sign_dir), np.unique(kept))
     shard = removed >> np.uint64(SHARD_BITS)
     pos = removed & np.uint64((1 << SHARD_BITS) - 1)
@@ -467,7 +257,7 @@ def filter_shard(out: Path, shard: int, path: str, sign_dir: str, cluster_dir: s
         for pos, line in enumerate(src):  # records were parsed once, by the sign task; copied as text here
             if pos in want:
                 rec = json.loads(line)
-                text = normalize(document_text(rec, text_field) or "")
+                text = normalize(record_text(rec, text_field)[0])
                 previews[str(base + pos)] = {"id": rec["id"], "where": where_at(path, lines[pos]),
                                              "text": text[:_PREVIEW] + ("…" if len(text) > _PREVIEW else "")}
             if pos in removed:
@@ -521,13 +311,8 @@ def dedup_files(inputs: list[str | Path], out_dir: str | Path, cfg: DedupConfig 
     with StageRunner(executor, workers) as runner:
         signed, paired, clustered, filtered = _run_stages(runner, files, out_dir, cfg, partitions, lap)
     docs = [s["docs"] for s in signed]
-    concat_files([work / "sign" / f"{i:05d}" / "rejects.jsonl" for i in range(len(files))], out_dir / "rejects.jsonl")
+    rejected, reject_examples = gather_rejects(out_dir, [work / "sign" / f"{i:05d}" for i in range(len(files))], signed)
     concat_files([work / "filter" / f"{i:05d}" / "removed.jsonl" for i in range(len(files))], out_dir / REMOVED)
-    rejected: Counter[str] = Counter()
-    reject_examples: dict[str, list] = {}
-    for s in signed:
-        rejected.update(s["rejected"])
-        merge_examples(reject_examples, s["examples"])
     previews = {k: v for f in filtered for k, v in f["previews"].items()}
     examples = [{"kind": e["kind"], "size": e["size"], "kept": previews[str(e["kept"])],
                  "removed": [{**previews[str(k)], "jaccard": j, "exact": x} for k, j, x in e["removed"]]}
@@ -554,10 +339,7 @@ def dedup_files(inputs: list[str | Path], out_dir: str | Path, cfg: DedupConfig 
         "inputs": fingerprint,
     }
     assert kept + removed == sum(docs)
-    atomic_write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "config.yaml", config_text)
-    atomic_write_text(out_dir / "_SUCCESS", "")
-    shutil.rmtree(work)  # the intermediate files (a copy of the corpus and its signatures) are not needed now
+    finish_stage(out_dir, work, config_text, report)
     log.info("data/dedup: %d in, %d out, %d removed (%d exact, %d near) in %d clusters, %d rejected (%s) — see %s",
              report["records_in"], kept, removed, clustered["removed_exact"], clustered["removed_near"],
              clustered["clusters"], sum(rejected.values()),

@@ -6,9 +6,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,19 +14,15 @@ from typing import Any, BinaryIO
 import numpy as np
 import yaml
 
+from xiaolm.chat_format import EOS, IM_END, IM_START
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
-from xiaolm.data.read import (
-    RejectLog,
-    finished_stage,
-    inputs_fingerprint,
-    merge_examples,
-    read_records,
-    reject_summary,
-    stage_inputs,
-)
+from xiaolm.data.stage import finish_stage, gather_rejects
 from xiaolm.errors import Unusable, XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files
-from xiaolm.tokenizer.chat import EOS, IM_END, IM_START
+from xiaolm.io import atomic_open
+from xiaolm.records.inputs import finished_stage, inputs_fingerprint, stage_inputs
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog, reject_summary
+from xiaolm.records.text import record_text
 from xiaolm.tokenizer.train import load_tokenizer, token_dtype, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -41,24 +35,6 @@ def is_val(key: str, seed: int, fraction: float) -> bool:
     """Whether the document with this key goes to the validation split (a pure function of key and seed)."""
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
-
-
-
-def document_text(record: dict, text_field: str) -> tuple[str, bool]:
-    """(text, is_chat) of a text record or a chat record rendered as ChatML; Unusable otherwise."""
-    from xiaolm.tokenizer.chat import normalize_chat, render_chat
-
-    text = record.get(text_field)
-    if isinstance(text, str):
-        if not text.strip():
-            raise Unusable("empty_text")
-        return text, False
-    if "messages" in record or ("prompt" in record and "response" in record):
-        try:
-            return render_chat(normalize_chat(record)), True
-        except ValueError as e:
-            raise Unusable("bad_chat", str(e)) from None
-    raise Unusable("missing_field", f"no string '{text_field}' and not a chat record")
 
 
 def _encoders(tokenizer_dir: str | Path) -> tuple[Any, dict[bool, Callable]]:
@@ -76,8 +52,6 @@ def _encoders(tokenizer_dir: str | Path) -> tuple[Any, dict[bool, Callable]]:
 def pack_shard(out: Path, path: str, tokenizer_dir: str, val_fraction: float, seed: int, text_field: str) -> dict:
     """Tokenize one input file into out/train.bin and out/val.bin (+ rejects.jsonl); its counts for the merge."""
     from tqdm.auto import tqdm
-
-    from xiaolm.tokenizer.chat import EOS
 
     if in_worker():  # one process per core already: the tokenizer's own threads would only compete
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -112,7 +86,7 @@ def pack_shard(out: Path, path: str, tokenizer_dir: str, val_fraction: float, se
 
         for record, where in read_records([path], rejects):
             try:
-                text, is_chat = document_text(record, text_field)
+                text, is_chat = record_text(record, text_field, chat="chatml", allow_empty=False)
             except Unusable as e:
                 rejects.add(e.reason, where, record, e.detail)
                 continue
@@ -204,13 +178,8 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
                                     for n, f in zip(names, files, strict=True)],
                        work / "pack", executor, workers, desc="data/pack")
     shard_dirs = [work / "pack" / n for n in names]
-    rejected: Counter[str] = Counter()
-    examples: dict[str, list] = {}
-    for shard in shards:
-        rejected.update(shard["rejected"])
-        merge_examples(examples, shard["examples"])
     tokens, docs = _merge(shard_dirs, shards, out_dir, val_fraction > 0, dtype.itemsize)
-    concat_files([d / "rejects.jsonl" for d in shard_dirs], out_dir / "rejects.jsonl")
+    rejected, examples = gather_rejects(out_dir, shard_dirs, shards)
     if docs["train"] == 0:
         raise XiaolmError("no documents to pack", where=", ".join(map(str, inputs)),
                           hint=f"records need '{text_field}' or chat fields; see {out_dir}/rejects.jsonl")
@@ -226,10 +195,7 @@ def pack_files(inputs: Sequence[str | Path], tokenizer_dir: str | Path, out_dir:
             "seed": seed, "shards": len(files), "executor": executor, "workers": parallel_workers(workers),
             "input_mb": round(sum(sh["bytes"] for sh in shards) / 1e6, 3), "seconds": round(seconds, 3),
             "inputs": fingerprint}
-    atomic_write_json(out_dir / "meta.json", meta)
-    atomic_write_text(out_dir / "config.yaml", config_text)
-    atomic_write_text(out_dir / "_SUCCESS", "")
-    shutil.rmtree(work)
+    finish_stage(out_dir, work, config_text, meta, record="meta.json")
     log.info("data/pack: %d train tokens (%d docs), %d val tokens (%d docs), %d rejected (%s) in %.1f s — %s",
              meta["train_tokens"], meta["train_docs"], meta["val_tokens"], meta["val_docs"], sum(rejected.values()),
              reject_summary(rejected), seconds, out_dir)

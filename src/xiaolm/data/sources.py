@@ -12,7 +12,6 @@ import html
 import logging
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -21,24 +20,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
-from xiaolm.data.read import (
-    RejectLog,
-    files_fingerprint,
-    finished_stage,
-    merge_examples,
-    read_file,
-    read_records,
-    reject_summary,
-    stage_inputs,
-    text_lines,
-)
+from xiaolm.data.stage import finish_stage, gather_rejects
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text, concat_files, json_line
+from xiaolm.io import atomic_open, json_line
+from xiaolm.records.inputs import files_fingerprint, finished_stage, stage_inputs
+from xiaolm.records.read import read_file, read_records, text_lines
+from xiaolm.records.rejects import RejectLog, reject_summary
 
 log = logging.getLogger(__name__)
 
 SHARD_RECORDS = 100_000
 LAYOUT_CHECK, PROBE = 20, 200  # after 20 and 200 records: stop if most lack the recipe's fields
+CONVERT_REJECTS = ("missing_field", "bad_record")  # reasons given to records read (the reader's own are not)
 
 
 @dataclass(frozen=True)
@@ -212,21 +205,19 @@ def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str 
             if (work / "import" / n / part).exists():  # else moved by an interrupted run of this same stage
                 os.replace(work / "import" / n / part, out_dir / name)
             shards.append(name)
-    concat_files([work / "import" / n / "rejects.jsonl" for n in names], out_dir / "rejects.jsonl")
-    rejected: Counter[str] = Counter()
-    examples: dict[str, list] = {}
-    for result in results:
-        rejected.update(result["rejected"])
-        merge_examples(examples, result["examples"])
+    rejected, examples = gather_rejects(out_dir, [work / "import" / n for n in names], results)
+    written = sum(r["written"] for r in results)
+    if not written:  # every record failed: no shard, and no _SUCCESS that would let a later stage go on
+        records_in = sum(r["read"] for r in results) + sum(
+            n for reason, n in rejected.items() if reason not in CONVERT_REJECTS)
+        raise XiaolmError(f"0 of {records_in} records converted: {reject_summary(rejected)}",
+                          where=f"data/import {recipe.name}", hint=f"see {out_dir / 'rejects.jsonl'}")
     report = {"recipe": recipe.name, "kind": recipe.kind, "inputs": fingerprint,
-              "records_read": sum(r["read"] for r in results), "records_written": sum(r["written"] for r in results),
+              "records_read": sum(r["read"] for r in results), "records_written": written,
               "rejected": dict(rejected.most_common()), "shards": shards, "examples_rejected": examples,
               "executor": executor, "workers": parallel_workers(workers),
               "seconds": round(time.perf_counter() - start, 2)}
-    atomic_write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "config.yaml", config_text)
-    atomic_write_text(out_dir / "_SUCCESS", "")
-    shutil.rmtree(work)
+    finish_stage(out_dir, work, config_text, report)
     log.info("data/import %s: %d records read, %d written to %d shard(s), %d rejected (%s) — %s", recipe.name,
              report["records_read"], report["records_written"], len(shards), sum(rejected.values()),
              reject_summary(rejected), out_dir)

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from xiaolm.data.pack import document_text
-from xiaolm.data.read import RejectLog, expand_inputs, read_records
 from xiaolm.errors import Unusable, XiaolmError
+from xiaolm.records.inputs import expand_inputs
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog
+from xiaolm.records.text import record_text
 from xiaolm.tokenizer.chat import Example, encode_example
 
 log = logging.getLogger(__name__)
@@ -194,8 +196,12 @@ class TokenStream(RecordStream):
 
     def _items(self) -> Iterator[np.ndarray]:
         width = self.seq_len + 1
+
+        def document(record: dict) -> str:
+            return record_text(record, self.text_field, chat="chatml", allow_empty=False)[0]
+
         while True:
-            for texts, upto in self._batches(lambda r: document_text(r, self.text_field)[0], self.records_done):
+            for texts, upto in self._batches(document, self.records_done):
                 for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
                     self.pending.extend(ids)
                     self.pending.append(self.eos)

@@ -1,16 +1,7 @@
 """Tokenizer training, loading and the ChatML chat format."""
 
-from xiaolm.tokenizer.chat import (
-    CHAT_TEMPLATE,
-    EOS,
-    IM_END,
-    IM_START,
-    SPECIAL_TOKENS,
-    encode_chat,
-    encode_prompt,
-    normalize_chat,
-    render_chat,
-)
+from xiaolm.chat_format import CHAT_TEMPLATE, EOS, IM_END, IM_START, SPECIAL_TOKENS, normalize_chat, render_chat
+from xiaolm.tokenizer.chat import encode_chat, encode_prompt
 from xiaolm.tokenizer.stats import tokenizer_stats
 from xiaolm.tokenizer.train import load_tokenizer, tokenizer_hash, train_tokenizer
 

@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from xiaolm.chat_format import SPECIAL_TOKENS
 from xiaolm.errors import XiaolmError
-from xiaolm.tokenizer.chat import SPECIAL_TOKENS
 from xiaolm.tokenizer.pretokenize import DIGIT
 
 if TYPE_CHECKING:

@@ -10,8 +10,9 @@ from typing import Any
 
 import regex
 
-from xiaolm.data.read import RejectLog, read_records
 from xiaolm.errors import XiaolmError
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer.pretokenize import CJK
 
 _ONE_CJK = regex.compile(rf"[{CJK}]")
@@ -23,7 +24,7 @@ def tokenizer_stats(tokenizer_dir: str | Path, inputs: Sequence[str | Path], lim
     """Chars and bytes per token, vocabulary use, single-CJK-character share and the worst-compressed texts."""
     from tokenizers import Tokenizer
 
-    from xiaolm.tokenizer.train import record_text
+    from xiaolm.tokenizer.train import training_text
 
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
@@ -38,7 +39,7 @@ def tokenizer_stats(tokenizer_dir: str | Path, inputs: Sequence[str | Path], lim
     texts = chars = nbytes = tokens = cjk_tokens = 0
     worst_heap: list[tuple[float, int, str, str]] = []
     with RejectLog(None) as rejects:
-        records = ((record_text(r, text_field), where) for r, where in read_records(inputs, rejects))
+        records = ((training_text(r, text_field), where) for r, where in read_records(inputs, rejects))
         records = ((t, w) for t, w in records if t)
         if limit:
             records = itertools.islice(records, limit)

@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from xiaolm.data.read import RejectLog, check_readable, finished_stage, inputs_fingerprint, read_records, stage_inputs
-from xiaolm.errors import XiaolmError
+from xiaolm.chat_format import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS
+from xiaolm.errors import Unusable, XiaolmError
 from xiaolm.io import atomic_write_json, atomic_write_text
-from xiaolm.tokenizer.chat import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS
+from xiaolm.records.inputs import finished_stage, inputs_fingerprint, stage_inputs
+from xiaolm.records.read import check_readable, read_records
+from xiaolm.records.rejects import RejectLog
+from xiaolm.records.text import record_text
 from xiaolm.tokenizer.count import count_chunks, default_workers
 from xiaolm.tokenizer.pretokenize import build_pre_tokenizer, to_byte_level
 
@@ -42,17 +45,12 @@ _REPEAT = 1 << 16  # a chunk is fed to the BPE trainer in strings of at most thi
 _BOUND_BATCH = 1 << 16  # chunks encoded at once while bounding the merges
 
 
-def record_text(record: dict, text_field: str = "text") -> str | None:
-    """The trainable text of a text record or a chat record (contents joined by newlines), or None."""
-    if isinstance(record.get(text_field), str):
-        return record[text_field]
-    messages = record.get("messages")
-    if isinstance(messages, list):
-        return "\n".join(m["content"] for m in messages
-                         if isinstance(m, dict) and isinstance(m.get("content"), str))
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        return f"{record['prompt']}\n{record['response']}"
-    return None
+def training_text(record: dict, text_field: str = "text") -> str:
+    """The trainable text of a text record or a chat record (whatever contents it holds, joined), else ""."""
+    try:
+        return record_text(record, text_field, strict=False)[0]
+    except Unusable:
+        return ""
 
 
 def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
@@ -141,7 +139,7 @@ def merges_bound(counts: dict[str, int], min_frequency: int) -> int:
 
 def _texts(files: list[Path], text_field: str, rejects: RejectLog, stats: dict[str, int]) -> Iterator[str]:
     for record, _ in read_records(files, rejects):
-        text = record_text(record, text_field)
+        text = training_text(record, text_field)
         if text:
             stats["texts"] += 1
             yield text

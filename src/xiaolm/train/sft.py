@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from xiaolm.data.read import RejectLog, read_records
 from xiaolm.data.stream import ChatStream
 from xiaolm.errors import Unusable, XiaolmError
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import Example, collate, encode_example
 from xiaolm.train.config import TrainConfig

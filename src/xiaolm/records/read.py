@@ -10,29 +10,21 @@ from __future__ import annotations
 
 import codecs
 import csv
-import glob
-import gzip
 import io
 import json
 import logging
 import re
-import zlib
-from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from xiaolm.errors import XiaolmError
-from xiaolm.io import atomic_open, json_line
+from xiaolm.records.compression import CHUNK, READ_ERRORS, open_bytes, open_file
+from xiaolm.records.inputs import base_suffix, expand_inputs
+from xiaolm.records.rejects import RejectLog
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl", ".json", ".txt", ".csv", ".tsv", ".parquet")
-COMPRESSIONS = (".gz", ".zst")
-# files our own stages write next to their records; a directory or glob input skips them
-ARTIFACTS = frozenset({"rejects.jsonl", "report.json", "meta.json"})
-MAX_EXAMPLES = 3
-_CHUNK = 1 << 20
 TXT_DOCS = ("line", "blank")  # how a .txt file is cut into documents: one a line, or at blank lines
 # a blank-line document that grows past this many characters is handed on and the next one begins, so that a
 # file without blank lines cannot fill memory (cleaning splits long documents further)
@@ -45,139 +37,11 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class RejectLog:
-    """Counts rejected records by reason and, given a path, writes them to a rejects.jsonl (atomically)."""
-
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path is not None else None
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, list[dict]] = defaultdict(list)
-        self._file: IO[str] | None = None
-        self._ctx: Any = None
-
-    def __enter__(self) -> RejectLog:
-        if self.path is not None:
-            self._ctx = atomic_open(self.path, "w")
-            self._file = self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._ctx is not None:
-            ctx, self._ctx, self._file = self._ctx, None, None
-            ctx.__exit__(*exc)
-
-    def add(self, reason: str, where: str, record: Any, detail: str | None = None) -> None:
-        """Record one rejection: a short reason code, "file:line", the record (raw text if unparseable)."""
-        self.counts[reason] += 1
-        row = {"where": where, "reason": reason, "record": record}
-        if detail:
-            row["detail"] = detail
-        if len(self.examples[reason]) < MAX_EXAMPLES:
-            self.examples[reason].append({"where": where, "record": _preview(record)})
-        if self._file is not None:
-            self._file.write(json_line(row))
-
-    @property
-    def total(self) -> int:
-        """Number of rejected records."""
-        return sum(self.counts.values())
-
-    def summary(self) -> str:
-        """`too_short 20, bad_json 1` (most frequent first), or `none`."""
-        return reject_summary(self.counts)
-
-
-def reject_summary(counts: Counter[str]) -> str:
-    """Rejections by reason for a log line: `too_short 20, bad_json 1` (most frequent first), or `none`."""
-    return ", ".join(f"{k} {v}" for k, v in counts.most_common()) or "none"
-
-
 def check_txt_docs(txt_docs: str) -> None:
     """XiaolmError unless `txt_docs` names a way to cut .txt files into documents."""
     if txt_docs not in TXT_DOCS:
         raise XiaolmError(f"unknown txt_docs={txt_docs!r}", where="txt_docs",
                           hint="use line (one document a line) or blank (documents separated by blank lines)")
-
-
-def merge_examples(into: dict[str, list], found: dict[str, list], limit: int = MAX_EXAMPLES) -> None:
-    """Add a shard's examples per reason (or rule) to `into`, keeping at most `limit` of each."""
-    for key, items in found.items():
-        have = into.setdefault(key, [])
-        have.extend(items[:max(limit - len(have), 0)])
-
-
-def _preview(record: Any, limit: int = 200) -> str:
-    text = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _base_suffix(path: Path) -> str:
-    name = path.name
-    for ext in COMPRESSIONS:
-        name = name.removesuffix(ext)
-    return Path(name).suffix.lower()
-
-
-def _is_record_file(path: Path, root: Path | None = None) -> bool:
-    """A supported, visible, non-artifact file (hidden dirs below `root` are skipped too)."""
-    if not path.is_file() or _base_suffix(path) not in SUFFIXES or path.name in ARTIFACTS:
-        return False
-    parts = path.relative_to(root).parts if root is not None else (path.name,)
-    return not any(p.startswith((".", "_")) for p in parts)
-
-
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files, globs and directories (recursive, sorted) → record files, each once, in input order."""
-    if isinstance(inputs, str | Path):
-        inputs = [inputs]
-    files: list[Path] = []
-    for item in inputs:
-        text = str(item)
-        if any(c in text for c in "*?["):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-            if not matches:
-                raise XiaolmError("input not found", where=text, hint="the glob matches nothing")
-            for m in matches:
-                if m.is_dir():
-                    files.extend(sorted(f for f in m.rglob("*") if _is_record_file(f, m)))
-                elif _is_record_file(m):
-                    files.append(m)
-            continue
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if _is_record_file(f, path))
-            if not found:
-                log.warning("%s: no .jsonl/.json/.txt/.csv/.tsv/.parquet files in this directory", path)
-            files.extend(found)
-        elif path.is_file():
-            if _base_suffix(path) not in SUFFIXES:
-                raise XiaolmError(f"unsupported file type '{''.join(path.suffixes)}'", where=text,
-                                  hint="use .jsonl, .json, .txt, .csv, .tsv (optionally .gz or .zst) or .parquet")
-            files.append(path)
-        else:
-            raise XiaolmError("input not found", where=text, hint="pass existing files, globs or directories")
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique
-
-
-def inputs_fingerprint(inputs: Sequence[str | Path]) -> list[dict]:
-    """Path, size and mtime of every input file: a stage reruns when this changes."""
-    return files_fingerprint(expand_inputs(inputs))
-
-
-def files_fingerprint(files: Sequence[Path]) -> list[dict]:
-    """inputs_fingerprint of files already listed (whatever their names end in)."""
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append({"path": str(f.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return out
 
 
 def read_items(path: str | Path, limit: int = 0) -> list[dict]:
@@ -187,99 +51,6 @@ def read_items(path: str | Path, limit: int = 0) -> list[dict]:
     if rejects.total:
         log.warning("skipped %d unreadable lines in %s (%s)", rejects.total, path, rejects.summary())
     return items[:limit] if limit else items
-
-
-def stage_inputs(inputs: Sequence[str | Path], out_dir: Path) -> list[Path]:
-    """A stage's input files, leaving out anything inside its own output dir (never read back as input)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise XiaolmError("output path exists and is not a directory", where=str(out_dir))
-    out = out_dir.resolve()
-    return [f for f in expand_inputs(inputs) if not f.resolve().is_relative_to(out)]
-
-
-def finished_stage(out_dir: Path, config_text: str, fingerprint: list[dict], record: str,
-                   required: Sequence[str] = ()) -> dict | None:
-    """The saved `record` (report.json, meta.json) of a completed run with this config and these inputs, else None."""
-    if not all((out_dir / f).is_file() for f in ("_SUCCESS", "config.yaml", record, *required)):
-        return None
-    if (out_dir / "config.yaml").read_text(encoding="utf-8") != config_text:
-        return None
-    saved = json.loads((out_dir / record).read_text(encoding="utf-8"))
-    return saved if saved.get("inputs") == fingerprint else None
-
-
-def plan_stage(stage: str, inputs: Sequence[str | Path], out_dir: Path, cfg: Any
-               ) -> tuple[list[Path], list[dict], str, dict | None]:
-    """A configured stage's input files, their fingerprint, its config as YAML, and the report.json of an earlier
-    run with the same config and inputs when that run completed (then there is nothing to do)."""
-    import yaml
-
-    from xiaolm.config import config_to_dict
-
-    files = stage_inputs(inputs, out_dir)
-    fingerprint = inputs_fingerprint(files)
-    config_text = yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)
-    report = finished_stage(out_dir, config_text, fingerprint, "report.json")
-    if report is not None:
-        log.info("%s: %s is up to date (same inputs and config); skipping", stage, out_dir)
-    return files, fingerprint, config_text, report
-
-
-def open_bytes(path: Path) -> IO[bytes]:
-    """A binary stream of the file's content, gunzipped or zstd-decompressed by its name's ending."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(_ZstdReader(path, zstandard.ZstdDecompressor()), buffer_size=_CHUNK)
-    return open(path, "rb")
-
-
-class _ZstdReader(io.RawIOBase):
-    """Decompresses a .zst file frame by frame; a file that ends inside a frame raises EOFError, as gzip does."""
-
-    def __init__(self, path: Path, decompressor: Any):
-        self._file, self._zstd = open(path, "rb"), decompressor
-        self._frame = decompressor.decompressobj()
-        self._pending = b""
-        self._started = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            chunk = self._file.read(_CHUNK)
-            if not chunk:
-                if self._started and not self._frame.eof:
-                    raise EOFError("compressed file ended before the end of its zstd frame")
-                return 0
-            self._started = True
-            self._pending = self._frame.decompress(chunk)
-            while self._frame.eof and self._frame.unused_data:  # the next frame begins in this chunk
-                rest = self._frame.unused_data
-                self._frame = self._zstd.decompressobj()
-                self._pending += self._frame.decompress(rest)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _zstd_error() -> tuple[type[Exception], ...]:
-    try:
-        import zstandard
-    except ImportError:
-        return ()
-    return (zstandard.ZstdError,)
-
-
-_READ_ERRORS = (EOFError, OSError, zlib.error, *_zstd_error())
 
 
 def text_lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str]]:
@@ -298,7 +69,7 @@ def text_lines(path: Path, rejects: RejectLog | None) -> Iterator[tuple[int, str
                 if n == 1:
                     line = line.removeprefix("\ufeff")
                 yield n, line.rstrip("\r\n")
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         _unreadable(path, n + 1, e, rejects)
 
 
@@ -365,7 +136,7 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
 
             def fill() -> None:
                 nonlocal buf, pos, eof, first
-                chunk = f.read(max(_CHUNK, len(buf) - pos))
+                chunk = f.read(max(CHUNK, len(buf) - pos))
                 eof = not chunk
                 buf = buf[pos:] + utf8.decode(chunk, final=eof)
                 pos = 0
@@ -434,7 +205,7 @@ def _read_json(path: Path, rejects: RejectLog | None) -> Iterator[tuple[dict, st
                     yield value, where
             if in_array and not closed:
                 _reject(rejects, "bad_json", f"{path}:{line}", None, detail="the array is not closed with ]")
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         _unreadable(path, line, e, rejects)
 
 
@@ -467,7 +238,7 @@ def _read_csv(path: Path, rejects: RejectLog | None, encoding: str = "utf-8") ->
                 yield dict(zip(header, row, strict=True)), where
     except csv.Error as e:
         _reject(rejects, "bad_csv_row", f"{path}:{line}", None, detail=f"{e}; stopped reading this file")
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         _unreadable(path, line, e, rejects)
 
 
@@ -503,7 +274,7 @@ def where_number(where: str) -> int:
 
 def where_at(path: str | Path, number: int) -> str:
     """The reader's provenance of line (or Parquet row) `number` of `path`: where_number's inverse."""
-    return f"{path}:row {number}" if _base_suffix(Path(path)) == ".parquet" else f"{path}:{number}"
+    return f"{path}:row {number}" if base_suffix(Path(path)) == ".parquet" else f"{path}:{number}"
 
 
 def _parquet_file(path: Path) -> Any:
@@ -512,6 +283,7 @@ def _parquet_file(path: Path) -> Any:
         import pyarrow.parquet as pq
     except ImportError:
         raise XiaolmError("reading .parquet needs pyarrow", where=str(path), hint="pip install pyarrow") from None
+    open_file(path).close()  # a file that cannot be opened stops the stage; pyarrow's errors below are about damage
     return pq.ParquetFile(path)
 
 
@@ -531,12 +303,12 @@ def check_readable(path: Path) -> None:
     """Read the start of a file as its reader will: the first block through its decompression, or a Parquet
     file's metadata; XiaolmError naming the file if that fails. Damage further on is only found while reading."""
     try:
-        if _base_suffix(path) == ".parquet":
+        if base_suffix(path) == ".parquet":
             _parquet_file(path)
         else:
             with open_bytes(path) as f:
-                f.read(_CHUNK)
-    except (*_READ_ERRORS, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
+                f.read(CHUNK)
+    except (*READ_ERRORS, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
         raise XiaolmError(f"cannot read this input ({e.__class__.__name__}: {e})", where=str(path),
                           hint="check that the file is complete and readable, or leave it out") from e
 
@@ -556,7 +328,7 @@ def read_file(path: Path, rejects: RejectLog | None, fmt: str | None = None,
               encoding: str = "utf-8", txt_docs: str = "line") -> Iterator[tuple[dict, str]]:
     """(record, "file:line") of one file in format `fmt` (".jsonl", ".csv", …; default: from its name)."""
     check_txt_docs(txt_docs)
-    suffix = fmt or _base_suffix(path)
+    suffix = fmt or base_suffix(path)
     if suffix == ".json":
         records = _read_json(path, rejects)
     elif suffix in (".csv", ".tsv"):
