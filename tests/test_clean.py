@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 
 from xiaolm.config import load_config
-from xiaolm.data.clean import (
-    CleanConfig,
-    Cleaner,
+from xiaolm.data.clean import CleanConfig, Cleaner, clean_files
+from xiaolm.data.clean_rules import (
     cjk_ratio,
-    clean_files,
     collapse_space,
     nfkc,
     normalize_punct,
@@ -308,3 +306,15 @@ def test_records_with_lone_surrogates_are_rejected_by_the_reader(tmp_path):
     assert [r["text"] for r in parts(tmp_path / "out")] == ["今天天气很好我们去公园散步😀"]
     assert report["rejected"] == {"lone_surrogate": 2}
     assert rows(tmp_path / "out" / "rejects.jsonl")[1]["record"] == {"text": "短\ud800"}  # written escaped
+
+
+def test_every_rule_in_the_tables_has_a_config_setting():
+    from dataclasses import fields
+
+    from xiaolm.data.clean_rules import CHAT_FILTERS, NORMALIZERS, TEXT_FILTERS
+
+    settings = {f.name for f in fields(CleanConfig)}
+    assert {name for name, _ in NORMALIZERS} <= settings
+    assert {f.setting for f in TEXT_FILTERS + CHAT_FILTERS} <= settings
+    reasons = [f.reason for f in TEXT_FILTERS + CHAT_FILTERS]
+    assert len(set(reasons)) == len(reasons)
