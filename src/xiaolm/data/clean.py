@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xiaolm.data.clean_rules import CHAT_FILTERS, NORMALIZERS, TEXT_FILTERS, Filter, remove_space, split_long
+from xiaolm.data.clean_rules import (
+    CHAT_FILTERS,
+    NORMALIZERS,
+    TEXT_FILTERS,
+    Filter,
+    assistant_answers,
+    remove_space,
+    split_long,
+)
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
 from xiaolm.data.read import RejectLog, check_txt_docs, merge_examples, plan_stage, read_records, reject_summary
 from xiaolm.errors import XiaolmError
@@ -42,6 +50,9 @@ class CleanConfig:
     max_char_run: int = 20  # reject text with one character repeated more times in a row (0 = off)
     max_dup_line_ratio: float = 0.3  # reject text whose lines repeat earlier lines more than this share (≥ 3 lines)
     max_dup_ngram_ratio: float = 0.5  # reject text whose characters sit in repeated 10-grams more than this share
+    chat_min_cjk_ratio: float = 0.05  # chat: min_cjk_ratio of the whole conversation (translation, code tasks)
+    chat_max_dup_line_ratio: float = 0.7  # chat: max_dup_line_ratio of each assistant answer
+    chat_max_dup_ngram_ratio: float = 0.85  # chat: max_dup_ngram_ratio of each assistant answer
     min_answer_chars: int = 1  # chat: reject when an assistant answer is shorter
     max_prompt_chars: int = 8000  # chat: reject when the user turns together are longer
     block_list: str = ""  # file with one keyword per line: documents containing any are rejected
@@ -56,6 +67,7 @@ class Cleaner:
         self.cfg = cfg
         self.normalizers = [(name, rule) for name, rule in NORMALIZERS if getattr(cfg, name)]
         self.text_filters = _active(TEXT_FILTERS, cfg)
+        self.chat_text_filters = _active(TEXT_FILTERS, cfg, chat=True)
         self.chat_filters = _active(CHAT_FILTERS, cfg)
         self.modified: Counter[str] = Counter()
         self.examples: dict[str, list[dict]] = defaultdict(list)
@@ -75,22 +87,28 @@ class Cleaner:
         if len(self.examples[rule]) < 3:
             self.examples[rule].append({"before": before[:120], "after": after[:120]})
 
-    def reject_reason(self, text: str) -> str | None:
-        """Name of the first filter the text fails, or None."""
-        return next((reason for reason, fails, limit in self.text_filters if fails(text, limit)), None)
+    def reject_reason(self, text: str, answers: list[str] | None = None) -> str | None:
+        """Name of the first filter the text fails, or None; `answers`: the text is a chat with these answers."""
+        if answers is None:
+            return next((reason for reason, fails, limit, _ in self.text_filters if fails(text, limit)), None)
+        for reason, fails, limit, per_answer in self.chat_text_filters:
+            if any(fails(t, limit) for t in (answers if per_answer else [text])):
+                return reason
+        return None
 
     def chat_reject_reason(self, messages: list[dict]) -> str | None:
         """Name of the first chat-only filter the conversation fails, or None."""
-        return next((reason for reason, fails, limit in self.chat_filters if fails(messages, limit)), None)
+        return next((reason for reason, fails, limit, _ in self.chat_filters if fails(messages, limit)), None)
 
 
-def _active(filters: tuple[Filter, ...], cfg: CleanConfig) -> list[tuple[str, Callable[[Any, Any], bool], Any]]:
-    """(reason, test, limit) of each filter the config leaves on; a missing block list or package fails here."""
+def _active(filters: tuple[Filter, ...], cfg: CleanConfig, chat: bool = False
+            ) -> list[tuple[str, Callable[[Any, Any], bool], Any, bool]]:
+    """(reason, test, limit, per answer) of each filter the config leaves on; a missing block list fails here."""
     active = []
     for f in filters:
-        value = getattr(cfg, f.setting)
+        value = getattr(cfg, f.chat_setting if chat and f.chat_setting else f.setting)
         if not f.off(value):
-            active.append((f.reason, f.fails, f.prepare(value) if f.prepare else value))
+            active.append((f.reason, f.fails, f.prepare(value) if f.prepare else value, chat and f.per_answer))
     return active
 
 
@@ -108,14 +126,14 @@ def _chat_fields(record: dict) -> list[dict] | None:
 
 
 def _outputs(record: dict, cleaner: Cleaner, cfg: CleanConfig
-             ) -> tuple[list[dict], list[str], list[str]] | None:
-    """(output records, filter texts, dedup-key texts); None if no text; ValueError for a bad chat."""
+             ) -> tuple[list[dict], list[tuple[str, list[str] | None]], list[str]] | None:
+    """(output records, (filter text, a chat's answers) pairs, dedup keys); None if no text; ValueError: bad chat."""
     if isinstance(record.get(cfg.text_field), str):
         text = cleaner.normalize(record[cfg.text_field])
         pieces = split_long(text, cfg.max_chars) if len(text) > cfg.max_chars else [text]
         if len(pieces) > 1:
             cleaner.note("split_long", text, f"{len(pieces)} pieces")
-        return [{**record, cfg.text_field: p} for p in pieces], pieces, pieces
+        return [{**record, cfg.text_field: p} for p in pieces], [(p, None) for p in pieces], pieces
     messages = _chat_fields(record)
     if messages is None:
         return None
@@ -128,7 +146,7 @@ def _outputs(record: dict, cleaner: Cleaner, cfg: CleanConfig
     reason = cleaner.chat_reject_reason(clean)
     if reason:
         raise _Rejected(reason)
-    return [out], [joined], ["\n".join(f"{m['role']}\x00{m['content']}" for m in clean)]
+    return [out], [(joined, assistant_answers(clean))], ["\n".join(f"{m['role']}\x00{m['content']}" for m in clean)]
 
 
 class _Rejected(Exception):
@@ -172,8 +190,8 @@ def clean_shard(out: Path, path: str, cfg: CleanConfig) -> dict:
             outputs, texts, keys = result
             added_by_split += len(outputs) - 1
             source = record.get("source") or file_name
-            for i, (rec, text, key_text) in enumerate(zip(outputs, texts, keys, strict=True)):
-                reason = cleaner.reject_reason(text)
+            for i, (rec, (text, answers), key_text) in enumerate(zip(outputs, texts, keys, strict=True)):
+                reason = cleaner.reject_reason(text, answers)
                 if reason:
                     reject(reason, where, rec)
                     continue
@@ -202,10 +220,11 @@ def clean_files(inputs: Sequence[str | Path], out_dir: str | Path, cfg: CleanCon
     each file (`xiaolm data dedup` removes them across files). A rerun after an interruption reuses finished files.
     """
     cfg = cfg or CleanConfig()
-    if cfg.min_chars < 0 or cfg.max_chars < max(cfg.min_chars, 1) or not 0 <= cfg.min_cjk_ratio <= 1:
+    if cfg.min_chars < 0 or cfg.max_chars < max(cfg.min_chars, 1) or not 0 <= cfg.min_cjk_ratio <= 1 \
+            or not 0 <= cfg.chat_min_cjk_ratio <= 1:
         raise XiaolmError(f"inconsistent limits min_chars={cfg.min_chars} max_chars={cfg.max_chars} "
-                          f"min_cjk_ratio={cfg.min_cjk_ratio}", where="config",
-                          hint="need 0 <= min_chars <= max_chars and 0 <= min_cjk_ratio <= 1")
+                          f"min_cjk_ratio={cfg.min_cjk_ratio} chat_min_cjk_ratio={cfg.chat_min_cjk_ratio}",
+                          where="config", hint="need 0 <= min_chars <= max_chars and 0 <= (chat_)min_cjk_ratio <= 1")
     check_txt_docs(cfg.txt_docs)
     Cleaner(cfg)  # a missing block list or language-ID package fails here, before any work
     out_dir = Path(out_dir)

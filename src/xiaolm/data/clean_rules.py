@@ -232,6 +232,8 @@ class Filter:
     fails: Callable[[Any, Any], bool]
     off: Callable[[Any], bool] = _never  # the setting values that switch the rule off
     prepare: Callable[[Any], Any] | None = None  # setting → limit (read a file, import a package), once per Cleaner
+    chat_setting: str = ""  # chats take their limit from this field instead (empty: the same one)
+    per_answer: bool = False  # chats: test each assistant answer alone instead of the whole conversation
 
 
 # the normalizers in the order they run; each name is its CleanConfig switch and its key in the report's "modified"
@@ -246,15 +248,21 @@ NORMALIZERS: tuple[tuple[str, Callable[[str], str]], ...] = (
     ("normalize_punct", normalize_punct),
     ("collapse_space", collapse_space),
 )
-# filters on a document's text (a chat's: its contents joined), in order: the first that fails names the reason
+# filters on a document's text, in order: the first that fails names the reason. A chat is tested as its contents
+# joined, except that the repetition filters read each assistant answer alone (answers restate the question, and
+# training learns only the answers), and it has its own limits where instruction data differs from web text:
+# step-by-step answers repeat phrases, translation and code tasks mix scripts
 TEXT_FILTERS: tuple[Filter, ...] = (
     Filter("too_short", "min_chars", lambda text, n: len(text) < n),
     Filter("too_long", "max_chars", lambda text, n: len(text) > n),
-    Filter("low_cjk_ratio", "min_cjk_ratio", lambda text, r: cjk_ratio(text) < r, off=lambda r: r <= 0),
-    Filter("char_repetition", "max_char_run", lambda text, n: longest_char_run(text) > n, off=lambda n: n <= 0),
-    Filter("line_repetition", "max_dup_line_ratio", lambda text, r: dup_line_ratio(text) > r, off=lambda r: r >= 1),
+    Filter("low_cjk_ratio", "min_cjk_ratio", lambda text, r: cjk_ratio(text) < r, off=lambda r: r <= 0,
+           chat_setting="chat_min_cjk_ratio"),
+    Filter("char_repetition", "max_char_run", lambda text, n: longest_char_run(text) > n, off=lambda n: n <= 0,
+           per_answer=True),
+    Filter("line_repetition", "max_dup_line_ratio", lambda text, r: dup_line_ratio(text) > r, off=lambda r: r >= 1,
+           chat_setting="chat_max_dup_line_ratio", per_answer=True),
     Filter("ngram_repetition", "max_dup_ngram_ratio", lambda text, r: dup_ngram_ratio(text) > r,
-           off=lambda r: r >= 1),
+           off=lambda r: r >= 1, chat_setting="chat_max_dup_ngram_ratio", per_answer=True),
     Filter("blocked_keyword", "block_list", lambda text, words: words.search(text) is not None, off=_unset,
            prepare=block_list_pattern),
     Filter("wrong_language", "lang", lambda text, other: other(text), off=_unset, prepare=other_language),
