@@ -41,7 +41,8 @@ _CLAUSE = re.compile(r"(?<=[，。；！？、\n])")
 
 def real_texts() -> list[str]:
     """Every poem and idiom of the embedded corpus as prose, in a fixed order."""
-    from xiaolm.data.demo.corpus import idiom_document, load_vendored, poem_document
+    from xiaolm.data.demo.documents import idiom_document, poem_document
+    from xiaolm.data.demo.writing import load_vendored
 
     return ([poem_document(p) for p in load_vendored("poetry.jsonl.gz")]
             + [idiom_document(it) for it in load_vendored("idioms.jsonl.gz")])
@@ -62,7 +63,8 @@ def expand(text: str, rng: random.Random) -> str:
 
 def generated_texts(seed: int) -> list[str]:
     """World facts, QA pairs and numeral sentences of the demo generator, for a world of this seed."""
-    from xiaolm.data.demo.corpus import NUMERAL_STATEMENTS, qa_documents, world_documents
+    from xiaolm.data.demo.documents import qa_documents, world_documents
+    from xiaolm.data.demo.templates import NUMERAL_STATEMENTS
     from xiaolm.data.demo.world import generate_world, to_chinese_numeral
 
     world, rng = generate_world(seed), random.Random(seed)

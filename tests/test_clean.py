@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 
 from xiaolm.config import load_config
-from xiaolm.data.clean import (
-    CleanConfig,
-    Cleaner,
+from xiaolm.data.clean import CleanConfig, Cleaner, clean_files
+from xiaolm.data.clean_rules import (
     cjk_ratio,
-    clean_files,
     collapse_space,
     nfkc,
     normalize_punct,
@@ -308,3 +306,58 @@ def test_records_with_lone_surrogates_are_rejected_by_the_reader(tmp_path):
     assert [r["text"] for r in parts(tmp_path / "out")] == ["今天天气很好我们去公园散步😀"]
     assert report["rejected"] == {"lone_surrogate": 2}
     assert rows(tmp_path / "out" / "rejects.jsonl")[1]["record"] == {"text": "短\ud800"}  # written escaped
+
+
+def test_every_rule_in_the_tables_has_a_config_setting():
+    from dataclasses import fields
+
+    from xiaolm.data.clean_rules import CHAT_FILTERS, NORMALIZERS, TEXT_FILTERS
+
+    settings = {f.name for f in fields(CleanConfig)}
+    assert {name for name, _ in NORMALIZERS} <= settings
+    assert {f.setting for f in TEXT_FILTERS + CHAT_FILTERS} <= settings
+    assert {f.chat_setting for f in TEXT_FILTERS if f.chat_setting} <= settings
+    reasons = [f.reason for f in TEXT_FILTERS + CHAT_FILTERS]
+    assert len(set(reasons)) == len(reasons)
+
+
+def _chat(user: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+STEP_BY_STEP = _chat("小华有15支铅笔，他送给同桌4支铅笔，又买了6支铅笔，小华现在有多少支铅笔？",
+                     "小华有15支铅笔，他送给同桌4支铅笔，又买了6支铅笔，小华现在有多少支铅笔？\n"
+                     "1. 小华送给同桌4支铅笔后，小华还有15 - 4 = 11支铅笔。\n"
+                     "2. 小华又买了6支铅笔后，小华现在有11 + 6 = 17支铅笔。\n"
+                     "答案：小华现在有17支铅笔。")
+TRANSLATION = _chat("把下面的句子翻译成中文。\nThe library opens at eight in the morning and closes at nine in the "
+                    "evening, except on public holidays.", "图书馆早上八点开门，晚上九点关门，法定节假日除外。")
+
+
+def test_chats_that_restate_the_question_or_translate_english_are_kept(tmp_path):
+    src = write(tmp_path / "chats.jsonl", [STEP_BY_STEP, TRANSLATION])
+    report = clean_files([src], tmp_path / "out")
+    assert report["rejected"] == {} and report["records_out"] == 2
+    # the same words as web text fail the web-text limits: the answer repeats the question, English dominates
+    joined = [{"text": "\n".join(m["content"] for m in c["messages"])} for c in (STEP_BY_STEP, TRANSLATION)]
+    as_text = clean_files([write(tmp_path / "text.jsonl", joined)], tmp_path / "text")
+    assert as_text["rejected"] == {"ngram_repetition": 1, "low_cjk_ratio": 1}
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    ("好的，我来回答这个问题。" * 12, "ngram_repetition"),  # a degenerate loop
+    ("\n".join(["请点击下方链接领取奖励"] * 8 + ["谢谢"]), "line_repetition"),
+    ("哈" * 30, "char_repetition"),
+])
+def test_repetitive_junk_answers_are_still_rejected(tmp_path, answer, reason):
+    src = write(tmp_path / "chats.jsonl", [_chat("你好，请介绍一下你自己。", answer), STEP_BY_STEP])
+    report = clean_files([src], tmp_path / "out")
+    assert report["rejected"] == {reason: 1} and report["records_out"] == 1
+
+
+def test_chats_with_no_chinese_are_rejected_and_the_chat_limit_is_a_setting(tmp_path):
+    english = _chat("What is the capital of France?", "The capital of France is Paris, a city on the Seine.")
+    src = write(tmp_path / "chats.jsonl", [english, STEP_BY_STEP, TRANSLATION])
+    assert clean_files([src], tmp_path / "out")["rejected"] == {"low_cjk_ratio": 1}
+    strict = clean_files([src], tmp_path / "strict", CleanConfig(chat_min_cjk_ratio=0.3))
+    assert strict["rejected"] == {"low_cjk_ratio": 2} and strict["records_out"] == 1

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from xiaolm.data.demo.corpus import HERE, build_demo_corpus, load_vendored
+from xiaolm.data.demo.corpus import build_demo_corpus
 from xiaolm.data.demo.world import (
     CITY_CHARS,
     NAME_CHARS,
@@ -14,6 +14,7 @@ from xiaolm.data.demo.world import (
     generate_world,
     to_chinese_numeral,
 )
+from xiaolm.data.demo.writing import HERE, load_vendored
 
 NUMERAL = "[零一二三四五六七八九十百千]+"
 
@@ -123,7 +124,7 @@ def test_held_out_entities_never_appear_in_sft_but_their_facts_are_pretrained(co
     facts = [q for q in lines(corpus["eval_qa"]) if q["kind"] == "facts"]
     assert len(facts) == world.size_summary()["held_out_facts"]
     # every held-out fact is stated in some pretraining document, and its question is never asked there
-    from xiaolm.data.demo.corpus import STATEMENTS
+    from xiaolm.data.demo.templates import STATEMENTS
 
     held_facts = [(s, r, o) for s, r, o in world.facts() if s in world.held_out]
     assert all(STATEMENTS[r][0].format(s=s, o=o) in raw_world for s, r, o in held_facts)
