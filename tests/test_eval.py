@@ -4,9 +4,19 @@ import pytest
 import torch
 
 from xiaolm.eval import qa
+from xiaolm.eval.perplexity import perplexity, perplexity_by_source
 from xiaolm.model.llama import Llama, LlamaConfig
 
 VOCAB = 64
+
+
+class CharTokenizer:
+    """One id per character (1 … VOCAB-1), EOS = 0: documents of exact, known token lengths."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) % (VOCAB - 1) + 1 for c in t] for t in texts]}
 
 
 def make_model(vocab: int = VOCAB, seed: int = 0) -> Llama:
@@ -18,6 +28,40 @@ def make_model(vocab: int = VOCAB, seed: int = 0) -> Llama:
             if p.dim() == 2:
                 p.normal_(0, 1.0 if "embed" in name or "lm_head" in name else 2 / p.shape[1] ** 0.5)
     return model.eval()
+
+
+DOCS = ["春眠不觉晓处处", "闻啼鸟夜来风雨", "声花落知多少啊", "床前明月光疑是", "地上霜举头望明"]  # 7 chars + EOS = 8
+
+
+def test_doc_mask_changes_perplexity_on_several_documents():
+    model, tok = make_model(), CharTokenizer()
+    masked = perplexity(model, tok, DOCS, seq_len=20)
+    plain = perplexity(model, tok, DOCS, seq_len=20, doc_mask=False)
+    assert abs(masked["loss"] - plain["loss"]) > 1e-3
+    assert plain["tokens"] == 20  # one window of 20 targets; masked drops the 2 that start a new document
+    assert masked["tokens"] == 18
+
+
+def test_doc_mask_scores_each_document_as_if_alone_when_windows_align():
+    model, tok = make_model(), CharTokenizer()
+    # 2 windows of 16 tokens hold documents 0–3 whole; the 5th document gives only the last window's last
+    # target, its first token, which a document's own context cannot predict and so is not scored
+    together = perplexity(model, tok, DOCS, seq_len=16)
+    alone = [perplexity(model, tok, [d], seq_len=16) for d in DOCS[:4]]
+    assert together["tokens"] == sum(a["tokens"] for a in alone) == 4 * 7
+    mean_alone = sum(a["loss"] * a["tokens"] for a in alone) / together["tokens"]
+    assert together["loss"] == pytest.approx(mean_alone, rel=1e-5)
+
+
+def test_perplexity_reports_each_source_and_the_whole():
+    model, tok = make_model(), CharTokenizer()
+    records = [{"text": d, "source": "poems" if i % 2 else "wiki"} for i, d in enumerate(DOCS)]
+    result = perplexity_by_source(model, tok, records, seq_len=16)
+    assert result["loss"] == perplexity(model, tok, DOCS, seq_len=16)["loss"]
+    assert set(result["by_source"]) == {"wiki", "poems"}
+    wiki = perplexity(model, tok, [d for i, d in enumerate(DOCS) if i % 2 == 0], seq_len=16)
+    assert result["by_source"]["wiki"] == wiki
+    assert perplexity_by_source(model, tok, [{"text": d} for d in DOCS], seq_len=16)["by_source"] == {}
 
 
 def test_exact_match_chance_is_per_kind_not_the_last_item(tiny_tokenizer_dir):
