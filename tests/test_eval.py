@@ -1,10 +1,16 @@
 """Evaluation: perplexity (document masking, per source), exact match and multiple choice, `xiaolm eval`."""
 
+import json
+import math
+import shutil
+
 import pytest
 import torch
 
+from xiaolm.cli import main
 from xiaolm.eval import qa
 from xiaolm.eval.perplexity import perplexity, perplexity_by_source
+from xiaolm.model.export import save_model_weights
 from xiaolm.model.llama import Llama, LlamaConfig
 
 VOCAB = 64
@@ -100,3 +106,55 @@ def test_choice_item_without_options_is_a_clear_error(tiny_tokenizer_dir):
     tok = load_tokenizer(tiny_tokenizer_dir)
     with pytest.raises(XiaolmError, match="item 1 has no options"):
         qa.choice_accuracy(make_model(len(tok)), tok, [{"question": "一", "answer": "A"}])
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer_dir):
+    from xiaolm.tokenizer import load_tokenizer
+
+    out = tmp_path / "model"
+    save_model_weights(make_model(len(load_tokenizer(tiny_tokenizer_dir))), out)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture
+def val_file(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "source": s}, ensure_ascii=False) + "\n"
+                            for t, s in [("你好，世界！", "chat"), ("春眠不觉晓。", "poems"), ("小模型。", "chat")]),
+                    encoding="utf-8")
+    return path
+
+
+def test_eval_loads_the_model_on_the_chosen_device(model_dir, val_file, tmp_path, monkeypatch):
+    import xiaolm.model.export as export
+
+    seen, real = [], export.load_model
+    monkeypatch.setattr(export, "load_model", lambda path, device="cpu", **kw: seen.append(device)
+                        or real(path, device=device, **kw))
+    out = tmp_path / "ppl.json"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--device", "cpu", "--out", str(out)])
+    assert e.value.code == 0
+    assert seen == [torch.device("cpu")]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert set(result["by_source"]) == {"chat", "poems"} and math.isfinite(result["ppl"])
+
+
+def test_eval_no_doc_mask_changes_the_perplexity(model_dir, val_file, tmp_path):
+    losses = []
+    for flags in ([], ["--no-doc-mask"]):
+        out = tmp_path / "ppl.json"
+        with pytest.raises(SystemExit):
+            main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--out", str(out), *flags])
+        losses.append(json.loads(out.read_text(encoding="utf-8"))["loss"])
+    assert losses[0] != losses[1]
+
+
+def test_eval_on_an_unknown_device_is_a_clear_error(model_dir, val_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--device", "tpu"])
+    assert e.value.code == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
