@@ -153,16 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
     ev.add_argument("--out", help="write the result as JSON here")
+    ev.add_argument("--device", default="auto", metavar="auto|cpu|cuda|mps",
+                    help="where the model runs (default auto: cuda, then mps, then cpu)")
+    ev.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
+                    help="ppl: let attention cross document boundaries (for models pretrained with "
+                         "data.doc_mask=false)")
     return p
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     """`xiaolm eval`."""
-    from xiaolm.eval.perplexity import perplexity
+    from xiaolm.device import resolve_device
+    from xiaolm.eval.perplexity import perplexity_by_source
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.model.export import load_model
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=resolve_device(args.device))
     if tokenizer is None:
         raise XiaolmError("model has no tokenizer files", where=args.model, hint="export it with `xiaolm export`")
     from xiaolm.records.read import read_items
@@ -175,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         if missing:
             raise XiaolmError(f"record {missing[0] + 1} has no 'text' field", where=args.data,
                               hint="ppl needs {\"text\": ...} records")
-        result = perplexity(model, tokenizer, [r["text"] for r in items])
+        result = perplexity_by_source(model, tokenizer, items, doc_mask=args.doc_mask)
     elif args.task == "exact":
         result = exact_match(model, tokenizer, items)
     else:

@@ -1,4 +1,4 @@
-"""Perplexity of a model on held-out text records."""
+"""Perplexity of a model on held-out text records, overall and per source."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ from xiaolm.tokenizer.chat import collate
 
 
 @torch.no_grad()
-def perplexity(model: Llama, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 8) -> dict:
-    """exp(mean next-token loss) over the texts, each followed by EOS, cut into non-overlapping windows."""
+def perplexity(model: Llama, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 8,
+               doc_mask: bool = True) -> dict:
+    """exp(mean next-token loss) over the texts, each followed by EOS, cut into non-overlapping windows.
+
+    With `doc_mask` (as pretraining's `data.doc_mask`, on by default) each window numbers its documents the way
+    training does, attention stays inside each document, and a document's first token is not scored: nothing of
+    its own document precedes it. So each document counts as if evaluated alone, EOS after it.
+    """
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
@@ -27,9 +33,32 @@ def perplexity(model: Llama, tokenizer, texts: list[str], seq_len: int = 256, ba
         rows = [ids[w * seq_len: w * seq_len + seq_len + 1] for w in range(b, min(n_windows, b + batch_size))]
         batch = collate([(r, r) for r in rows], eos)  # every next token counts: labels are the ids themselves
         x, y = batch["x"], batch["y"]
-        _, loss = model(x.to(device), y.to(device))
+        doc_ids = None
+        if doc_mask:  # numbered as train/pretrain.py's windows: an EOS ends its document
+            is_eos = (x == eos).long()
+            doc_ids = (is_eos.cumsum(1) - is_eos).to(device)
+            y = y.masked_fill(x == eos, -100)  # the token after an EOS starts a new document
         n = int((y != -100).sum())
+        if n == 0:
+            continue
+        _, loss = model(x.to(device), y.to(device), doc_ids=doc_ids)
         total_loss += float(loss) * n
         total_tokens += n
     mean = total_loss / max(1, total_tokens)
     return {"loss": mean, "ppl": math.exp(min(mean, 50)), "tokens": total_tokens}
+
+
+def perplexity_by_source(model: Llama, tokenizer, records: list[dict], seq_len: int = 256, batch_size: int = 8,
+                         doc_mask: bool = True) -> dict:
+    """perplexity() of all the records' texts, plus `by_source`: each `source` field's texts scored on their own.
+
+    `by_source` is empty when no record carries a source; records without one are grouped under "(none)".
+    """
+    result = perplexity(model, tokenizer, [r["text"] for r in records], seq_len, batch_size, doc_mask)
+    groups: dict[str, list[str]] = {}
+    if any("source" in r for r in records):
+        for r in records:
+            groups.setdefault(str(r.get("source", "(none)")), []).append(r["text"])
+    result["by_source"] = {source: perplexity(model, tokenizer, texts, seq_len, batch_size, doc_mask)
+                           for source, texts in groups.items()}
+    return result

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import string
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
+from xiaolm.errors import XiaolmError
 from xiaolm.infer.generate import GenerationConfig, generate_batch
 from xiaolm.model.llama import Llama
 from xiaolm.tokenizer import IM_END, encode_prompt
@@ -22,7 +24,11 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(model: Llama, tokenizer, items: list[dict], max_new_tokens: int = 48,
                 batch_size: int = 32) -> dict:
-    """Greedy answers to `{"messages", "answer", "kind"}` items; accuracy per kind with examples."""
+    """Greedy answers to `{"messages", "answer", "kind", "chance"}` items; accuracy per kind with examples.
+
+    A kind's chance is the mean of its items' `chance` (a blind guess's expected accuracy over the kind); items
+    without one are left out of that mean, and a kind where none has one reports 0.
+    """
     stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop)
     prompts = [encode_prompt(tokenizer, item["messages"]) for item in items]
@@ -30,18 +36,22 @@ def exact_match(model: Llama, tokenizer, items: list[dict], max_new_tokens: int 
     for i in range(0, len(prompts), batch_size):
         outputs.extend(generate_batch(model, prompts[i:i + batch_size], cfg))
     by_kind: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "chance": 0.0, "examples": []})
+    chances: dict[str, list[float]] = defaultdict(list)
     for item, out in zip(items, outputs, strict=False):
         reply = tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True)
         ok = normalize_answer(reply) == normalize_answer(item["answer"])
         kind = by_kind[item.get("kind", "all")]
         kind["n"] += 1
         kind["correct"] += int(ok)
-        kind["chance"] = float(item.get("chance", 0.0))
+        if "chance" in item:
+            chances[item.get("kind", "all")].append(float(item["chance"]))
         if len(kind["examples"]) < 3:
             kind["examples"].append({"question": item["messages"][-1]["content"], "answer": item["answer"],
                                      "reply": reply, "correct": ok})
-    for kind in by_kind.values():
+    for name, kind in by_kind.items():
         kind["accuracy"] = kind["correct"] / max(1, kind["n"])
+        if chances[name]:
+            kind["chance"] = sum(chances[name]) / len(chances[name])
     return dict(by_kind)
 
 
@@ -58,20 +68,37 @@ def option_logprob(model: Llama, prompt: list[int], option: list[int]) -> float:
     return float(logp.gather(1, targets[:, None]).mean())
 
 
+def choice_options(item: dict) -> dict[str, str]:
+    """An item's options by letter: its `A`, `B`, … fields, or its `options` (a list, or a dict by letter)."""
+    options = item.get("options")
+    if isinstance(options, list):
+        return {letter: str(text) for letter, text in zip(string.ascii_uppercase, options, strict=False)}
+    if isinstance(options, dict):
+        return {str(letter): str(text) for letter, text in options.items()}
+    return {k: str(item[k]) for k in string.ascii_uppercase[:10] if k in item}
+
+
 def choice_accuracy(model: Llama, tokenizer, items: list[dict]) -> dict:
-    """Pick the option (A–D) whose text the model finds most likely as the answer to the question."""
+    """Pick the option whose text the model finds most likely as the answer to the question.
+
+    Each item has its own options (A–J fields or an `options` list); chance is the mean of 1 / options per item.
+    """
     model.eval()
     end = tokenizer.convert_tokens_to_ids(IM_END)
-    correct, examples = 0, []
-    letters = [k for k in ("A", "B", "C", "D", "E") if items and k in items[0]]
-    for item in items:
+    correct, chance, examples = 0, 0.0, []
+    for i, item in enumerate(items):
+        options = choice_options(item)
+        if not options:
+            raise XiaolmError(f"item {i + 1} has no options", where="eval choice",
+                              hint='give each item "A", "B", … fields or an "options" list')
         prompt = encode_prompt(tokenizer, [{"role": "user", "content": item["question"]}])
-        scores = {k: option_logprob(model, prompt, tokenizer.encode(str(item[k]), add_special_tokens=False)
-                                    + [end]) for k in letters}
+        scores = {k: option_logprob(model, prompt, tokenizer.encode(text, add_special_tokens=False) + [end])
+                  for k, text in options.items()}
         pick = max(scores, key=scores.get)
         correct += int(pick == item["answer"])
+        chance += 1 / len(options)
         if len(examples) < 3:
             examples.append({"question": item["question"], "answer": item["answer"], "pick": pick})
     n = len(items)
-    return {"n": n, "correct": correct, "accuracy": correct / max(1, n), "chance": 1 / max(1, len(letters)),
+    return {"n": n, "correct": correct, "accuracy": correct / max(1, n), "chance": chance / max(1, n),
             "examples": examples}

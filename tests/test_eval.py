@@ -1,0 +1,160 @@
+"""Evaluation: perplexity (document masking, per source), exact match and multiple choice, `xiaolm eval`."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from xiaolm.cli import main
+from xiaolm.eval import qa
+from xiaolm.eval.perplexity import perplexity, perplexity_by_source
+from xiaolm.model.export import save_model_weights
+from xiaolm.model.llama import Llama, LlamaConfig
+
+VOCAB = 64
+
+
+class CharTokenizer:
+    """One id per character (1 … VOCAB-1), EOS = 0: documents of exact, known token lengths."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) % (VOCAB - 1) + 1 for c in t] for t in texts]}
+
+
+def make_model(vocab: int = VOCAB, seed: int = 0) -> Llama:
+    """Random weights at a large scale, so attention's reach changes the losses visibly."""
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name or "lm_head" in name else 2 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+DOCS = ["春眠不觉晓处处", "闻啼鸟夜来风雨", "声花落知多少啊", "床前明月光疑是", "地上霜举头望明"]  # 7 chars + EOS = 8
+
+
+def test_doc_mask_changes_perplexity_on_several_documents():
+    model, tok = make_model(), CharTokenizer()
+    masked = perplexity(model, tok, DOCS, seq_len=20)
+    plain = perplexity(model, tok, DOCS, seq_len=20, doc_mask=False)
+    assert abs(masked["loss"] - plain["loss"]) > 1e-3
+    assert plain["tokens"] == 20  # one window of 20 targets; masked drops the 2 that start a new document
+    assert masked["tokens"] == 18
+
+
+def test_doc_mask_scores_each_document_as_if_alone_when_windows_align():
+    model, tok = make_model(), CharTokenizer()
+    # 2 windows of 16 tokens hold documents 0–3 whole; the 5th document gives only the last window's last
+    # target, its first token, which a document's own context cannot predict and so is not scored
+    together = perplexity(model, tok, DOCS, seq_len=16)
+    alone = [perplexity(model, tok, [d], seq_len=16) for d in DOCS[:4]]
+    assert together["tokens"] == sum(a["tokens"] for a in alone) == 4 * 7
+    mean_alone = sum(a["loss"] * a["tokens"] for a in alone) / together["tokens"]
+    assert together["loss"] == pytest.approx(mean_alone, rel=1e-5)
+
+
+def test_perplexity_reports_each_source_and_the_whole():
+    model, tok = make_model(), CharTokenizer()
+    records = [{"text": d, "source": "poems" if i % 2 else "wiki"} for i, d in enumerate(DOCS)]
+    result = perplexity_by_source(model, tok, records, seq_len=16)
+    assert result["loss"] == perplexity(model, tok, DOCS, seq_len=16)["loss"]
+    assert set(result["by_source"]) == {"wiki", "poems"}
+    wiki = perplexity(model, tok, [d for i, d in enumerate(DOCS) if i % 2 == 0], seq_len=16)
+    assert result["by_source"]["wiki"] == wiki
+    assert perplexity_by_source(model, tok, [{"text": d} for d in DOCS], seq_len=16)["by_source"] == {}
+
+
+def test_exact_match_chance_is_per_kind_not_the_last_item(tiny_tokenizer_dir):
+    from xiaolm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    model = make_model(len(tok))
+    ask = [{"role": "user", "content": "你好"}]
+    items = [{"messages": ask, "answer": "世界", "kind": "a", "chance": 0.1},
+             {"messages": ask, "answer": "世界", "kind": "b", "chance": 0.5},
+             {"messages": ask, "answer": "世界", "kind": "a", "chance": 0.3},
+             {"messages": ask, "answer": "世界", "kind": "c"}]
+    result = qa.exact_match(model, tok, items, max_new_tokens=2)
+    assert result["a"]["chance"] == pytest.approx(0.2) and result["a"]["n"] == 2
+    assert result["b"]["chance"] == 0.5 and result["c"]["chance"] == 0.0
+
+
+def test_choice_takes_each_items_own_options(tiny_tokenizer_dir, monkeypatch):
+    from xiaolm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    right = tok.encode("对", add_special_tokens=False)
+    monkeypatch.setattr(qa, "option_logprob", lambda model, prompt, option: float(option[:-1] == right))
+    items = [{"question": "一", "A": "对", "B": "错", "answer": "A"},
+             {"question": "二", "A": "错", "B": "错", "C": "错", "D": "对", "answer": "D"},
+             {"question": "三", "options": ["错", "对", "错"], "answer": "B"}]
+    result = qa.choice_accuracy(make_model(len(tok)), tok, items)
+    assert result["accuracy"] == 1.0
+    assert result["chance"] == pytest.approx((1 / 2 + 1 / 4 + 1 / 3) / 3)
+
+
+def test_choice_item_without_options_is_a_clear_error(tiny_tokenizer_dir):
+    from xiaolm.errors import XiaolmError
+    from xiaolm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    with pytest.raises(XiaolmError, match="item 1 has no options"):
+        qa.choice_accuracy(make_model(len(tok)), tok, [{"question": "一", "answer": "A"}])
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer_dir):
+    from xiaolm.tokenizer import load_tokenizer
+
+    out = tmp_path / "model"
+    save_model_weights(make_model(len(load_tokenizer(tiny_tokenizer_dir))), out)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture
+def val_file(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "source": s}, ensure_ascii=False) + "\n"
+                            for t, s in [("你好，世界！", "chat"), ("春眠不觉晓。", "poems"), ("小模型。", "chat")]),
+                    encoding="utf-8")
+    return path
+
+
+def test_eval_loads_the_model_on_the_chosen_device(model_dir, val_file, tmp_path, monkeypatch):
+    import xiaolm.model.export as export
+
+    seen, real = [], export.load_model
+    monkeypatch.setattr(export, "load_model", lambda path, device="cpu", **kw: seen.append(device)
+                        or real(path, device=device, **kw))
+    out = tmp_path / "ppl.json"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--device", "cpu", "--out", str(out)])
+    assert e.value.code == 0
+    assert seen == [torch.device("cpu")]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert set(result["by_source"]) == {"chat", "poems"} and math.isfinite(result["ppl"])
+
+
+def test_eval_no_doc_mask_changes_the_perplexity(model_dir, val_file, tmp_path):
+    losses = []
+    for flags in ([], ["--no-doc-mask"]):
+        out = tmp_path / "ppl.json"
+        with pytest.raises(SystemExit):
+            main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--out", str(out), *flags])
+        losses.append(json.loads(out.read_text(encoding="utf-8"))["loss"])
+    assert losses[0] != losses[1]
+
+
+def test_eval_on_an_unknown_device_is_a_clear_error(model_dir, val_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--device", "tpu"])
+    assert e.value.code == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
