@@ -53,3 +53,40 @@ def test_without_gradients_only_the_loss_is_computed():
     with torch.no_grad():
         loss = linear_cross_entropy(h, w, t, chunk=4)
     assert abs(loss.item() - F.cross_entropy(h @ w.t(), t).item()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_token_logprobs_and_gradients_equal_a_plain_log_softmax(chunk):
+    from xiaolm.model.loss import linear_token_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (40,))
+    t[::6] = -100
+    got = linear_token_logprobs(h, w, t, chunk=chunk)
+    plain = F.log_softmax(h @ w.t(), dim=-1).gather(1, t.clamp(min=0)[:, None]).squeeze(1) * (t != -100)
+    assert torch.allclose(got, plain, atol=1e-5)
+    assert (got[::6] == 0).all()
+    weights = torch.randn(40)  # any downstream use: a weighted sum, as DPO's sums per sequence
+    g_got = torch.autograd.grad((got * weights).sum(), (h, w))
+    g_plain = torch.autograd.grad((plain * weights).sum(), (h, w))
+    for a, b in zip(g_got, g_plain, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_model_gives_per_token_logprobs_and_hidden_states():
+    from xiaolm.model.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    x = torch.randint(0, 64, (2, 9))
+    y = torch.randint(0, 64, (2, 9))
+    logits, _ = model(x)
+    expected = F.log_softmax(logits, dim=-1).gather(2, y[..., None]).squeeze(-1)
+    assert torch.allclose(model(x, y, output="logprobs"), expected, atol=1e-5)
+    hidden = model(x, output="hidden")
+    assert hidden.shape == (2, 9, 32)
+    assert torch.allclose(model.lm_head(hidden), logits, atol=1e-5)
+    _, loss = model(x, y)
+    assert torch.allclose(-expected.mean(), loss, atol=1e-5)

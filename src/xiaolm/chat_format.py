@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from xiaolm.errors import XiaolmError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -48,3 +56,16 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     """The ChatML text for messages, identical to CHAT_TEMPLATE's output."""
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """PreTrainedTokenizerFast from a tokenizer (or HF model) dir, with a clear error when there is none."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise XiaolmError("no tokenizer.json here", where=str(path),
+                          hint="train one with `xiaolm tokenizer train` or pass a dir that has one")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    if tok.chat_template is None:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok

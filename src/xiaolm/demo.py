@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -66,7 +67,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.eval.report import write_report
     from xiaolm.model.export import export_hf, load_model
-    from xiaolm.model.llama import Llama
+    from xiaolm.model.registry import build_model_from_config
     from xiaolm.records.read import read_items
     from xiaolm.tokenizer import load_tokenizer, train_tokenizer
     from xiaolm.train.pretrain import run_pretrain
@@ -105,8 +106,9 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
     val_texts = [r["text"] for r in read_items(paths["val_text"])]
     torch.manual_seed(cfg.pretrain.seed)
-    init_cfg = LlamaConfig(**{**cfg.pretrain.model.__dict__, "vocab_size": len(tokenizer)})
-    ppl = {"before": perplexity(Llama(init_cfg), tokenizer, val_texts, cfg.pretrain.data.seq_len)["ppl"]}
+    init_cfg = dataclasses.replace(cfg.pretrain.model, vocab_size=len(tokenizer))
+    untrained = build_model_from_config(init_cfg)
+    ppl = {"before": perplexity(untrained, tokenizer, val_texts, cfg.pretrain.data.seq_len)["ppl"]}
 
     log.info("demo [5/8] pretrain")
     start = time.perf_counter()

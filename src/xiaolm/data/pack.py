@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import yaml
 
-from xiaolm.chat_format import EOS, IM_END, IM_START
+from xiaolm.chat_format import EOS, IM_END, IM_START, load_tokenizer
 from xiaolm.data.executor import in_worker, parallel_workers, run_tasks, work_dir
 from xiaolm.data.stage import finish_stage, gather_rejects
 from xiaolm.errors import Unusable, XiaolmError
@@ -23,7 +23,7 @@ from xiaolm.records.inputs import finished_stage, inputs_fingerprint, stage_inpu
 from xiaolm.records.read import read_records
 from xiaolm.records.rejects import RejectLog, reject_summary
 from xiaolm.records.text import record_text
-from xiaolm.tokenizer.train import load_tokenizer, token_dtype, tokenizer_hash
+from xiaolm.tokenizer.train import token_dtype, tokenizer_hash
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from xiaolm.model.llama import Llama
 from xiaolm.tokenizer.chat import collate
 
 
 @torch.no_grad()
-def perplexity(model: Llama, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 8,
+def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 8,
                doc_mask: bool = True) -> dict:
     """exp(mean next-token loss) over the texts, each followed by EOS, cut into non-overlapping windows.
 
@@ -48,7 +48,7 @@ def perplexity(model: Llama, tokenizer, texts: list[str], seq_len: int = 256, ba
     return {"loss": mean, "ppl": math.exp(min(mean, 50)), "tokens": total_tokens}
 
 
-def perplexity_by_source(model: Llama, tokenizer, records: list[dict], seq_len: int = 256, batch_size: int = 8,
+def perplexity_by_source(model: nn.Module, tokenizer, records: list[dict], seq_len: int = 256, batch_size: int = 8,
                          doc_mask: bool = True) -> dict:
     """perplexity() of all the records' texts, plus `by_source`: each `source` field's texts scored on their own.
 

@@ -8,10 +8,10 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from xiaolm.errors import XiaolmError
 from xiaolm.infer.generate import GenerationConfig, generate_batch
-from xiaolm.model.llama import Llama
 from xiaolm.tokenizer import IM_END, encode_prompt
 
 _TRIM = re.compile(r"^[\s。．.！!？?，,]+|[\s。．.！!？?，,]+$")
@@ -22,7 +22,7 @@ def normalize_answer(text: str) -> str:
     return _TRIM.sub("", text)
 
 
-def exact_match(model: Llama, tokenizer, items: list[dict], max_new_tokens: int = 48,
+def exact_match(model: nn.Module, tokenizer, items: list[dict], max_new_tokens: int = 48,
                 batch_size: int = 32) -> dict:
     """Greedy answers to `{"messages", "answer", "kind", "chance"}` items; accuracy per kind with examples.
 
@@ -56,7 +56,7 @@ def exact_match(model: Llama, tokenizer, items: list[dict], max_new_tokens: int 
 
 
 @torch.no_grad()
-def option_logprob(model: Llama, prompt: list[int], option: list[int]) -> float:
+def option_logprob(model: nn.Module, prompt: list[int], option: list[int]) -> float:
     """Mean log-probability per token of `option` following `prompt`."""
     device = next(model.parameters()).device
     ids = (prompt + option)[-model.cfg.max_seq_len:]
@@ -78,7 +78,7 @@ def choice_options(item: dict) -> dict[str, str]:
     return {k: str(item[k]) for k in string.ascii_uppercase[:10] if k in item}
 
 
-def choice_accuracy(model: Llama, tokenizer, items: list[dict]) -> dict:
+def choice_accuracy(model: nn.Module, tokenizer, items: list[dict]) -> dict:
     """Pick the option whose text the model finds most likely as the answer to the question.
 
     Each item has its own options (A–J fields or an `options` list); chance is the mean of 1 / options per item.

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from xiaolm.errors import XiaolmError
-from xiaolm.model.llama import Llama
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -67,7 +67,7 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig,
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _fit_prompt(model: Llama, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], int]:
+def _fit_prompt(model: nn.Module, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], int]:
     """(prompt cut from the left so prompt + reply fit the context, reply budget)."""
     ctx = model.cfg.max_seq_len
     budget = min(max_new_tokens, ctx - 1)  # at least one prompt token must fit
@@ -87,13 +87,13 @@ def _generator(cfg: GenerationConfig, device: torch.device) -> torch.Generator |
 # A stop id ends generation without being yielded. With a tokenizer, a stop string also ends it, just after
 # the token that completes it: stream_text then cuts the text at the stop string.
 @torch.inference_mode()
-def generate_stream(model: Llama, input_ids: Sequence[int], cfg: GenerationConfig,
+def generate_stream(model: nn.Module, input_ids: Sequence[int], cfg: GenerationConfig,
                     tokenizer: PreTrainedTokenizerBase | None = None) -> Iterator[int]:
     """Yield new token ids one at a time until a stop id or string, max_new_tokens or the context's end."""
     prompt, budget = _fit_prompt(model, input_ids, cfg.max_new_tokens)
     if budget <= 0:
         return
-    device = model.model.embed_tokens.weight.device
+    device = next(model.parameters()).device
     generator = _generator(cfg, device)
     stops = set(cfg.stop_ids)
     watch = tokenizer is not None and bool(cfg.stop_strings)
@@ -119,7 +119,7 @@ def generate_stream(model: Llama, input_ids: Sequence[int], cfg: GenerationConfi
         logits = model(nxt[:, None], kv_cache=cache)[0][:, -1]
 
 
-def generate(model: Llama, input_ids: Sequence[int], cfg: GenerationConfig,
+def generate(model: nn.Module, input_ids: Sequence[int], cfg: GenerationConfig,
              tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
     """All new token ids (a stop id excluded)."""
     return list(generate_stream(model, input_ids, cfg, tokenizer))
@@ -128,7 +128,7 @@ def generate(model: Llama, input_ids: Sequence[int], cfg: GenerationConfig,
 # Each row gets its own positions (0 at its first real token) and a mask hiding its padding, so a row's
 # tokens match generate() on it alone, up to float rounding in the larger matmuls.
 @torch.inference_mode()
-def generate_batch(model: Llama, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[int]]:
+def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[int]]:
     """New token ids for many prompts in one left-padded batch; each row stops at its own stop id."""
     if not prompts:
         return []
@@ -137,7 +137,7 @@ def generate_batch(model: Llama, prompts: Sequence[Sequence[int]], cfg: Generati
     if budget <= 0:
         return [[] for _ in prompts]
     rows = [p for p, _ in fitted]
-    device = model.model.embed_tokens.weight.device
+    device = next(model.parameters()).device
     b, width = len(rows), max(len(p) for p in rows)
     pad = torch.tensor([width - len(p) for p in rows], device=device)
     ids = torch.full((b, width), model.cfg.pad_token_id, dtype=torch.long, device=device)
@@ -219,7 +219,7 @@ def _clean(piece: str) -> Iterator[str]:
         yield piece
 
 
-def chat_reply(model: Llama, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+def chat_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
                cfg: GenerationConfig) -> Iterator[str]:
     """Stream the assistant's reply to a conversation as text pieces; stops at <|im_end|> or <|endoftext|>."""
     from xiaolm.tokenizer import EOS, IM_END, encode_prompt

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from xiaolm.chat_format import EOS, IM_END, load_tokenizer
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json
 from xiaolm.model.adapters import ADAPTER_CONFIG, load_adapter, merge_lora
@@ -27,13 +28,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
-
-
-def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    """The tokenizer saved beside a model."""
-    from xiaolm.tokenizer.train import load_tokenizer as load
-
-    return load(path)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -151,8 +145,6 @@ def _load_weights(weights_dir: Path) -> nn.Module:
 
 def generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerFast | None) -> dict:
     """generation_config.json: stop at <|im_end|> or <|endoftext|>; sampling defaults as `xiaolm chat`."""
-    from xiaolm.tokenizer import EOS, IM_END
-
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
     stops = [vocab[t] for t in (IM_END, EOS) if t in vocab] or [model.cfg.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None \

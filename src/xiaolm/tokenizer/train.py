@@ -27,7 +27,6 @@ from xiaolm.tokenizer.pretokenize import build_pre_tokenizer, to_byte_level
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -280,19 +279,6 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
              tok.get_vocab_size(), out_dir)
     return out_dir
 
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """PreTrainedTokenizerFast from a tokenizer (or HF model) dir, with a clear error when there is none."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise XiaolmError("no tokenizer.json here", where=str(path),
-                          hint="train one with `xiaolm tokenizer train` or pass a dir that has one")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    if tok.chat_template is None:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def tokenizer_hash(path: str | Path) -> str:

@@ -61,6 +61,7 @@ def trainable_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         if not cfg.init_from:
             raise XiaolmError("lora.r > 0 but no init_from: LoRA adapts a trained model", where="lora.r",
                               hint="set init_from to a run dir or HF model dir, or lora.r=0 to train everything")
+        torch.manual_seed(cfg.seed)  # the adapters' random init: the same run gets the same adapters
         model = apply_lora(model, cfg.lora, arch.lora_targets)
     return model
 
