@@ -173,3 +173,12 @@ def test_export_dtype_and_from_an_hf_dir(tmp_path, tiny_tokenizer_dir):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     with pytest.raises(XiaolmError, match="dtype"):
         export_hf(first, tmp_path / "x", dtype="int8")
+
+
+def test_hf_config_without_eos_is_refused_and_without_pad_pads_with_eos():
+    hf = make_model(50).cfg.hf_config()
+    from xiaolm.model.llama import LlamaConfig
+
+    assert LlamaConfig.from_hf_config({**hf, "pad_token_id": None}).pad_token_id == hf["eos_token_id"]
+    with pytest.raises(XiaolmError, match="no eos_token_id"):
+        LlamaConfig.from_hf_config({**hf, "eos_token_id": None})

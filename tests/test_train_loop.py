@@ -247,3 +247,35 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path):
     run(tiny_cfg(tmp_path, "compiled", max_steps=3, compile="true"), tmp_path)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert max(abs(a - b) for (_, a), (_, b) in zip(eager, compiled, strict=True)) < 1e-4
+
+
+def test_document_masking_without_an_eos_id_is_refused_not_silently_off(tmp_path):
+    from xiaolm.train.pretrain import run_pretrain
+
+    packed = make_packed(tmp_path)
+    meta = json.loads((packed / "meta.json").read_text())
+    del meta["eos_id"]
+    (packed / "meta.json").write_text(json.dumps(meta))
+    cfg = tiny_cfg(tmp_path, "run", max_steps=2)
+    cfg.data.tokenizer = str(tmp_path / "tok")
+    with pytest.raises(XiaolmError, match="no eos_id.*data.doc_mask=false"):
+        run_pretrain(cfg)
+    cfg.data.doc_mask = False
+    assert run_pretrain(cfg)["steps"] == 2  # said plainly, it trains without document masks
+
+
+def test_a_tokenizer_without_eos_or_padding_is_refused_for_streaming_and_sft(tmp_path, tiny_tokenizer_dir):
+    from xiaolm.chat_format import load_tokenizer
+    from xiaolm.data.stream import TokenStream
+    from xiaolm.train.sft import pad_token_id
+
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"text": "你好"}\n')
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    assert pad_token_id(tok, "tok") == tok.pad_token_id
+    tok.pad_token = None
+    with pytest.raises(XiaolmError, match="no padding token"):
+        pad_token_id(tok, "tok")
+    tok.eos_token = None
+    with pytest.raises(XiaolmError, match="no EOS token"):
+        TokenStream([records], tok, seq_len=8)
