@@ -191,7 +191,7 @@ def train(cfg: TrainConfig, objective: Objective, model: nn.Module, tokenizer_di
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         data = state.get("data") or []
-        if data:
+        if objective.state_dict() is not None:  # a streaming objective: its position must come back
             if len(data) != ctx.world:
                 raise XiaolmError(f"the checkpoint holds the data position of {len(data)} process(es), this run "
                                   f"has {ctx.world}", where=str(resumable),
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, objective: Objective, model: nn.Module, tokenizer_di
                     write({f"train/{k}": v for k, v in row.items() if k not in ("step", "tokens")}, step)
                 bar.set_postfix(postfix)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                with eval_mode(module):
+                with eval_mode(module), torch.no_grad():
                     results = objective.evaluate(module, run)
                 if metric not in results:
                     raise XiaolmError(f"the evaluation gave {sorted(results)}, not {metric!r}",
