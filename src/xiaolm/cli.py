@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from xiaolm.config import load_config
 from xiaolm.errors import XiaolmError
@@ -26,6 +26,7 @@ from xiaolm.errors import XiaolmError
 log = logging.getLogger("xiaolm")
 _SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
 Handler = Callable[[argparse.Namespace], None]
+T = TypeVar("T")
 
 TRAIN_EPILOG = """examples:
   xiaolm {stage} --config configs/{stage}.yaml
@@ -85,7 +86,7 @@ def _split_settings(positionals: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in positionals if a not in settings], settings
 
 
-def _stage_config(cls: type, args: argparse.Namespace, settings: list[str], aliases: tuple[str, ...] = ()):
+def _stage_config(cls: type[T], args: argparse.Namespace, settings: list[str], aliases: tuple[str, ...] = ()) -> T:
     """cls from --config, then `key=value` settings, then the alias flags the user gave (they default to None)."""
     flags = [f"{key}={getattr(args, key)}" for key in aliases if getattr(args, key) is not None]
     return load_config(cls, args.config, [*settings, *flags])
