@@ -129,10 +129,10 @@ def val_file(tmp_path):
 
 
 def test_eval_loads_the_model_on_the_chosen_device(model_dir, val_file, tmp_path, monkeypatch):
-    import xiaolm.model.export as export
+    import xiaolm.eval.tasks as tasks
 
-    seen, real = [], export.load_model
-    monkeypatch.setattr(export, "load_model", lambda path, device="cpu", **kw: seen.append(device)
+    seen, real = [], tasks.load_model
+    monkeypatch.setattr(tasks, "load_model", lambda path, device="cpu", **kw: seen.append(device)
                         or real(path, device=device, **kw))
     out = tmp_path / "ppl.json"
     with pytest.raises(SystemExit) as e:

@@ -1,18 +1,32 @@
-"""The `xiaolm` command: one subcommand per stage; each loads its config and calls the stage."""
+"""The `xiaolm` command: a table of subcommands; each loads its config and calls one stage.
+
+A subcommand is one entry of COMMANDS: its help, examples, a function adding its arguments and a handler
+`(args) -> None`. A training stage is one line of TRAIN_STAGES. Every stage that has settings takes them the same
+way: `--config FILE`, then `key=value` overrides (the older flags are aliases that win over both), and writes the
+resolved settings to config.yaml in its output folder.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import logging
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from xiaolm.config import load_config
 from xiaolm.errors import XiaolmError
 
 log = logging.getLogger("xiaolm")
 _SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
+Handler = Callable[[argparse.Namespace], None]
+T = TypeVar("T")
 
 TRAIN_EPILOG = """examples:
   xiaolm {stage} --config configs/{stage}.yaml
@@ -21,10 +35,37 @@ TRAIN_EPILOG = """examples:
 keys: out seed device dtype max_steps batch_size grad_accum lr warmup_steps log_every eval_every save_every
       init_from model.* (dim n_layers n_heads n_kv_heads max_seq_len ...) data.* (path tokenizer seq_len ...)"""
 
+# A training stage: its help and the function `(TrainConfig, resume=) -> dict` that runs it. One line adds one.
+TRAIN_STAGES = {
+    "pretrain": ("pretrain a Llama-style model on packed token files", "xiaolm.train.pretrain:run_pretrain"),
+    "sft": ("supervised fine-tuning on chat records (loss on assistant tokens)", "xiaolm.train.sft:run_sft"),
+}
 
-def _add_parser(sub, name: str, help_text: str, epilog: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, examples, a function adding its arguments, and what runs it."""
+
+    help: str
+    examples: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Handler
+
+
+def _split_settings(positionals: list[str]) -> tuple[list[str], list[str]]:
+    """(inputs, `key=value` settings): argparse hands every positional of a stage to INPUT..."""
+    settings = [a for a in positionals if _SETTING.match(a) and not Path(a).exists()]
+    return [a for a in positionals if a not in settings], settings
+
+
+def _stage_config(cls: type[T], args: argparse.Namespace, settings: list[str], aliases: tuple[str, ...] = ()) -> T:
+    """cls from --config, then `key=value` settings, then the alias flags the user gave (they default to None)."""
+    flags = [f"{key}={getattr(args, key)}" for key in aliases if getattr(args, key) is not None]
+    return load_config(cls, args.config, [*settings, *flags])
+
+
+def _config_option(parser: argparse.ArgumentParser, what: str = "settings") -> None:
+    parser.add_argument("--config", metavar="FILE", help=f"YAML file with {what}; key=value arguments override it")
 
 
 def _executor_options(parser: argparse.ArgumentParser) -> None:
@@ -34,158 +75,209 @@ def _executor_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="local processes (default: all CPU cores)")
 
 
-def _recipes() -> dict:
+def _stage_arguments(parser: argparse.ArgumentParser, executor: bool = True) -> None:
+    """INPUT... (and key=value settings), --out, --config and, for shard-parallel stages, the executor options."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="files, globs, directories; and key=value settings (before or after the options)")
+    parser.add_argument("--out", required=True)
+    _config_option(parser)
+    if executor:
+        _executor_options(parser)
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    _config_option(p, "demo settings")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """`xiaolm demo`."""
+    from xiaolm.demo import DemoConfig, run_demo
+
+    run_demo(load_config(DemoConfig, args.config, args.overrides), Path(args.out))
+
+
+def _import_arguments(p: argparse.ArgumentParser) -> None:
     from xiaolm.data.sources import RECIPES
 
-    return RECIPES
+    p.epilog += "\nrecipes:\n" + "\n".join(f"  {name:16s} {r.kind:4s}  {r.layout}" for name, r in RECIPES.items())
+    p.add_argument("recipe", metavar="RECIPE", help="one of the recipes listed below")
+    _stage_arguments(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command-line grammar."""
-    p = argparse.ArgumentParser(prog="xiaolm", description="Train a small Chinese chat model from scratch.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="start with:  xiaolm demo        (whole pipeline on the embedded corpus)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cmd_import(args: argparse.Namespace) -> None:
+    """`xiaolm data import`."""
+    from xiaolm.data.sources import import_records
 
-    d = _add_parser(sub, "demo", "run the whole pipeline on the embedded corpus (CPU, minutes)",
-                    "examples:\n  xiaolm demo\n  xiaolm demo --out runs/demo2 pretrain.max_steps=600 scale=2")
-    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--config", help="YAML file with demo settings")
-    d.add_argument("overrides", nargs="*", metavar="key=value")
+    inputs, settings = _split_settings(args.inputs)
+    from xiaolm.data.sources import ImportConfig
 
-    data = sub.add_parser("data", help="data stages: import, clean, dedup, pack")
-    data = data.add_subparsers(dest="data_cmd", required=True)
-    c = _add_parser(data, "clean", "normalize and filter text/chat records; rejects go to rejects.jsonl",
-                    "examples:\n  xiaolm data clean raw/*.jsonl --out data/clean\n"
-                    "  xiaolm data clean raw/ --out data/clean min_chars=20 t2s=false\n"
-                    "  xiaolm data clean data/belle --out data/clean --workers 8   # one task per input file\n"
-                    "input files are cleaned in parallel; exact duplicates are dropped within each file "
-                    "(data dedup removes them across files)")
-    c.add_argument("inputs", nargs="+", metavar="INPUT")
-    c.add_argument("--out", required=True)
-    c.add_argument("--config")
-    _executor_options(c)
-    recipes_help = "\n".join(f"  {name:16s} {r.kind:4s}  {r.layout}" for name, r in _recipes().items())
-    im = _add_parser(data, "import", "convert a public Chinese dataset's files into xiaolm records",
-                     "examples:\n  xiaolm data import belle Belle_open_source_0.5M.json --out data/belle\n"
-                     "  xiaolm data import zhwiki extracted/ --out data/zhwiki\nrecipes:\n" + recipes_help)
-    im.add_argument("recipe", metavar="RECIPE", help="one of the recipes listed below")
-    im.add_argument("inputs", nargs="+", metavar="INPUT")
-    im.add_argument("--out", required=True)
-    _executor_options(im)
-    dd = _add_parser(data, "dedup", "remove exact and near-duplicate records (MinHash + LSH on character n-grams)",
-                     "examples:\n  xiaolm data dedup data/clean --out data/dedup\n"
-                     "  xiaolm data dedup data/clean --out data/dedup --threshold 0.7 --workers 8\n"
-                     "  xiaolm data dedup data/clean --out data/dedup --executor ray  # Ray cluster (RAY_ADDRESS)\n"
-                     "  xiaolm data dedup raw/ ngram=7 partition_mb=64 --out data/dedup   # settings before --out")
-    dd.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs, directories; and key=value settings")
-    dd.add_argument("--out", required=True)
-    dd.add_argument("--threshold", type=float, help="Jaccard similarity of duplicates (default 0.8)")
-    _executor_options(dd)
-    dd.add_argument("--config")
-    k = _add_parser(data, "pack", "tokenize records into train.bin / val.bin + meta.json",
-                    "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed\n"
-                    "  xiaolm data pack data/dedup --tokenizer tok --out data/packed --executor ray\n"
-                    "input files are tokenized in parallel and their token files concatenated in input order")
-    k.add_argument("inputs", nargs="+", metavar="INPUT")
-    k.add_argument("--tokenizer", required=True)
-    k.add_argument("--out", required=True)
-    k.add_argument("--val-fraction", type=float, default=0.01)
-    k.add_argument("--seed", type=int, default=0)
-    _executor_options(k)
+    cfg = _stage_config(ImportConfig, args, settings)
+    import_records(args.recipe, inputs, args.out, shard_records=cfg.shard_records, executor=args.executor,
+                   workers=args.workers)
 
-    tok = sub.add_parser("tokenizer", help="tokenizer stages").add_subparsers(dest="tok_cmd", required=True)
-    t = _add_parser(tok, "train", "train a byte-level BPE tokenizer with ChatML special tokens",
-                    "examples:\n  xiaolm tokenizer train data/clean --out tok --vocab-size 8192\n"
-                    "  xiaolm tokenizer train data/clean --out tok --vocab-size 32000 --max-memory 8GB --workers 4\n"
-                    "  xiaolm tokenizer train data/clean --out tok-spm --vocab-size 32000 --backend sentencepiece")
-    t.add_argument("inputs", nargs="+", metavar="INPUT")
-    t.add_argument("--out", required=True)
-    t.add_argument("--vocab-size", type=int, default=8192)
-    t.add_argument("--min-frequency", type=int, default=2)
-    t.add_argument("--cjk-chars", action="store_true",
-                   help="one token per CJK character (no merges across characters); best for tiny models")
-    t.add_argument("--backend", default="bpe", choices=["bpe", "sentencepiece"],
-                   help="bpe: bounded-memory chunk counts + byte-level BPE (default); sentencepiece: unigram "
-                        "on a sample of lines, byte fallback")
-    t.add_argument("--max-memory", default="2GB",
-                   help="memory the training may use, e.g. 512MB or 8GB (default %(default)s)")
-    t.add_argument("--workers", type=int, help="counting processes (default: one per CPU, at most 8)")
-    ts = _add_parser(tok, "stats", "measure a tokenizer on text: chars/bytes per token, vocabulary use",
-                     "examples:\n  xiaolm tokenizer stats tok data/val.jsonl --limit 10000")
-    ts.add_argument("tokenizer_dir", metavar="DIR")
-    ts.add_argument("inputs", nargs="+", metavar="TEXT")
-    ts.add_argument("--limit", type=int, default=0, help="measure only the first N texts")
-    ts.add_argument("--worst", type=int, default=5, help="how many worst-compressed texts to show")
-    ts.add_argument("--json", action="store_true", help="print the stats as JSON")
 
-    for stage, text in (("pretrain", "pretrain a Llama-style model on packed token files"),
-                        ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)")):
-        s = _add_parser(sub, stage, text, TRAIN_EPILOG.format(stage=stage))
-        s.add_argument("--config", help="YAML config file")
-        s.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
-        s.add_argument("overrides", nargs="*", metavar="key=value")
+def cmd_clean(args: argparse.Namespace) -> None:
+    """`xiaolm data clean`."""
+    from xiaolm.data.clean import CleanConfig, clean_files
 
-    e = _add_parser(sub, "export", "export a run dir to a Hugging Face model directory",
-                    "examples:\n  xiaolm export runs/demo/sft --out my-model --dtype fp16")
-    e.add_argument("run_dir")
-    e.add_argument("--out", required=True)
-    e.add_argument("--format", default="hf", choices=["hf"])
-    e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    inputs, settings = _split_settings(args.inputs)
+    clean_files(inputs, args.out, _stage_config(CleanConfig, args, settings), executor=args.executor,
+                workers=args.workers)
 
-    ch = _add_parser(sub, "chat", "chat with a model in the terminal (/reset, /exit)",
-                     "examples:\n  xiaolm chat runs/demo/model\n  xiaolm chat runs/demo/sft --temperature 0")
-    ch.add_argument("model")
-    ch.add_argument("--temperature", type=float, default=0.7)
-    ch.add_argument("--top-k", type=int, default=0)
-    ch.add_argument("--top-p", type=float, default=0.9)
-    ch.add_argument("--repetition-penalty", type=float, default=1.1)
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--system", default=None, help="system prompt")
 
-    ev = _add_parser(sub, "eval", "evaluate a model: perplexity, exact match, multiple choice",
-                     "examples:\n  xiaolm eval runs/demo/model --task ppl --data runs/demo/corpus/eval/val_text.jsonl\n"
-                     "  xiaolm eval runs/demo/model --task exact --data runs/demo/corpus/eval/heldout_qa.jsonl\n"
-                     "  xiaolm eval runs/demo/model --task choice --data runs/demo/corpus/eval/choice.jsonl")
-    ev.add_argument("model")
-    ev.add_argument("--task", required=True, choices=["ppl", "exact", "choice"])
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
-    ev.add_argument("--out", help="write the result as JSON here")
-    ev.add_argument("--device", default="auto", metavar="auto|cpu|cuda|mps",
-                    help="where the model runs (default auto: cuda, then mps, then cpu)")
-    ev.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
-                    help="ppl: let attention cross document boundaries (for models pretrained with "
-                         "data.doc_mask=false)")
-    return p
+def _dedup_arguments(p: argparse.ArgumentParser) -> None:
+    _stage_arguments(p)
+    p.add_argument("--threshold", type=float, help="Jaccard similarity of duplicates, as threshold=X (default 0.8)")
+
+
+def cmd_dedup(args: argparse.Namespace) -> None:
+    """`xiaolm data dedup`."""
+    from xiaolm.data.dedup import DedupConfig, dedup_files
+
+    inputs, settings = _split_settings(args.inputs)
+    dedup_files(inputs, args.out, _stage_config(DedupConfig, args, settings, ("threshold",)),
+                executor=args.executor, workers=args.workers)
+
+
+def _pack_arguments(p: argparse.ArgumentParser) -> None:
+    _stage_arguments(p)
+    p.add_argument("--tokenizer", required=True, metavar="DIR")
+    p.add_argument("--val-fraction", type=float, help="share of documents held out, as val_fraction=X (default 0.01)")
+    p.add_argument("--seed", type=int, help="picks the held-out documents, as seed=N (default 0)")
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    """`xiaolm data pack`."""
+    from xiaolm.data.pack import pack_files
+
+    inputs, settings = _split_settings(args.inputs)
+    from xiaolm.data.pack import PackConfig
+
+    cfg = _stage_config(PackConfig, args, settings, ("val_fraction", "seed"))
+    pack_files(inputs, args.tokenizer, args.out, **dataclasses.asdict(cfg), executor=args.executor,
+               workers=args.workers)
+
+
+def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+    _stage_arguments(p, executor=False)
+    p.add_argument("--vocab-size", type=int, help="as vocab_size=N (default 8192)")
+    p.add_argument("--min-frequency", type=int, help="as min_frequency=N (default 2)")
+    p.add_argument("--cjk-chars", action="store_true", default=None,
+                   help="one token per CJK character (no merges across characters); best for tiny models; as "
+                        "cjk_chars=true")
+    p.add_argument("--backend", choices=["bpe", "sentencepiece"],
+                   help="bpe: bounded-memory chunk counts + byte-level BPE (default); sentencepiece: unigram on a "
+                        "sample of lines, byte fallback; as backend=NAME")
+    p.add_argument("--max-memory",
+                   help="memory the training may use, e.g. 512MB or 8GB, as max_memory=SIZE (default 2GB)")
+    p.add_argument("--workers", type=int, help="counting processes (default: one per CPU, at most 8)")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    """`xiaolm tokenizer train`."""
+    from xiaolm.tokenizer import train_tokenizer
+
+    inputs, settings = _split_settings(args.inputs)
+    from xiaolm.tokenizer.train import TokenizerConfig
+
+    cfg = _stage_config(TokenizerConfig, args, settings,
+                        ("vocab_size", "min_frequency", "cjk_chars", "backend", "max_memory"))
+    train_tokenizer(inputs, args.out, **dataclasses.asdict(cfg), workers=args.workers)
+
+
+def _stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("tokenizer_dir", metavar="DIR")
+    p.add_argument("inputs", nargs="+", metavar="TEXT")
+    p.add_argument("--limit", type=int, default=0, help="measure only the first N texts")
+    p.add_argument("--worst", type=int, default=5, help="how many worst-compressed texts to show")
+    p.add_argument("--json", action="store_true", help="print the stats as JSON")
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
+    """`xiaolm tokenizer stats`."""
+    from xiaolm.tokenizer.stats import format_stats, tokenizer_stats
+
+    stats = tokenizer_stats(args.tokenizer_dir, args.inputs, limit=args.limit, worst=args.worst)
+    print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats))
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def train_command(stage: str, help_text: str, target: str) -> Command:
+    """The subcommand of a training stage: load its TrainConfig, then call `target` ("module:function")."""
+    def handler(args: argparse.Namespace) -> None:
+        from xiaolm.train.config import TrainConfig
+
+        module, function = target.split(":")
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        getattr(importlib.import_module(module), function)(cfg, resume=args.resume)
+
+    return Command(help_text, TRAIN_EPILOG.format(stage=stage), _train_arguments, handler)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA run: write one plain model with the adapter folded into its weights (default: the "
+                        "base model plus the adapter in adapter/, which peft loads onto it)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """`xiaolm export`."""
+    from xiaolm.model.export import export_hf
+
+    out = export_hf(args.run_dir, args.out, dtype=args.dtype, merge=args.merge_lora)
+    print(f"exported to {out}")
+
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--system", default=None, help="system prompt")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """`xiaolm chat`."""
+    from xiaolm.infer.chat import run_chat
+    from xiaolm.infer.generate import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    run_chat(args.model, gen, system=args.system)
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--task", required=True, choices=["ppl", "exact", "choice"])
+    p.add_argument("--data", required=True)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|mps",
+                   help="where the model runs (default auto: cuda, then mps, then cpu)")
+    p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
+                   help="ppl: let attention cross document boundaries (for models pretrained with "
+                        "data.doc_mask=false)")
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     """`xiaolm eval`."""
-    from xiaolm.device import resolve_device
-    from xiaolm.eval.perplexity import perplexity_by_source
-    from xiaolm.eval.qa import choice_accuracy, exact_match
-    from xiaolm.model.export import load_model
+    from xiaolm.eval.tasks import evaluate
 
-    model, tokenizer = load_model(args.model, device=resolve_device(args.device))
-    if tokenizer is None:
-        raise XiaolmError("model has no tokenizer files", where=args.model, hint="export it with `xiaolm export`")
-    from xiaolm.records.read import read_items
-
-    items = read_items(args.data, args.limit)
-    if not items:
-        raise XiaolmError("no records to evaluate", where=args.data)
-    if args.task == "ppl":
-        missing = [i for i, r in enumerate(items) if not isinstance(r.get("text"), str)]
-        if missing:
-            raise XiaolmError(f"record {missing[0] + 1} has no 'text' field", where=args.data,
-                              hint="ppl needs {\"text\": ...} records")
-        result = perplexity_by_source(model, tokenizer, items, doc_mask=args.doc_mask)
-    elif args.task == "exact":
-        result = exact_match(model, tokenizer, items)
-    else:
-        result = choice_accuracy(model, tokenizer, items)
+    result = evaluate(args.model, args.task, args.data, limit=args.limit, device=args.device,
+                      doc_mask=args.doc_mask)
     text = json.dumps(result, ensure_ascii=False, indent=2)
     print(text)
     if args.out:
@@ -195,14 +287,97 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return result
 
 
-def _split_settings(positionals: list[str]) -> tuple[list[str], list[str]]:
-    """(inputs, `key=value` settings): argparse hands every positional of a stage to INPUT..."""
-    settings = [a for a in positionals if _SETTING.match(a) and not Path(a).exists()]
-    return [a for a in positionals if a not in settings], settings
+# Every subcommand, in the order `xiaolm --help` lists them; a two-word path sits under its group.
+COMMANDS: dict[tuple[str, ...], Command] = {
+    ("demo",): Command(
+        "run the whole pipeline on the embedded corpus (CPU, minutes)",
+        "examples:\n  xiaolm demo\n  xiaolm demo --out runs/demo2 pretrain.max_steps=600 scale=2",
+        _demo_arguments, cmd_demo),
+    ("data", "import"): Command(
+        "convert a public Chinese dataset's files into xiaolm records",
+        "examples:\n  xiaolm data import belle Belle_open_source_0.5M.json --out data/belle\n"
+        "  xiaolm data import zhwiki extracted/ --out data/zhwiki\n"
+        "  xiaolm data import skypile skypile/ --out data/skypile shard_records=50000",
+        _import_arguments, cmd_import),
+    ("data", "clean"): Command(
+        "normalize and filter text/chat records; rejects go to rejects.jsonl",
+        "examples:\n  xiaolm data clean raw/*.jsonl --out data/clean\n"
+        "  xiaolm data clean raw/ --out data/clean min_chars=20 t2s=false\n"
+        "  xiaolm data clean data/belle --out data/clean --workers 8   # one task per input file\n"
+        "input files are cleaned in parallel; exact duplicates are dropped within each file "
+        "(data dedup removes them across files)",
+        _stage_arguments, cmd_clean),
+    ("data", "dedup"): Command(
+        "remove exact and near-duplicate records (MinHash + LSH on character n-grams)",
+        "examples:\n  xiaolm data dedup data/clean --out data/dedup\n"
+        "  xiaolm data dedup data/clean --out data/dedup --threshold 0.7 --workers 8\n"
+        "  xiaolm data dedup data/clean --out data/dedup --executor ray  # Ray cluster (RAY_ADDRESS)\n"
+        "  xiaolm data dedup raw/ ngram=7 partition_mb=64 --out data/dedup",
+        _dedup_arguments, cmd_dedup),
+    ("data", "pack"): Command(
+        "tokenize records into train.bin / val.bin + meta.json",
+        "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed\n"
+        "  xiaolm data pack data/clean --tokenizer tok --out data/packed val_fraction=0.02 seed=1\n"
+        "  xiaolm data pack data/dedup --tokenizer tok --out data/packed --executor ray\n"
+        "input files are tokenized in parallel and their token files concatenated in input order",
+        _pack_arguments, cmd_pack),
+    ("tokenizer", "train"): Command(
+        "train a byte-level BPE tokenizer with ChatML special tokens",
+        "examples:\n  xiaolm tokenizer train data/clean --out tok --vocab-size 8192\n"
+        "  xiaolm tokenizer train data/clean --out tok vocab_size=8192 cjk_chars=true   # the same as settings\n"
+        "  xiaolm tokenizer train data/clean --out tok --vocab-size 32000 --max-memory 8GB --workers 4\n"
+        "  xiaolm tokenizer train data/clean --out tok-spm --vocab-size 32000 --backend sentencepiece",
+        _tokenizer_arguments, cmd_tokenizer_train),
+    ("tokenizer", "stats"): Command(
+        "measure a tokenizer on text: chars/bytes per token, vocabulary use",
+        "examples:\n  xiaolm tokenizer stats tok data/val.jsonl --limit 10000",
+        _stats_arguments, cmd_tokenizer_stats),
+    **{(stage,): train_command(stage, *spec) for stage, spec in TRAIN_STAGES.items()},
+    ("export",): Command(
+        "export a run dir to a Hugging Face model directory",
+        "examples:\n  xiaolm export runs/demo/sft --out my-model --dtype fp16\n"
+        "  xiaolm export runs/lora --out my-model --merge-lora    # a LoRA run as one plain model",
+        _export_arguments, cmd_export),
+    ("chat",): Command(
+        "chat with a model in the terminal (/reset, /exit)",
+        "examples:\n  xiaolm chat runs/demo/model\n  xiaolm chat runs/demo/sft --temperature 0",
+        _chat_arguments, cmd_chat),
+    ("eval",): Command(
+        "evaluate a model: perplexity, exact match, multiple choice",
+        "examples:\n  xiaolm eval runs/demo/model --task ppl --data runs/demo/corpus/eval/val_text.jsonl\n"
+        "  xiaolm eval runs/demo/model --task exact --data runs/demo/corpus/eval/heldout_qa.jsonl\n"
+        "  xiaolm eval runs/demo/model --task choice --data runs/demo/corpus/eval/choice.jsonl",
+        _eval_arguments, cmd_eval),
+}
+GROUPS = {"data": "data stages", "tokenizer": "tokenizer stages"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line grammar, built from COMMANDS."""
+    p = argparse.ArgumentParser(prog="xiaolm", description="Train a small Chinese chat model from scratch.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="start with:  xiaolm demo        (whole pipeline on the embedded corpus)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, cmd in COMMANDS.items():
+        parent = sub
+        if len(path) == 2:
+            group = path[0]
+            if group not in groups:
+                names = ", ".join(q[1] for q in COMMANDS if len(q) == 2 and q[0] == group)
+                groups[group] = sub.add_parser(group, help=f"{GROUPS[group]}: {names}").add_subparsers(
+                    dest=f"{group}_command", required=True)
+            parent = groups[group]
+        s = parent.add_parser(path[-1], help=cmd.help, description=cmd.help, epilog=cmd.examples,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.arguments(s)
+        s.set_defaults(handler=cmd.handler)
+    return p
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Parse arguments and run one stage; returns the exit code."""
+    """Parse arguments and run one subcommand's handler; returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `key=value` settings after an option such as --out land here for stages that take INPUT...
@@ -211,71 +386,7 @@ def run(argv: list[str] | None = None) -> int:
         args.inputs += extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from xiaolm.config import load_config
-
-    if args.command == "demo":
-        from xiaolm.demo import DemoConfig, run_demo
-
-        run_demo(load_config(DemoConfig, args.config, args.overrides), Path(args.out))
-    elif args.command == "data" and args.data_cmd == "clean":
-        from xiaolm.data.clean import CleanConfig, clean_files
-
-        inputs, settings = _split_settings(args.inputs)
-        clean_files(inputs, args.out, load_config(CleanConfig, args.config, settings), executor=args.executor,
-                    workers=args.workers)
-    elif args.command == "data" and args.data_cmd == "import":
-        from xiaolm.data.sources import import_records
-
-        import_records(args.recipe, args.inputs, args.out, executor=args.executor, workers=args.workers)
-    elif args.command == "data" and args.data_cmd == "dedup":
-        from xiaolm.data.dedup import DedupConfig, dedup_files
-
-        inputs, settings = _split_settings(args.inputs)
-        threshold = [f"threshold={args.threshold}"] if args.threshold is not None else []
-        cfg = load_config(DedupConfig, args.config, [*settings, *threshold])
-        dedup_files(inputs, args.out, cfg, executor=args.executor, workers=args.workers)
-    elif args.command == "data" and args.data_cmd == "pack":
-        from xiaolm.data.pack import pack_files
-
-        pack_files(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                   executor=args.executor, workers=args.workers)
-    elif args.command == "tokenizer" and args.tok_cmd == "stats":
-        from xiaolm.tokenizer.stats import format_stats, tokenizer_stats
-
-        stats = tokenizer_stats(args.tokenizer_dir, args.inputs, limit=args.limit, worst=args.worst)
-        print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats))
-    elif args.command == "tokenizer":
-        from xiaolm.tokenizer import train_tokenizer
-
-        train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                        cjk_chars=args.cjk_chars, backend=args.backend, max_memory=args.max_memory,
-                        workers=args.workers)
-    elif args.command in ("pretrain", "sft"):
-        from xiaolm.train.config import TrainConfig
-
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        if args.command == "pretrain":
-            from xiaolm.train.pretrain import run_pretrain
-
-            run_pretrain(cfg, resume=args.resume)
-        else:
-            from xiaolm.train.sft import run_sft
-
-            run_sft(cfg, resume=args.resume)
-    elif args.command == "export":
-        from xiaolm.model.export import export_hf
-
-        out = export_hf(args.run_dir, args.out, dtype=args.dtype)
-        print(f"exported to {out}")
-    elif args.command == "chat":
-        from xiaolm.infer.chat import run_chat
-        from xiaolm.infer.generate import GenerationConfig
-
-        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, repetition_penalty=args.repetition_penalty)
-        run_chat(args.model, gen, system=args.system)
-    elif args.command == "eval":
-        cmd_eval(args)
+    args.handler(args)
     return 0
 
 

@@ -8,13 +8,14 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from xiaolm.config import save_config
+from xiaolm.config import config_to_dict, save_config
+from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json
 from xiaolm.model.llama import LlamaConfig
 from xiaolm.train.config import DataConfig, TrainConfig
@@ -38,7 +39,13 @@ def _sft() -> TrainConfig:
 
 @dataclass
 class DemoConfig:
-    """Settings of the demo pipeline; every stage's own keys sit under its name."""
+    """Settings of the demo pipeline; every stage's own keys sit under its name.
+
+    `seed` seeds every stage: the corpus, the pack split, pretrain and sft. A stage seed you set (`pretrain.seed`
+    or `sft.seed` other than its default 0) is kept for that stage instead. The keys by which the demo joins its
+    stages (each stage's `out`, `data.path`, `data.tokenizer`, `init_from`; `pretrain.model.vocab_size`, which the
+    tokenizer decides; `sft.model`, which is the pretrained model's) are refused by name when set.
+    """
 
     seed: int = 0
     scale: float = 1.0  # amount of corpus text generated / sampled
@@ -47,6 +54,46 @@ class DemoConfig:
     eval_limit: int = 0  # evaluate only the first N items of each set (0 = all)
     pretrain: TrainConfig = field(default_factory=_pretrain)
     sft: TrainConfig = field(default_factory=_sft)
+
+
+# keys the demo sets itself, joining its stages → (what decides them, what to do instead); {stage} is the stage
+DEMO_SETS = {
+    **{f"{stage}.{key}": ("its stages run under --out",
+                          "use --out to move the whole run, or run `xiaolm {stage}` yourself")
+       for stage in ("pretrain", "sft") for key in ("out", "data.path", "data.tokenizer", "init_from")},
+    "pretrain.model.vocab_size": ("the size of the tokenizer it trains", "use vocab_size=N"),
+    "sft.model": ("sft continues the pretrained model", "set pretrain.model.* instead"),
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def check_demo_config(cfg: DemoConfig) -> None:
+    """Refuse, by name, a setting the demo would override (see DemoConfig)."""
+    given, default = _flat(config_to_dict(cfg)), _flat(config_to_dict(DemoConfig()))
+    changed = [k for k in {**default, **given} if given.get(k) != default.get(k)]
+    for prefix, (why, hint) in DEMO_SETS.items():
+        for key in changed:
+            if key == prefix or key.startswith(prefix + "."):
+                stage = prefix.split(".")[0]
+                raise XiaolmError(f"{key} is set by the demo ({why})", hint=hint.format(stage=stage))
+
+
+def demo_stage_configs(cfg: DemoConfig, out: Path, sft_data: str | Path) -> tuple[TrainConfig, TrainConfig]:
+    """The pretrain and sft configs the demo runs: joined under `out`, seeded by the rule of DemoConfig."""
+    defaults = DemoConfig()
+    pre = replace(cfg.pretrain, out=str(out / "pretrain"),
+                  seed=cfg.seed if cfg.pretrain.seed == defaults.pretrain.seed else cfg.pretrain.seed,
+                  data=replace(cfg.pretrain.data, path=str(out / "data" / "packed"), tokenizer=str(out / "tokenizer")))
+    sft = replace(cfg.sft, out=str(out / "sft"), init_from=pre.out,
+                  seed=cfg.seed if cfg.sft.seed == defaults.sft.seed else cfg.sft.seed,
+                  data=replace(cfg.sft.data, path=str(sft_data)))
+    return pre, sft
 
 
 def _stage_done(run_dir: Path, max_steps: int) -> bool:
@@ -73,6 +120,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.train.pretrain import run_pretrain
     from xiaolm.train.sft import run_sft
 
+    check_demo_config(cfg)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -88,6 +136,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
         paths = build_demo_corpus(corpus_dir, seed=cfg.seed, scale=cfg.scale)
         atomic_write_json(corpus_done, {k: str(v) for k, v in paths.items()})
     results["world"] = json.loads(Path(paths["world_summary"]).read_text(encoding="utf-8"))
+    pre, sft = demo_stage_configs(cfg, out, paths["sft"])
 
     log.info("demo [2/8] data clean: normalize, convert to Simplified, filter, deduplicate")
     raw = paths["raw_text"]
@@ -105,16 +154,12 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
                                  seed=cfg.seed)
 
     val_texts = [r["text"] for r in read_items(paths["val_text"])]
-    torch.manual_seed(cfg.pretrain.seed)
-    init_cfg = dataclasses.replace(cfg.pretrain.model, vocab_size=len(tokenizer))
-    untrained = build_model_from_config(init_cfg)
-    ppl = {"before": perplexity(untrained, tokenizer, val_texts, cfg.pretrain.data.seq_len)["ppl"]}
+    torch.manual_seed(pre.seed)
+    untrained = build_model_from_config(dataclasses.replace(pre.model, vocab_size=len(tokenizer)))
+    ppl = {"before": perplexity(untrained, tokenizer, val_texts, pre.data.seq_len)["ppl"]}
 
     log.info("demo [5/8] pretrain")
     start = time.perf_counter()
-    pre = cfg.pretrain
-    pre.out, pre.data.path, pre.data.tokenizer = str(out / "pretrain"), str(out / "data" / "packed"), str(tok_dir)
-    pre.seed = cfg.seed
     results["pretrain"] = _train_stage(run_pretrain, pre)
     results["pretrain"]["seconds"] = time.perf_counter() - start
     model, _ = load_model(pre.out)
@@ -122,8 +167,6 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
     log.info("demo [6/8] sft: chat fine-tuning, loss on assistant tokens only")
     start = time.perf_counter()
-    sft = cfg.sft
-    sft.out, sft.data.path, sft.init_from, sft.seed = str(out / "sft"), str(paths["sft"]), pre.out, cfg.seed
     results["sft"] = _train_stage(run_sft, sft)
     results["sft"]["seconds"] = time.perf_counter() - start
     results["sft_records"] = len(read_items(paths["sft"]))

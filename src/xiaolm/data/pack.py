@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,6 +30,15 @@ log = logging.getLogger(__name__)
 
 BATCH = 512
 SPLITS = ("train", "val")
+
+
+@dataclass
+class PackConfig:
+    """Settings of `xiaolm data pack`."""
+
+    val_fraction: float = 0.01  # share of documents (whole ones) that go to val.bin
+    seed: int = 0  # picks the validation documents
+    text_field: str = "text"
 
 
 def is_val(key: str, seed: int, fraction: float) -> bool:

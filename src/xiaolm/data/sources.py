@@ -34,6 +34,13 @@ LAYOUT_CHECK, PROBE = 20, 200  # after 20 and 200 records: stop if most lack the
 CONVERT_REJECTS = ("missing_field", "bad_record")  # reasons given to records read (the reader's own are not)
 
 
+@dataclass
+class ImportConfig:
+    """Settings of `xiaolm data import` (the recipe is its first argument)."""
+
+    shard_records: int = 100_000  # records per output shard
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How one public dataset's records become ours."""

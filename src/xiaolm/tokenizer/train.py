@@ -9,8 +9,9 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import yaml
@@ -42,6 +43,18 @@ TRAIN_BYTES_PER_CHUNK = 2200
 BASE_MEMORY = 150 << 20  # interpreter, libraries, queues and batches in flight
 _REPEAT = 1 << 16  # a chunk is fed to the BPE trainer in strings of at most this many copies
 _BOUND_BATCH = 1 << 16  # chunks encoded at once while bounding the merges
+
+
+@dataclass
+class TokenizerConfig:
+    """Settings of `xiaolm tokenizer train`."""
+
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    cjk_chars: bool = False  # one token per CJK character (no merges across characters)
+    backend: Literal["bpe", "sentencepiece"] = "bpe"
+    max_memory: str = "2GB"  # memory the training may use
+    text_field: str = "text"
 
 
 def training_text(record: dict, text_field: str = "text") -> str:
