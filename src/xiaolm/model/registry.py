@@ -89,8 +89,3 @@ def config_from_hf(d: dict[str, Any], where: str | None = None) -> Any:
     known = sorted(t for a in ARCHS.values() for t in a.hf_model_types)
     raise XiaolmError(f"config.json describes model_type {d.get('model_type')!r}, which xiaolm cannot load",
                       where=where, hint=f"xiaolm loads model types {', '.join(known)}")
-
-
-def config_class(arch: str) -> type:
-    """The config dataclass for `model.arch` (used by config parsing)."""
-    return get_arch(arch).config_cls
