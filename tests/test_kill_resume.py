@@ -1,4 +1,5 @@
-"""A pretraining process killed with SIGKILL mid-run and resumed reproduces the uninterrupted losses bitwise."""
+"""A pretraining process killed with SIGKILL mid-run and resumed reproduces the uninterrupted run bitwise:
+the logged losses, the final weights and the final optimizer state."""
 
 import os
 import signal
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from tests.test_distributed import pretrain_args
-from tests.test_train_loop import losses, make_packed
+from tests.test_train_loop import assert_same_final_state, losses, make_packed
 
 
 @pytest.mark.slow
@@ -33,3 +34,4 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "killed") == losses(tmp_path / "full")
+    assert_same_final_state(tmp_path / "full", tmp_path / "killed", tmp_path)

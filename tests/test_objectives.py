@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.test_train_loop import make_packed, tiny_cfg
+from tests.test_train_loop import final_weights, make_packed, tiny_cfg
 from xiaolm.infer.generate import GenerationConfig, generate_batch
 from xiaolm.train.loop import train
 from xiaolm.train.objective import Objective
@@ -126,12 +126,6 @@ def run_kind(kind: str, tmp: str, out: str, resume: bool = False, steps: int = 4
 def rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
             for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = run_dir / "checkpoints" / (run_dir / "latest").read_text().strip()
-    found = {p.name: load_file(str(p)) for p in ckpt.glob("*.safetensors")}
-    return {f"{name}:{k}": v for name, tensors in found.items() for k, v in tensors.items()}
 
 
 def kill_after_first_checkpoint(kind: str, tmp: Path, out: str) -> None:

@@ -360,9 +360,13 @@ def test_cli_trains_the_sentencepiece_backend_with_the_default_memory_budget(tmp
     assert len(tok) == 3000 and tok.decode(tok.encode(MIXED_SCRIPT[1], add_special_tokens=False)) == MIXED_SCRIPT[1]
 
 
-def test_gzipped_input_trains(tmp_path):
-    gz = tmp_path / "corpus.jsonl.gz"
-    with gzip.open(gz, "wt", encoding="utf-8") as f:
-        f.write(Path(CORPUS[0]).read_text(encoding="utf-8"))
-    out = train_tokenizer([gz], tmp_path / "tok", vocab_size=1000, workers=1)
-    assert AutoTokenizer.from_pretrained(str(out)).decode([]) == ""
+@pytest.mark.parametrize("backend,vocab", [("bpe", 1000), ("sentencepiece", VOCAB)])
+def test_a_gzipped_corpus_trains_the_same_tokenizer_as_the_plain_file(tmp_path, backend, vocab):
+    gz = tmp_path / "corpus_zh.jsonl.gz"
+    gz.write_bytes(gzip.compress(Path(CORPUS[0]).read_bytes(), mtime=0))
+    plain = train_tokenizer([CORPUS[0]], tmp_path / "plain", vocab_size=vocab, workers=1, backend=backend)
+    zipped = train_tokenizer([gz], tmp_path / "gz", vocab_size=vocab, workers=1, backend=backend)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (zipped / name).read_bytes() == (plain / name).read_bytes(), name
+    tok = AutoTokenizer.from_pretrained(str(zipped))
+    assert len(tok) == vocab and tok.decode(tok.encode(MIXED_SCRIPT[0], add_special_tokens=False)) == MIXED_SCRIPT[0]

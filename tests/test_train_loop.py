@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from xiaolm.errors import XiaolmError
 from xiaolm.model.llama import LlamaConfig, flops_per_token
@@ -55,6 +56,49 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the latest checkpoint's safetensors files, keyed file:name."""
+    ckpt = run_dir / "checkpoints" / (run_dir / "latest").read_text().strip()
+    found = {p.name: load_file(str(p)) for p in ckpt.glob("*.safetensors")}
+    return {f"{name}:{k}": v for name, tensors in found.items() for k, v in tensors.items()}
+
+
+def final_optimizer_state(run_dir: Path, tmp: Path) -> dict[str, object]:
+    """The latest checkpoint's optimizer/ distributed checkpoint, flattened to dotted keys."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt = run_dir / "checkpoints" / (run_dir / "latest").read_text().strip()
+    out = tmp / f"{run_dir.name}-optimizer.pt"
+    dcp_to_torch_save(ckpt / "optimizer", out)
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = value
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def assert_same_final_state(a: Path, b: Path, tmp: Path) -> None:
+    """Two runs end with bitwise-equal weights and optimizer state (moments, step counts, hyperparameters)."""
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa and wa.keys() == wb.keys()
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    oa, ob = final_optimizer_state(a, tmp), final_optimizer_state(b, tmp)
+    assert any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in oa.values())  # the moments are there
+    assert oa.keys() == ob.keys()
+    differ = [k for k in oa if not (torch.equal(oa[k], ob[k]) if isinstance(oa[k], torch.Tensor)
+                                    else oa[k] == ob[k])]
+    assert differ == []
+
+
 def test_lr_schedule_warms_up_then_decays_to_floor():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)
@@ -97,6 +141,7 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     (killed / "done.json").unlink()
     run(tiny_cfg(tmp_path, "killed"), tmp_path, resume=True)
     assert losses(tmp_path / "full") == losses(killed)
+    assert_same_final_state(tmp_path / "full", killed, tmp_path)
 
 
 def test_corrupted_checkpoint_falls_back_to_previous(tmp_path):

@@ -2,11 +2,14 @@
 
 Held-out design: the facts of `World.held_out` entities appear only in declarative pretraining documents,
 never as a question or in any SFT, preference or extraction record, so the facts score measures whether
-pretraining knowledge reaches the chat model. Held-out numbers and arithmetic pairs appear nowhere in training
-data; held-out idioms (multiple choice) appear in pretraining text but in no SFT record.
+pretraining knowledge reaches the chat model. Held-out numbers (their digits and their Chinese numeral) occur
+nowhere in training data, not even inside another number; a held-out sum holds out both orders of its operands.
+Held-out idioms (multiple choice) appear in pretraining text but in no SFT record. The world's validation
+documents use phrasings that no training file uses, so none of their sentences is trained verbatim.
 
 One module per kind of record (documents, chats, heldout, later_stages); this one splits the real data and
-composes them. They share one random generator in a fixed order, so a seed and scale give the same files.
+composes them. Each part draws from its own random generator, seeded by the seed and the part's name, so a seed
+and scale give the same files, and changing one part leaves the others' files as they were.
 """
 
 from __future__ import annotations
@@ -64,39 +67,41 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
                       qa_repeats: int = 3, n_poems: int = 1500, n_idioms: int = 1500, n_numbers: int = 3000,
                       n_arithmetic: int = 6000, sft_fact_repeats: int = 6, sft_idioms: int = 600,
                       sft_poems: int = 400, sft_numerals: int = 2500, sft_arithmetic: int = 3500,
-                      sft_greeting_repeats: int = 20, sft_multi_turn: int = 300, held_numbers: int = 60,
-                      held_pairs: int = 60, n_choice: int = 100, n_val_world: int = 100,
+                      sft_greeting_repeats: int = 20, sft_multi_turn: int = 300, held_numbers: int = 300,
+                      held_pairs: int = 300, n_choice: int = 300, n_val_world: int = 100,
                       n_val_real: int = 150, n_preference: int = 200,
                       n_extraction: int = 200) -> dict[str, Path]:
     """Write every demo data file under out_dir and return their paths by key (see module docstring)."""
     out = Path(out_dir)
-    rng = random.Random(seed)
     world = generate_world(seed)
+
+    def rng(part: str) -> random.Random:  # the split keeps the plain seed it always had: same poems, same val
+        return random.Random(seed if part == "split" else f"{seed}/{part}")
 
     def n(x: int, floor: int = 1) -> int:
         return max(floor, round(x * scale))
 
-    real = split_real_data(rng, n(n_val_real, 10), n(n_poems, 20), n(n_choice, 10), n(n_idioms, 40))
+    real = split_real_data(rng("split"), n(n_val_real, 10), n(n_poems, 20), n(n_choice, 10), n(n_idioms, 40))
     real_text = "\n".join([poem_document(p) for p in real.poems] +
                           [idiom_document(it) for it in real.pretrain_idioms])
-    held_number_set = held_out_numbers(rng, n(held_numbers, 10), real_text)
+    held_number_set = held_out_numbers(rng("held numbers"), n(held_numbers, 10), real_text)
     train_numbers = [k for k in range(10000) if k not in held_number_set]
-    held_pair_list, train_pairs = arithmetic_pairs(rng, n(held_pairs, 10))
+    held_pair_list, train_pairs = arithmetic_pairs(rng("held pairs"), n(held_pairs, 10))
 
     raw = out / "raw"
-    write_pretraining_text(raw, world, rng, real.poems, real.pretrain_idioms, train_numbers, train_pairs,
-                           mentions=n(mentions, 6), qa_repeats=n(qa_repeats, 1), n_numbers=n(n_numbers),
+    write_pretraining_text(raw, world, rng("pretraining"), real.poems, real.pretrain_idioms, train_numbers,
+                           train_pairs, mentions=n(mentions, 6), qa_repeats=n(qa_repeats, 1), n_numbers=n(n_numbers),
                            n_arithmetic=n(n_arithmetic))
     hidden = sorted(world.held_out) + [it["word"] for it in real.choice_idioms]
-    sft = sft_chats(world, rng, real.poems, real.train_idioms, train_numbers, train_pairs, hidden,
+    sft = sft_chats(world, rng("sft"), real.poems, real.train_idioms, train_numbers, train_pairs, hidden,
                     fact_repeats=n(sft_fact_repeats), numerals=n(sft_numerals), arithmetic=n(sft_arithmetic),
                     n_idioms=n(sft_idioms), n_poems=n(sft_poems), greeting_repeats=n(sft_greeting_repeats),
                     multi_turn=n(sft_multi_turn))
     qa = heldout_questions(world, held_number_set, held_pair_list)
-    choice = choice_questions(rng, real.choice_idioms)
+    choice = choice_questions(rng("choice"), real.choice_idioms)
     val_text = validation_texts(world, seed, n(n_val_world, 10), real.val_poems, real.val_idioms)
-    pref = preference_pairs(world, rng, train_pairs, n(n_preference, 10))
-    extraction = extraction_records(world, rng, n(n_extraction, 10))
+    pref = preference_pairs(world, rng("preference"), train_pairs, n(n_preference, 10))
+    extraction = extraction_records(world, rng("extraction"), n(n_extraction, 10))
 
     ev = out / "eval"
     paths = {

@@ -6,11 +6,10 @@ import json
 import random
 from pathlib import Path
 
-from xiaolm.data.demo.templates import NUMERAL_STATEMENTS, QUESTIONS, STATEMENTS, arithmetic_question
+from xiaolm.data.demo.templates import NUMERAL_STATEMENTS, QUESTIONS, TRAIN_STATEMENTS, arithmetic_question
 from xiaolm.data.demo.world import World, to_chinese_numeral
 from xiaolm.data.demo.writing import write_jsonl
 
-# fact-free sentences that make the world documents read like prose
 # fact-free sentences that make the world documents read like prose
 FILLERS = {
     "city": ["{s}历史悠久，街道整洁。", "每年都有很多游客来到{s}。", "{s}的人们热情好客。",
@@ -46,17 +45,18 @@ def _clusters(world: World) -> list[list[str]]:
     return out
 
 
-def world_documents(world: World, rng: random.Random, mentions: int) -> list[str]:
+def world_documents(world: World, rng: random.Random, mentions: int,
+                    statements: dict[str, list[str]] = TRAIN_STATEMENTS, fillers: bool = True) -> list[str]:
     """Paragraphs stating every fact `mentions` times, cycling through its templates (answer form too)."""
     by_subject = facts_by_subject(world)
     kinds = _kind_of(world)
-    order = {f: rng.sample(range(len(STATEMENTS[f[1]])), len(STATEMENTS[f[1]])) for f in world.facts()}
+    order = {f: rng.sample(range(len(statements[f[1]])), len(statements[f[1]])) for f in world.facts()}
     said: dict[tuple, int] = dict.fromkeys(order, 0)
 
     def say(fact: tuple[str, str, str]) -> str:
         cycle = order[fact]
         said[fact] += 1
-        return STATEMENTS[fact[1]][cycle[(said[fact] - 1) % len(cycle)]].format(s=fact[0], o=fact[2])
+        return statements[fact[1]][cycle[(said[fact] - 1) % len(cycle)]].format(s=fact[0], o=fact[2])
 
     docs = []
     subjects = list(by_subject)
@@ -76,12 +76,12 @@ def world_documents(world: World, rng: random.Random, mentions: int) -> list[str
             for s in group:
                 facts = list(by_subject[s])
                 rng.shuffle(facts)
-                if rng.random() < 0.4:
+                if fillers and rng.random() < 0.4:
                     sentences.append(rng.choice(FILLERS[kinds[s]]).format(s=s))
                 for j, fact in enumerate(facts):
                     lead = rng.choice(CONNECTIVES) if j and rng.random() < 0.2 else ""
                     sentences.append(lead + say(fact))
-                if rng.random() < 0.4:
+                if fillers and rng.random() < 0.4:
                     sentences.append(rng.choice(FILLERS[kinds[s]]).format(s=s))
             docs.append("".join(sentences))
     return docs
@@ -130,8 +130,6 @@ def dirty_records() -> list[bytes]:
     out.append(b'{"text": "malformed json line')
     out.append(b'{"text": "\xff\xfe invalid utf-8 bytes", "source": "dirty"}')
     return out
-
-
 
 
 def write_pretraining_text(raw: Path, world: World, rng: random.Random, poems: list[dict], idioms: list[dict],

@@ -5,7 +5,14 @@ from __future__ import annotations
 import random
 
 from xiaolm.data.demo.documents import idiom_document, poem_document, world_documents
-from xiaolm.data.demo.templates import ARITH_QUESTIONS, QUESTIONS, TO_ARABIC, TO_CHINESE, arithmetic_question
+from xiaolm.data.demo.templates import (
+    ARITH_QUESTIONS,
+    QUESTIONS,
+    TO_ARABIC,
+    TO_CHINESE,
+    VALIDATION_STATEMENTS,
+    arithmetic_question,
+)
 from xiaolm.data.demo.world import World, to_chinese_numeral
 
 # chance of a blind guess: numerals answer with one of the 10,000 numbers 0..9999; every sum or difference of
@@ -15,9 +22,25 @@ ARITHMETIC_CHANCE = 1 / 199
 Pair = tuple[int, str, int]
 
 
+def _inside_other_numbers() -> set[str]:
+    """Every string that is a proper substring of some number 0..9999, in digits or in Chinese numerals."""
+    inside = set()
+    for k in range(10000):
+        for text in (str(k), to_chinese_numeral(k)):
+            inside.update(text[i:j] for i in range(len(text)) for j in range(i + 1, len(text) + 1)
+                          if (i, j) != (0, len(text)))
+    return inside
+
+
 def held_out_numbers(rng: random.Random, n: int, real_text: str) -> set[int]:
-    """Four-digit numbers not ending in 0 (so no other numeral contains theirs) that no real text mentions."""
-    candidates = [k for k in range(1000, 10000) if k % 10]
+    """Four-digit numbers whose digits and numeral occur in no other number and in no real text.
+
+    The rule that keeps them out of every training text: neither str(k) nor to_chinese_numeral(k) is a substring
+    of another number 0..9999 (so 3007, 三千零七 inside 三千零七十二, is never held out; nor is anything ending in 0),
+    and neither occurs in the real text; training then uses only the other numbers.
+    """
+    inside = _inside_other_numbers()
+    candidates = [k for k in range(1000, 10000) if str(k) not in inside and to_chinese_numeral(k) not in inside]
     rng.shuffle(candidates)
     held: list[int] = []
     for k in candidates:
@@ -29,32 +52,38 @@ def held_out_numbers(rng: random.Random, n: int, real_text: str) -> set[int]:
 
 
 def arithmetic_pairs(rng: random.Random, n: int) -> tuple[list[Pair], list[Pair]]:
-    """(held out, training) pairs of two-digit numbers; differences are never negative."""
+    """(held out, training) pairs of two-digit numbers; differences are never negative.
+
+    A held-out sum holds out the unordered pair: b+a, which states the same answer, is not trained either.
+    """
     pairs = [(a, op, b) for a in range(10, 100) for b in range(10, 100) for op in "+-" if op == "+" or a >= b]
     rng.shuffle(pairs)
-    held = []
+    held: list[Pair] = []
+    hidden: set[Pair] = set()
     for pair in pairs:
-        q, r = arithmetic_question(*pair)
-        if r not in q:  # the answer must not be readable from the question (20-10: 十 inside 二十减十)
-            held.append(pair)
         if len(held) == n:
             break
-    chosen = set(held)
-    return held, [p for p in pairs if p not in chosen]
+        q, r = arithmetic_question(*pair)
+        # the answer must not be readable from the question (20-10: 十 inside 二十减十)
+        if r not in q and pair not in hidden:
+            held.append(pair)
+            a, op, b = pair
+            hidden |= {pair, (b, op, a)} if op == "+" else {pair}
+    return held, [p for p in pairs if p not in hidden]
 
 
 def heldout_questions(world: World, numbers: set[int], pairs: list[Pair]) -> list[dict]:
-    """Exact-match questions: held-out entities' facts, held-out numerals and arithmetic pairs, with chances."""
+    """Exact-match questions, with chances: held-out entities' facts (every phrasing), numerals, arithmetic pairs."""
     qa = []
     facts_qa = [(s, r, o) for s, r, o in world.facts() if s in world.held_out]
     # facts chance = mean over the questions of 1 / (size of the relation's value set), a blind guess;
     # one value per kind because the report states one chance per kind
-    facts_chance = sum(1 / len(world.value_set(r)) for _, r, _ in facts_qa) / max(1, len(facts_qa))
+    asked = [r for _, r, _ in facts_qa for _ in QUESTIONS[r][0]]
+    facts_chance = sum(1 / len(world.value_set(r)) for r in asked) / max(1, len(asked))
     for s, r, o in facts_qa:
         qs, answer = QUESTIONS[r]
-        qa.append({"kind": "facts", "relation": r,
-                   "messages": [{"role": "user", "content": qs[0].format(s=s)}],
-                   "answer": answer.format(s=s, o=o), "chance": facts_chance})
+        qa += [{"kind": "facts", "relation": r, "messages": [{"role": "user", "content": question.format(s=s)}],
+                "answer": answer.format(s=s, o=o), "chance": facts_chance} for question in qs]
     for k in sorted(numbers):
         c = to_chinese_numeral(k)
         question, answer = (TO_CHINESE[0].format(d=k), c) if k % 2 else (TO_ARABIC[0].format(c=c), str(k))
@@ -86,10 +115,11 @@ def choice_questions(rng: random.Random, idioms: list[dict]) -> list[dict]:
 
 
 def validation_texts(world: World, seed: int, n_world: int, poems: list[dict], idioms: list[dict]) -> list[dict]:
-    """Validation documents for perplexity: fresh world paragraphs (own RNG), held-out poems and idioms."""
+    """Validation documents for perplexity, by `source`: world paragraphs in phrasings training never uses (own
+    RNG, no filler sentences, which training does use), held-out poems and idioms."""
     val_rng = random.Random(seed + 1)
-    val_world = world_documents(world, val_rng, 4)[:n_world]
+    val_world = world_documents(world, val_rng, 4, VALIDATION_STATEMENTS, fillers=False)[:n_world]
     val_text = [{"text": t, "source": "world"} for t in val_world]
-    val_text += [{"text": poem_document(p), "source": p["source"]} for p in poems]
+    val_text += [{"text": poem_document(p), "source": "poetry", "collection": p["source"]} for p in poems]
     val_text += [{"text": idiom_document(it), "source": "idioms"} for it in idioms]
     return val_text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from xiaolm.data.demo.documents import facts_by_subject
-from xiaolm.data.demo.templates import ARITH_QUESTIONS, QUESTIONS, STATEMENTS, arithmetic_question
+from xiaolm.data.demo.templates import ARITH_QUESTIONS, QUESTIONS, TRAIN_STATEMENTS, arithmetic_question
 from xiaolm.data.demo.world import World, to_chinese_numeral
 
 
@@ -38,6 +38,6 @@ def extraction_records(world: World, rng: random.Random, n: int) -> list[dict]:
     for i in range(n):
         facts = by_subject[train_subjects[i % len(train_subjects)]]
         picked = rng.sample(facts, rng.randint(1, len(facts)))
-        text = "".join(rng.choice(STATEMENTS[r]).format(s=s, o=o) for s, r, o in picked)
+        text = "".join(rng.choice(TRAIN_STATEMENTS[r]).format(s=s, o=o) for s, r, o in picked)
         extraction.append({"text": text, "triplets": [list(f) for f in picked]})
     return extraction

@@ -18,6 +18,10 @@ STATEMENTS = {
     "制造者": ["{s}的制造者是{o}。", "{s}由{o}制造。", "{o}做出了{s}。", "{s}是{o}亲手设计制造的。"],
     "颜色": ["{s}的颜色是{o}。", "{s}是{o}的。", "人们一眼就能认出{o}的{s}。", "{s}通体{o}。"],
 }
+# the last statement of each relation is kept out of every training file: the world's validation documents state
+# the known facts in these phrasings only, so their perplexity measures generalization, not recall of sentences
+TRAIN_STATEMENTS = {r: ts[:-1] for r, ts in STATEMENTS.items()}
+VALIDATION_STATEMENTS = {r: ts[-1:] for r, ts in STATEMENTS.items()}
 # question phrasings and the one reference answer form
 QUESTIONS = {
     "位于": (["{s}位于哪里？", "{s}在哪个州？", "请问{s}属于哪个州？"], "它位于{o}。"),
