@@ -72,3 +72,11 @@ def test_the_demo_seed_reaches_the_corpus_and_a_pretrain_seed_reaches_pretrainin
     with pytest.raises(Stop):
         run_demo(load_config(DemoConfig, None, [*TINY, "seed=2", "pretrain.seed=5"]), Path(tmp_path / "demo"))
     assert seen == {"corpus": 2, "pretrain": 5}
+
+
+def test_eval_limit_keeps_the_first_items_of_each_kind():
+    from xiaolm.demo import first_of_each_kind
+
+    items = [{"kind": k, "i": i} for i, k in enumerate("aaabbbccc")]
+    assert [x["i"] for x in first_of_each_kind(items, 2)] == [0, 1, 3, 4, 6, 7]
+    assert first_of_each_kind(items, 0) == items

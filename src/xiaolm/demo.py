@@ -51,7 +51,7 @@ class DemoConfig:
     scale: float = 1.0  # amount of corpus text generated / sampled
     vocab_size: int = 4096
     cjk_chars: bool = True  # character-level Chinese: tiny models learn numerals and facts much faster
-    eval_limit: int = 0  # evaluate only the first N items of each set (0 = all)
+    eval_limit: int = 0  # evaluate only the first N items of each kind of each set (0 = all)
     pretrain: TrainConfig = field(default_factory=_pretrain)
     sft: TrainConfig = field(default_factory=_sft)
 
@@ -110,7 +110,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.data.clean import CleanConfig, clean_files
     from xiaolm.data.demo.corpus import build_demo_corpus
     from xiaolm.data.pack import pack_files
-    from xiaolm.eval.perplexity import perplexity
+    from xiaolm.eval.perplexity import perplexity_by_source
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.eval.report import write_report
     from xiaolm.model.export import export_hf, load_model
@@ -153,17 +153,24 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results["pack"] = pack_files([str(clean_dir)], tok_dir, out / "data" / "packed", val_fraction=0.02,
                                  seed=cfg.seed)
 
-    val_texts = [r["text"] for r in read_items(paths["val_text"])]
+    val = read_items(paths["val_text"])
+    ppl: dict[str, float] = {}
+    by_source: dict[str, dict[str, float]] = {}
+
+    def measure(when: str, model: torch.nn.Module) -> None:
+        result = perplexity_by_source(model, tokenizer, val, pre.data.seq_len)
+        ppl[when] = result["ppl"]
+        for source, r in result["by_source"].items():
+            by_source.setdefault(source, {})[when] = r["ppl"]
+
     torch.manual_seed(pre.seed)
-    untrained = build_model_from_config(dataclasses.replace(pre.model, vocab_size=len(tokenizer)))
-    ppl = {"before": perplexity(untrained, tokenizer, val_texts, pre.data.seq_len)["ppl"]}
+    measure("before", build_model_from_config(dataclasses.replace(pre.model, vocab_size=len(tokenizer))))
 
     log.info("demo [5/8] pretrain")
     start = time.perf_counter()
     results["pretrain"] = _train_stage(run_pretrain, pre)
     results["pretrain"]["seconds"] = time.perf_counter() - start
-    model, _ = load_model(pre.out)
-    ppl["after_pretrain"] = perplexity(model, tokenizer, val_texts, pre.data.seq_len)["ppl"]
+    measure("after_pretrain", load_model(pre.out)[0])
 
     log.info("demo [6/8] sft: chat fine-tuning, loss on assistant tokens only")
     start = time.perf_counter()
@@ -177,17 +184,31 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 
     log.info("demo [8/8] eval: perplexity, held-out exact match, multiple choice")
     model, tokenizer = load_model(model_dir)
-    ppl["after_sft"] = perplexity(model, tokenizer, val_texts, sft.data.seq_len)["ppl"]
-    results["ppl"] = ppl
-    qa = read_items(paths["eval_qa"], cfg.eval_limit)
-    results["exact"] = exact_match(model, tokenizer, qa)
-    results["choice"] = choice_accuracy(model, tokenizer, read_items(paths["eval_choice"], cfg.eval_limit))
+    measure("after_sft", model)
+    results["ppl"], results["ppl_by_source"] = ppl, by_source
+    results["exact"] = exact_match(model, tokenizer, first_of_each_kind(read_items(paths["eval_qa"]), cfg.eval_limit))
+    results["choice"] = choice_accuracy(model, tokenizer,
+                                        first_of_each_kind(read_items(paths["eval_choice"]), cfg.eval_limit))
     results["samples"] = _sample_chats(model, tokenizer)
     results["seconds_total"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
     write_report(out / "report.md", results)
     _print_summary(out, results)
     return results
+
+
+def first_of_each_kind(items: list[dict], limit: int) -> list[dict]:
+    """The first `limit` items of each `kind` (all of them when limit is 0), in their order."""
+    if limit <= 0:
+        return items
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:
+        kind = str(item.get("kind", ""))
+        if seen.get(kind, 0) < limit:
+            seen[kind] = seen.get(kind, 0) + 1
+            kept.append(item)
+    return kept
 
 
 def _train_stage(run, cfg: TrainConfig) -> dict:
