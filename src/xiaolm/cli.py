@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true", help="print the stats as JSON")
 
     for stage, text in (("pretrain", "pretrain a Llama-style model on packed token files"),
-                        ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)")):
+                        ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)"),
+                        ("dpo", "direct preference optimization on {prompt, chosen, rejected} records")):
         s = _add_parser(sub, stage, text, TRAIN_EPILOG.format(stage=stage))
         s.add_argument("--config", help="YAML config file")
         s.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
@@ -250,7 +251,7 @@ def run(argv: list[str] | None = None) -> int:
         train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                         cjk_chars=args.cjk_chars, backend=args.backend, max_memory=args.max_memory,
                         workers=args.workers)
-    elif args.command in ("pretrain", "sft"):
+    elif args.command in ("pretrain", "sft", "dpo"):
         from xiaolm.train.config import TrainConfig
 
         cfg = load_config(TrainConfig, args.config, args.overrides)
@@ -258,6 +259,10 @@ def run(argv: list[str] | None = None) -> int:
             from xiaolm.train.pretrain import run_pretrain
 
             run_pretrain(cfg, resume=args.resume)
+        elif args.command == "dpo":
+            from xiaolm.train.dpo import run_dpo
+
+            run_dpo(cfg, resume=args.resume)
         else:
             from xiaolm.train.sft import run_sft
 
