@@ -254,3 +254,20 @@ def test_dpo_on_the_demo_pairs_raises_held_out_preference_accuracy(tmp_path, tok
     # a random-init 2-layer model generalizes little from 160 pairs (0.525 → 0.600 observed): a direction, not a figure
     assert after > before + 0.05
     assert log_rows(tmp_path / "run", "val_loss")[-1]["val_accuracy"] > 0.6  # reward accuracy, 0 at the start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref", ["copy", "adapter", "precompute"])
+def test_two_ddp_processes_match_one_process(setup, ref):
+    from tests.test_distributed import max_gap, xiaolm
+    from tests.test_train_loop import losses
+
+    tmp, data = setup
+    args = [f"init_from={tmp / 'base'}", f"data.path={data}", f"data.val_path={data}", "data.seq_len=64",
+            "device=cpu", "dtype=fp32", "max_steps=4", "lr=1e-3", "warmup_steps=0", "log_every=1", "eval_every=4",
+            "save_every=4", f"dpo.ref={ref}", *(["lora.r=4", "lora.alpha=8"] if ref == "adapter" else [])]
+    xiaolm(["dpo", f"out={tmp / 'single'}", "batch_size=4", *args])
+    xiaolm(["dpo", f"out={tmp / 'multi'}", "batch_size=2", *args], processes=2)
+    assert max_gap(losses(tmp / "single"), losses(tmp / "multi")) < 1e-5
+    assert log_rows(tmp / "multi", "val_loss")[-1]["val_loss"] == pytest.approx(
+        log_rows(tmp / "single", "val_loss")[-1]["val_loss"], abs=1e-5)
