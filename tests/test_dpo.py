@@ -230,6 +230,7 @@ def preference_accuracy(model: nn.Module, objective: dpo.DPOObjective) -> float:
     return right / len(objective.val)
 
 
+@pytest.mark.slow
 def test_dpo_on_the_demo_pairs_raises_held_out_preference_accuracy(tmp_path, tokenizer_dir, monkeypatch):
     from xiaolm.data.demo.heldout import arithmetic_pairs
     from xiaolm.data.demo.later_stages import preference_pairs

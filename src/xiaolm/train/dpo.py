@@ -60,16 +60,11 @@ def _answer(record: dict, key: str) -> str:
 
 
 def _prompt(record: dict) -> list[dict]:
-    """The conversation before the answer, ending with a user turn."""
-    if "messages" in record:
-        messages = record["messages"]
-    elif isinstance(record.get("prompt"), str):
-        messages = [{"role": "user", "content": record["prompt"]}]
-    else:
-        messages = record.get("prompt")  # TRL's conversational layout: a list of messages
-    if not isinstance(messages, list) or not any(
-            isinstance(m, dict) and m.get("role") == "user" and str(m.get("content") or "").strip()
-            for m in messages):
+    """The conversation before the answer (`messages`, a `prompt` string or TRL's list), ending with a user turn."""
+    messages = record.get("messages", record.get("prompt"))
+    messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "user"
+                                                 and str(m.get("content") or "").strip() for m in messages):
         raise Unusable("no_user_turn", "the prompt has no non-empty user turn")
     try:
         messages = normalize_chat({"messages": messages})
@@ -186,10 +181,9 @@ class DPOObjective(Objective):
 
     def _precompute(self, model: nn.Module, run: RunContext) -> None:
         digest = hashlib.sha256(str(run.cfg.init_from).encode())
-        for pairs in (self.train, self.val):
-            for side in (s for pair in pairs for s in pair):
-                digest.update(side[0].tobytes() + b"|" + side[1].tobytes())
-        path = run.run_dir / f"ref_logps-{digest.hexdigest()[:16]}.safetensors"
+        for ids, labels in (side for pairs in (self.train, self.val) for pair in pairs for side in pair):
+            digest.update(ids.tobytes() + b"|" + labels.tobytes())
+        path = run.run_dir / f"ref_logps-{digest.hexdigest()[:16]}.safetensors"  # keyed by data and init_from
         from safetensors.torch import load_file, save
 
         if path.is_file():
@@ -218,8 +212,7 @@ class DPOObjective(Objective):
     def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Pairs first … first+count-1 of per-epoch permutations: 2·count rows, the chosen ones first."""
         n = len(self.train)
-        rows = [shuffled_index(pos, n, self.seed, epoch) for epoch, pos in (divmod(k, n)
-                                                                            for k in range(first, first + count))]
+        rows = [shuffled_index(k % n, n, self.seed, k // n) for k in range(first, first + count)]
         return self._batch(self.train, rows, "train")
 
     def _batches(self, pairs: list[Pair], split: str = "") -> Iterator[dict[str, torch.Tensor]]:
