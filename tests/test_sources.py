@@ -29,6 +29,8 @@ def test_every_recipe_has_a_fixture_and_writes_records_of_its_kind(tmp_path):
             if recipe.kind == "chat":
                 roles = [m["role"] for m in r["messages"]]
                 assert roles[0] == "user" and roles[-1] == "assistant" and all(m["content"] for m in r["messages"])
+            elif recipe.kind == "preference":
+                assert r["chosen"] and r["rejected"] and (r.get("prompt") or r["messages"][-1]["role"] == "user")
             else:
                 assert r["text"].strip()
 
@@ -68,6 +70,22 @@ def test_belle_multiturn_keeps_turns_and_rejects_unknown_speakers(tmp_path):
     assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant", "user", "assistant"]
     assert records[0]["id"] == "77771"
     assert rejects[0]["reason"] == "bad_record" and "robot" in rejects[0]["detail"]
+
+
+def test_preference_layouts_become_prompt_or_messages_with_chosen_and_rejected(tmp_path):
+    _, plain, rejects = imported("prompt-chosen-rejected", tmp_path)
+    assert plain[0] == {"prompt": "中国的首都是哪座城市？", "chosen": "中国的首都是北京。",
+                        "rejected": "中国的首都是上海。", "id": "p1", "source": "prompt-chosen-rejected"}
+    assert [r["reason"] for r in rejects] == ["missing_field"]
+    _, sharegpt, rejects = imported("llamafactory-dpo", tmp_path)
+    assert [m["role"] for m in sharegpt[1]["messages"]] == ["user", "assistant", "user"]
+    assert sharegpt[1]["chosen"].startswith("西红柿") and sharegpt[1]["rejected"] == "自己想。"
+    assert rejects[0]["reason"] == "bad_record" and "chosen" in rejects[0]["detail"]
+    _, medical, rejects = imported("medicalgpt-reward", tmp_path)
+    assert [m["role"] for m in medical[0]["messages"]] == ["system", "user", "assistant", "user"]
+    assert medical[0]["messages"][-1]["content"] == "大概一周了，该怎么办？"
+    assert medical[1]["messages"] == [{"role": "user", "content": "感冒了可以喝冷饮吗？"}]
+    assert [r["reason"] for r in rejects] == ["missing_field"]
 
 
 def test_wikiextractor_doc_blocks_and_json_lines(tmp_path):

@@ -39,6 +39,7 @@ keys: out seed device dtype max_steps batch_size grad_accum lr warmup_steps log_
 TRAIN_STAGES = {
     "pretrain": ("pretrain a Llama-style model on packed token files", "xiaolm.train.pretrain:run_pretrain"),
     "sft": ("supervised fine-tuning on chat records (loss on assistant tokens)", "xiaolm.train.sft:run_sft"),
+    "dpo": ("direct preference optimization on {prompt, chosen, rejected} records", "xiaolm.train.dpo:run_dpo"),
 }
 
 

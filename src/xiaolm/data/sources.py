@@ -46,7 +46,7 @@ class Recipe:
     """How one public dataset's records become ours."""
 
     name: str
-    kind: str  # text | chat
+    kind: str  # text | chat | preference
     url: str
     licence: str
     fields: tuple[str, ...]  # every record must carry these, non-empty
@@ -129,6 +129,29 @@ def _wiki_files(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def _sharegpt_preference(r: dict) -> dict:
+    """LLaMA-Factory DPO layout: conversations [{from, value}] then chosen / rejected {from, value}."""
+    messages = _conversations(r)["messages"]
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("the conversation must end with a human turn")
+    answers = {}
+    for key in ("chosen", "rejected"):
+        turn = r[key]
+        if _ROLES.get(str(turn.get("from", "")).lower()) != "assistant" or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{key} must be an assistant turn {{from: gpt, value}}")
+        answers[key] = turn["value"].strip()
+    return {"messages": messages, **answers}
+
+
+def _history_preference(r: dict) -> dict:
+    """MedicalGPT reward layout: system, history [[question, answer], …], question, response_chosen/rejected."""
+    messages = [{"role": "system", "content": r["system"].strip()}] if (r.get("system") or "").strip() else []
+    for question, answer in r.get("history") or []:
+        messages += _chat(question, answer)["messages"]
+    messages.append({"role": "user", "content": r["question"].strip()})
+    return {"messages": messages, "chosen": r["response_chosen"].strip(), "rejected": r["response_rejected"].strip()}
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("webtext2019zh", "chat", "https://github.com/brightmart/nlp_chinese_corpus",
            "see the repository's terms", ("title", "content"),
@@ -163,6 +186,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("alpaca-gpt4-zh", "chat", "https://github.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM",
            "CC BY-NC 4.0 per the source repository (research use)", ("instruction", "output"),
            _instruction, layout="a JSON array of {instruction, input, output} (alpaca_gpt4_data_zh.json)"),
+    Recipe("prompt-chosen-rejected", "preference", "https://huggingface.co/docs/trl/dataset_formats (standard "
+           "preference)", "that of the dataset", ("prompt", "chosen", "rejected"),
+           lambda r: {"prompt": r["prompt"].strip(), "chosen": r["chosen"].strip(),
+                      "rejected": r["rejected"].strip(), "id": r.get("id")},
+           layout="JSON lines or Parquet: prompt, chosen, rejected (strings)"),
+    Recipe("llamafactory-dpo", "preference",
+           "https://github.com/hiyouga/LLaMA-Factory/blob/main/data/dpo_zh_demo.json", "that of the dataset",
+           ("conversations", "chosen", "rejected"), _sharegpt_preference,
+           layout="a JSON array of {conversations: [{from, value}], chosen: {from, value}, rejected: {from, value}}"),
+    Recipe("medicalgpt-reward", "preference", "https://github.com/shibing624/MedicalGPT (data/reward)",
+           "that of the dataset", ("question", "response_chosen", "response_rejected"), _history_preference,
+           layout="JSON lines: system, history [[question, answer], …], question, response_chosen, "
+                  "response_rejected"),
     Recipe("zhwiki", "text", "https://dumps.wikimedia.org/zhwiki/ (then WikiExtractor)",
            "CC BY-SA 4.0 (Wikipedia text)", ("title", "text"),
            lambda r: {"text": html.unescape(r["text"]), "id": r.get("id"), "title": r["title"]},
@@ -174,7 +210,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 
 
 def _missing(record: dict, fields: tuple[str, ...]) -> list[str]:
-    return [f for f in fields if not record.get(f) or not isinstance(record[f], str | list)]
+    return [f for f in fields if not record.get(f) or not isinstance(record[f], str | list | dict)]
 
 
 def import_records(recipe_name: str, inputs: Sequence[str | Path], out_dir: str | Path,

@@ -25,6 +25,16 @@ class DataConfig:
 
 
 @dataclass
+class DPOSettings:
+    """Direct preference optimization (`xiaolm dpo`): the loss, its strength, and where the reference comes from."""
+
+    beta: float = 0.1  # how far from the reference the policy may move (higher: stays closer)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo: squared loss on per-token-averaged log-ratios (as TRL)
+    sft_weight: float = 0.0  # > 0 adds this × the mean NLL of the chosen answers' tokens
+    ref: Literal["auto", "copy", "adapter", "precompute"] = "auto"  # auto: adapter when lora.r > 0, else copy
+
+
+@dataclass
 class TrainConfig:
     """Keys every training stage understands."""
 
@@ -61,3 +71,4 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)  # parts that do not train: embeddings, lm_head, layers.0-3
     model: ModelConfig = field(default_factory=LlamaConfig)  # model.arch picks the architecture
     data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)

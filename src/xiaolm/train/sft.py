@@ -25,7 +25,6 @@ from xiaolm.train.stage import run_stage
 log = logging.getLogger(__name__)
 
 
-
 def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: RejectLog | None) -> list[Example]:
     """Encode chat records into (input_ids, labels), truncated to seq_len + 1; bad records go to rejects."""
     examples: list[Example] = []
@@ -37,6 +36,21 @@ def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: Reje
                 rejects.add(e.reason, where, record, e.detail)
     return examples
 
+
+
+def resolve_tokenizer_dir(cfg: TrainConfig) -> str:
+    """data.tokenizer, else the init_from run's tokenizer/, else the init_from HF model dir itself."""
+    tokenizer_dir = cfg.data.tokenizer or (str(Path(cfg.init_from) / "tokenizer") if cfg.init_from else "")
+    if cfg.init_from and not cfg.data.tokenizer and not Path(tokenizer_dir).is_dir():
+        tokenizer_dir = cfg.init_from  # an HF model dir carries its tokenizer files itself
+    return tokenizer_dir
+
+
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, validation): a seeded random `fraction` (at least one item when there are two) held out."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = max(1, int(len(items) * fraction)) if len(items) > 1 else 0
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
 class SFTObjective(Objective):
@@ -83,9 +97,7 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
     """The `xiaolm sft` stage."""
     if not cfg.data.path:
         raise XiaolmError("data.path is empty", where="config", hint="set data.path to chat JSONL file(s)")
-    tokenizer_dir = cfg.data.tokenizer or (str(Path(cfg.init_from) / "tokenizer") if cfg.init_from else "")
-    if cfg.init_from and not cfg.data.tokenizer and not Path(tokenizer_dir).is_dir():
-        tokenizer_dir = cfg.init_from  # an HF model dir carries its tokenizer files itself
+    tokenizer_dir = resolve_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,10 +110,7 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
             val = load_chat_examples(split_paths(cfg.data.val_path), tokenizer, cfg.data.seq_len, rejects)
             train_set = examples
         else:
-            order = np.random.default_rng(cfg.seed).permutation(len(examples))
-            n_val = max(1, int(len(examples) * cfg.data.val_fraction)) if len(examples) > 1 else 0
-            val = [examples[i] for i in order[:n_val]]
-            train_set = [examples[i] for i in order[n_val:]]
+            train_set, val = split_held_out(examples, cfg.data.val_fraction, cfg.seed)
     if rejects.total:
         log.warning("sft: %d records rejected — see %s", rejects.total, out / "rejects.jsonl")
     if not train_set or not val:

@@ -1,0 +1,289 @@
+"""Direct preference optimization (Rafailov et al., 2023) on preference records, against a frozen reference.
+
+A pair is the prompt with its chosen and with its rejected answer, ChatML-encoded with labels on that answer only
+(content + <|im_end|>). A batch of B pairs is one forward of 2B rows, chosen first, so DDP sees one forward.
+A sequence's log-prob is the sum of its answer tokens' log-probs, as in TRL. The reference is a frozen copy
+(ref=copy), the adapter-free base of a LoRA run (ref=adapter, no second model), or log-probs computed once before
+training and cached in the run dir (ref=precompute).
+
+Length rule: sequences keep their start and are cut to data.seq_len + 1 tokens (as SFT, and TRL's keep_start);
+a pair where either answer keeps fewer than min(its length, MIN_ANSWER_TOKENS) tokens is rejected
+(`prompt_too_long`), so no pair trains on a stub of an answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xiaolm.chat_format import normalize_chat
+from xiaolm.errors import Unusable, XiaolmError
+from xiaolm.io import atomic_open
+from xiaolm.model.adapters import is_lora
+from xiaolm.records.read import read_records
+from xiaolm.records.rejects import RejectLog
+from xiaolm.tokenizer import load_tokenizer
+from xiaolm.tokenizer.chat import IGNORE, Example, collate, encode_chat
+from xiaolm.train.config import DPOSettings, TrainConfig
+from xiaolm.train.objective import Metrics, Objective, RunContext, eval_mode, to_device
+from xiaolm.train.pretrain import split_paths
+from xiaolm.train.sft import pad_token_id, resolve_tokenizer_dir, shuffled_index, split_held_out
+from xiaolm.train.stage import run_stage
+
+log = logging.getLogger(__name__)
+
+MIN_ANSWER_TOKENS = 8
+Pair = tuple[Example, Example]  # (prompt + chosen, prompt + rejected), labels on the answer only
+
+
+def _answer(record: dict, key: str) -> str:
+    """The answer text of `chosen` / `rejected`: a string, a {role, content} dict or a one-message list."""
+    value = record.get(key)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        value = value.get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise Unusable("empty_answer", f"'{key}' is missing or empty")
+    return value
+
+
+def _prompt(record: dict) -> list[dict]:
+    """The conversation before the answer (`messages`, a `prompt` string or TRL's list), ending with a user turn."""
+    messages = record.get("messages", record.get("prompt"))
+    messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "user"
+                                                 and str(m.get("content") or "").strip() for m in messages):
+        raise Unusable("no_user_turn", "the prompt has no non-empty user turn")
+    try:
+        messages = normalize_chat({"messages": messages})
+    except ValueError as e:
+        raise Unusable("bad_chat", str(e)) from None
+    if messages[-1]["role"] != "user":
+        raise Unusable("bad_chat", "the prompt must end with a user turn")
+    return messages
+
+
+def _encode_side(tokenizer: Any, prompt: list[dict], answer: str, seq_len: int) -> Example:
+    ids, labels = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    end = max(i for i, label in enumerate(labels) if label != IGNORE)
+    start = end
+    # the last labelled run is the answer: earlier assistant turns are context
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    labels = [IGNORE] * start + labels[start:]
+    total = end + 1 - start
+    ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
+    kept = sum(label != IGNORE for label in labels)
+    if kept < min(total, MIN_ANSWER_TOKENS):
+        raise Unusable("prompt_too_long", f"{kept} of {total} answer tokens fit in data.seq_len={seq_len}")
+    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+
+
+def encode_pair(tokenizer: Any, record: dict, seq_len: int) -> Pair:
+    """A preference record as (chosen, rejected) examples; Unusable when it cannot train."""
+    if not isinstance(record, dict):
+        raise Unusable("bad_chat", "a preference record must be a JSON object")
+    chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise Unusable("same_answers", "chosen and rejected are the same answer")
+    prompt = _prompt(record)
+    return _encode_side(tokenizer, prompt, chosen, seq_len), _encode_side(tokenizer, prompt, rejected, seq_len)
+
+
+def load_pairs(inputs: list[str], tokenizer: Any, seq_len: int, rejects: RejectLog | None) -> list[Pair]:
+    """Encode preference records; bad ones go to rejects with file:line and reason."""
+    pairs = []
+    for record, where in read_records(inputs, rejects):
+        try:
+            pairs.append(encode_pair(tokenizer, record, seq_len))
+        except Unusable as e:
+            if rejects is not None:
+                rejects.add(e.reason, where, record, e.detail)
+    return pairs
+
+
+def dpo_loss(token_logps: torch.Tensor, ref_logps: torch.Tensor, answer: torch.Tensor, settings: DPOSettings
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, metrics) from per-token log-probs [2B,T] (chosen rows first), reference sequence log-probs [2B]
+    and the answer-token mask [2B,T]."""
+    beta = settings.beta
+    chosen_ratio, rejected_ratio = (token_logps.sum(-1) - ref_logps).chunk(2)
+    if settings.loss == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif settings.loss == "ipo":  # log-ratios averaged over answer tokens, as TRL (IPO's authors confirmed it)
+        n_chosen, n_rejected = answer.sum(-1).clamp(min=1).chunk(2)
+        losses = (chosen_ratio / n_chosen - rejected_ratio / n_rejected - 1 / (2 * beta)) ** 2
+    else:
+        raise XiaolmError(f"dpo.loss={settings.loss!r}", where="dpo.loss", hint="use sigmoid or ipo")
+    loss = losses.mean()
+    if settings.sft_weight:
+        chosen_tokens, chosen_mask = token_logps.chunk(2)[0], answer.chunk(2)[0]
+        loss = loss - settings.sft_weight * chosen_tokens[chosen_mask].mean()
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return loss, {"rewards_chosen": chosen_reward.mean(), "rewards_rejected": rejected_reward.mean(),
+                  "margin": (chosen_reward - rejected_reward).mean(),
+                  "accuracy": (chosen_reward > rejected_reward).float().mean()}
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the answer tokens' log-probs for each row [2B]."""
+    return model(batch["x"], batch["y"], output="logprobs").sum(-1)
+
+
+def _peft_model(module: nn.Module) -> nn.Module:
+    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+    if not is_lora(inner):
+        raise XiaolmError("dpo.ref=adapter needs LoRA adapters", where="dpo.ref",
+                          hint="set lora.r > 0, or dpo.ref=copy / precompute")
+    return inner
+
+
+class DPOObjective(Objective):
+    """Shuffled epochs over preference pairs (rows are pairs); best/ is the lowest held-out DPO loss."""
+
+    def __init__(self, train: list[Pair], val: list[Pair], settings: DPOSettings, batch_size: int, seed: int,
+                 pad_id: int, eval_batches: int):
+        if settings.beta <= 0:
+            raise XiaolmError(f"dpo.beta={settings.beta} must be positive", where="dpo.beta")
+        self.train, self.val = train, val[:eval_batches * batch_size]
+        self.settings, self.batch_size, self.seed, self.pad_id = settings, batch_size, seed, pad_id
+        self.ref: nn.Module | None = None  # the frozen copy (ref=copy)
+        self.ref_mode = settings.ref
+        self.cached: dict[str, torch.Tensor] = {}  # ref=precompute: "train" / "val" → [pairs, 2] log-probs
+
+    def setup(self, model: nn.Module, run: RunContext) -> nn.Module:
+        """Build the reference: a frozen copy, nothing (adapters off), or cached log-probs."""
+        if self.ref_mode == "auto":
+            self.ref_mode = "adapter" if is_lora(model) else "copy"
+        if self.ref_mode == "copy":
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        elif self.ref_mode == "adapter":
+            _peft_model(model)
+        elif self.ref_mode == "precompute":
+            self._precompute(model, run)
+        else:
+            raise XiaolmError(f"dpo.ref={self.ref_mode!r}", where="dpo.ref",
+                              hint="use auto, copy, adapter or precompute")
+        log.info("dpo: reference = %s", self.ref_mode)
+        return model
+
+    def _precompute(self, model: nn.Module, run: RunContext) -> None:
+        digest = hashlib.sha256(str(run.cfg.init_from).encode())
+        for ids, labels in (side for pairs in (self.train, self.val) for pair in pairs for side in pair):
+            digest.update(ids.tobytes() + b"|" + labels.tobytes())
+        path = run.run_dir / f"ref_logps-{digest.hexdigest()[:16]}.safetensors"  # keyed by data and init_from
+        from safetensors.torch import load_file, save
+
+        if path.is_file():
+            self.cached = load_file(str(path))
+            log.info("dpo: reference log-probs reused from %s", path)
+            return
+        adapters_off = _peft_model(model).disable_adapter() if is_lora(model) else contextlib.nullcontext()
+        with torch.no_grad(), eval_mode(model), run.autocast(), adapters_off:
+            for name, pairs in (("train", self.train), ("val", self.val)):
+                logps = [sequence_logps(model, to_device(batch, run.device)).float().cpu()
+                         for batch in self._batches(pairs)]
+                both = torch.cat([torch.stack(row.chunk(2), 1) for row in logps]) if logps else torch.zeros(0, 2)
+                self.cached[name] = both  # [pairs, 2]: chosen, rejected
+        if run.dist.is_main:
+            with atomic_open(path, "wb") as f:
+                f.write(save({k: v.contiguous() for k, v in self.cached.items()}))
+        log.info("dpo: reference log-probs of %d + %d pairs cached in %s", len(self.train), len(self.val), path)
+
+    def _batch(self, pairs: list[Pair], rows: list[int], split: str = "") -> dict[str, torch.Tensor]:
+        batch = collate([pairs[i][0] for i in rows] + [pairs[i][1] for i in rows], self.pad_id)
+        if split in self.cached:
+            ref = self.cached[split][rows]
+            batch["ref"] = torch.cat([ref[:, 0], ref[:, 1]])
+        return batch
+
+    def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        """Pairs first … first+count-1 of per-epoch permutations: 2·count rows, the chosen ones first."""
+        n = len(self.train)
+        rows = [shuffled_index(k % n, n, self.seed, k // n) for k in range(first, first + count)]
+        return self._batch(self.train, rows, "train")
+
+    def _batches(self, pairs: list[Pair], split: str = "") -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, len(pairs), self.batch_size):
+            yield self._batch(pairs, list(range(i, min(i + self.batch_size, len(pairs)))), split)
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The first eval_batches × batch_size validation pairs."""
+        return self._batches(self.val, "val")
+
+    def reference_logps(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reference model's sequence log-probs for the batch's rows [2B]."""
+        if "ref" in batch:
+            return batch["ref"]
+        with torch.no_grad():
+            if self.ref is not None:
+                return sequence_logps(self.ref, batch)
+            peft = _peft_model(module)
+            with peft.disable_adapter():
+                return sequence_logps(peft, batch)
+
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        ref = self.reference_logps(module, batch)
+        token_logps = module(batch["x"], batch["y"], output="logprobs")  # chosen and rejected in one forward
+        loss, metrics = dpo_loss(token_logps, ref.to(token_logps.dtype), batch["y"] != IGNORE, self.settings)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, run: RunContext) -> Metrics:
+        """Held-out loss, rewards, margin and reward accuracy, averaged over pairs."""
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in self.eval_batches():
+            batch = to_device(batch, run.device)
+            with run.autocast():
+                loss, metrics = self.loss(module, batch)
+            n = batch["x"].shape[0] // 2
+            for key, value in {"loss": float(loss), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value * n
+            count += n
+        return {f"val_{k}": v / max(1, count) for k, v in sums.items()}
+
+
+def run_dpo(cfg: TrainConfig, resume: bool = False) -> dict:
+    """The `xiaolm dpo` stage."""
+    if not cfg.init_from:
+        raise XiaolmError("DPO starts from a trained model, but init_from is empty", where="init_from",
+                          hint="set init_from to an SFT run dir or an HF causal-LM dir")
+    if not cfg.data.path:
+        raise XiaolmError("data.path is empty", where="config",
+                          hint='set data.path to preference JSONL: {"prompt", "chosen", "rejected"}')
+    tokenizer_dir = resolve_tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with RejectLog(out / "rejects.jsonl" if main else None) as rejects:
+        pairs = load_pairs(split_paths(cfg.data.path), tokenizer, cfg.data.seq_len, rejects)
+        if cfg.data.val_path:
+            train_set, val = pairs, load_pairs(split_paths(cfg.data.val_path), tokenizer, cfg.data.seq_len, rejects)
+        else:
+            train_set, val = split_held_out(pairs, cfg.data.val_fraction, cfg.seed)
+    if rejects.total:
+        log.warning("dpo: %d records rejected (%s) — see %s", rejects.total, rejects.summary(),
+                    out / "rejects.jsonl")
+    if not train_set or not val:
+        raise XiaolmError(f"need training and validation pairs, got {len(train_set)} and {len(val)}",
+                          where=cfg.data.path, hint='records must be {"prompt", "chosen", "rejected"}; '
+                                                     f"see {out / 'rejects.jsonl'}")
+    pad_id = pad_token_id(tokenizer, tokenizer_dir)
+    log.info("dpo: %d training pairs, %d validation pairs", len(train_set), len(val))
+    return run_stage(cfg, "dpo", tokenizer_dir, len(tokenizer),
+                     lambda c, ctx: DPOObjective(train_set, val, c.dpo, c.batch_size, c.seed, pad_id,
+                                                 c.eval_batches), resume)
