@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--json", action="store_true", help="print the stats as JSON")
 
     for stage, text in (("pretrain", "pretrain a Llama-style model on packed token files"),
-                        ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)")):
+                        ("sft", "supervised fine-tuning on chat records (loss on assistant tokens)"),
+                        ("finetune", "fine-tune for triplet extraction, scored by triplet F1, chat ability kept")):
         s = _add_parser(sub, stage, text, TRAIN_EPILOG.format(stage=stage))
         s.add_argument("--config", help="YAML config file")
         s.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "  xiaolm eval runs/demo/model --task exact --data runs/demo/corpus/eval/heldout_qa.jsonl\n"
                      "  xiaolm eval runs/demo/model --task choice --data runs/demo/corpus/eval/choice.jsonl")
     ev.add_argument("model")
-    ev.add_argument("--task", required=True, choices=["ppl", "exact", "choice"])
+    ev.add_argument("--task", required=True, choices=["ppl", "exact", "choice", "extraction"])
     ev.add_argument("--data", required=True)
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
     ev.add_argument("--out", help="write the result as JSON here")
@@ -184,6 +185,10 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         result = perplexity_by_source(model, tokenizer, items, doc_mask=args.doc_mask)
     elif args.task == "exact":
         result = exact_match(model, tokenizer, items)
+    elif args.task == "extraction":  # {"text", "triplets"} records: exact-triplet precision, recall, F1
+        from xiaolm.eval.extraction import extraction_f1
+
+        result = extraction_f1(model, tokenizer, items)
     else:
         result = choice_accuracy(model, tokenizer, items)
     text = json.dumps(result, ensure_ascii=False, indent=2)
@@ -250,7 +255,7 @@ def run(argv: list[str] | None = None) -> int:
         train_tokenizer(args.inputs, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                         cjk_chars=args.cjk_chars, backend=args.backend, max_memory=args.max_memory,
                         workers=args.workers)
-    elif args.command in ("pretrain", "sft"):
+    elif args.command in ("pretrain", "sft", "finetune"):
         from xiaolm.train.config import TrainConfig
 
         cfg = load_config(TrainConfig, args.config, args.overrides)
@@ -258,6 +263,10 @@ def run(argv: list[str] | None = None) -> int:
             from xiaolm.train.pretrain import run_pretrain
 
             run_pretrain(cfg, resume=args.resume)
+        elif args.command == "finetune":
+            from xiaolm.train.finetune import run_finetune
+
+            run_finetune(cfg, resume=args.resume)
         else:
             from xiaolm.train.sft import run_sft
 
