@@ -201,3 +201,25 @@ def test_settings_are_checked_before_any_work(tmp_path, demo_tokenizer):
     cfg.data.chat_path = ""
     with pytest.raises(XiaolmError, match="chat_path"):
         run_finetune(cfg)
+
+
+def test_cli_finetune_then_eval_extraction(tmp_path, demo_tokenizer, capsys):
+    from xiaolm.cli import main
+
+    paths = demo_data(tmp_path, 16, 4)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--config", str(Path(__file__).parent.parent / "configs" / "finetune-triplets.yaml"),
+              "init_from=", f"data.tokenizer={demo_tokenizer}", f"data.path={paths['train']}",
+              f"data.chat_path={paths['chats']}", f"data.chat_val_path={paths['chat_val']}", f"out={out}",
+              "max_steps=2", "eval_every=2", "batch_size=4", "device=cpu", "model.dim=32", "model.n_layers=1",
+              "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=320", "finetune.eval_records=2",
+              "finetune.max_new_tokens=8", "finetune.chat_mix=0.5"])
+    assert e.value.code == 0
+    assert set(json.loads((out / "retention.json").read_text())["after"]) >= {"triplet_f1", "chat_exact"}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(out), "--task", "extraction", "--data", str(paths["val"])])
+    assert e.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 4 and set(result) >= {"precision", "recall", "f1", "examples"}
