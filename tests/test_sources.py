@@ -31,6 +31,8 @@ def test_every_recipe_has_a_fixture_and_writes_records_of_its_kind(tmp_path):
                 assert roles[0] == "user" and roles[-1] == "assistant" and all(m["content"] for m in r["messages"])
             elif recipe.kind == "preference":
                 assert r["chosen"] and r["rejected"] and (r.get("prompt") or r["messages"][-1]["role"] == "user")
+            elif recipe.kind == "extraction":
+                assert r["text"].strip() and r["triplets"] and all(len(t) == 3 and all(t) for t in r["triplets"])
             else:
                 assert r["text"].strip()
 
@@ -86,6 +88,17 @@ def test_preference_layouts_become_prompt_or_messages_with_chosen_and_rejected(t
     assert medical[0]["messages"][-1]["content"] == "大概一周了，该怎么办？"
     assert medical[1]["messages"] == [{"role": "user", "content": "感冒了可以喝冷饮吗？"}]
     assert [r["reason"] for r in rejects] == ["missing_field"]
+
+
+def test_duie_spo_lists_become_triplets_with_complex_objects_split_by_key(tmp_path):
+    report, records, rejects = imported("duie", tmp_path)
+    assert records[0]["triplets"] == [["山间小路", "作者", "青禾"], ["山间小路", "出版社", "南川出版社"]]
+    assert records[1]["triplets"] == [["北州往事", "上映时间", "2019年"], ["北州往事", "上映时间_inArea", "东州"],
+                                      ["北州往事", "主演", "林远"]]  # the repeated spo is kept once
+    assert records[0]["text"].startswith("《山间小路》") and records[0]["id"] == "duie:duie_train.json:1"
+    assert report["rejected"] == {"missing_field": 1, "bad_record": 1}
+    assert [(r["where"].rsplit(":", 1)[1], r["reason"]) for r in rejects] == [("3", "missing_field"),
+                                                                                ("5", "bad_record")]
 
 
 def test_wikiextractor_doc_blocks_and_json_lines(tmp_path):

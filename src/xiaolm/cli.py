@@ -40,6 +40,8 @@ TRAIN_STAGES = {
     "pretrain": ("pretrain a Llama-style model on packed token files", "xiaolm.train.pretrain:run_pretrain"),
     "sft": ("supervised fine-tuning on chat records (loss on assistant tokens)", "xiaolm.train.sft:run_sft"),
     "dpo": ("direct preference optimization on {prompt, chosen, rejected} records", "xiaolm.train.dpo:run_dpo"),
+    "finetune": ("fine-tune for triplet extraction, scored by triplet F1, chat ability kept",
+                 "xiaolm.train.finetune:run_finetune"),
 }
 
 
@@ -262,7 +264,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--task", required=True, choices=["ppl", "exact", "choice"])
+    p.add_argument("--task", required=True, choices=["ppl", "exact", "choice", "extraction"])
     p.add_argument("--data", required=True)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
     p.add_argument("--out", help="write the result as JSON here")

@@ -1,9 +1,9 @@
 """Recipes that map public Chinese datasets, in the layout they are downloaded in, to xiaolm's record kinds.
 
 `xiaolm data import RECIPE FILE... --out DIR` streams the files, converts every record (text: {"text"}; chat:
-{"messages"}), keeps an `id` and the `source`, and writes part-NNNNN.jsonl shards, report.json and rejects.jsonl.
-A file that does not look like the recipe's layout (its fields are missing from most of the first records)
-stops the import at once with the fields expected and the fields found.
+{"messages"}; extraction: {"text", "triplets"}), keeps an `id` and the `source`, and writes part-NNNNN.jsonl
+shards, report.json and rejects.jsonl. A file that does not look like the recipe's layout (its fields are missing
+from most of the first records) stops the import at once with the fields expected and the fields found.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Recipe:
     """How one public dataset's records become ours."""
 
     name: str
-    kind: str  # text | chat | preference
+    kind: str  # text | chat | preference | extraction
     url: str
     licence: str
     fields: tuple[str, ...]  # every record must carry these, non-empty
@@ -85,6 +85,28 @@ def _conversations(r: dict) -> dict:
             raise ValueError(f"turn with from={turn.get('from')!r} is neither human nor assistant")
         messages.append({"role": role, "content": turn["value"].strip()})
     return {"messages": messages}
+
+
+def _spo_triplets(r: dict) -> dict:
+    """DuIE 2.0 layout: spo_list → triplets [subject, predicate, object["@value"]], in order, duplicates dropped.
+
+    A complex relation's extra object keys (e.g. 上映时间 with inArea) become triplets of their own:
+    [subject, predicate_key, object[key]], so [北州往事, 上映时间, 2019年] and [北州往事, 上映时间_inArea, 东州].
+    """
+    triplets: list[list[str]] = []
+    for spo in r["spo_list"]:
+        obj = spo["object"]
+        values = {"@value": obj} if isinstance(obj, str) else obj
+        if not isinstance(values, dict) or "@value" not in values:
+            raise ValueError(f"spo {spo!r}: object must be a string or an object with @value")
+        if not all(isinstance(v, str) for v in (spo["subject"], spo["predicate"], *values.values())):
+            raise ValueError(f"spo {spo!r}: subject, predicate and object values must be strings")
+        for key, value in values.items():
+            predicate = spo["predicate"] if key == "@value" else f"{spo['predicate']}_{key}"
+            triplet = [spo["subject"].strip(), predicate.strip(), value.strip()]
+            if triplet not in triplets:
+                triplets.append(triplet)
+    return {"text": r["text"], "triplets": triplets}
 
 
 def _read_wikiextractor(files: list[Path], rejects: RejectLog) -> Iterator[tuple[dict, str]]:
@@ -199,6 +221,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "that of the dataset", ("question", "response_chosen", "response_rejected"), _history_preference,
            layout="JSON lines: system, history [[question, answer], …], question, response_chosen, "
                   "response_rejected"),
+    Recipe("duie", "extraction", "https://www.luge.ai/#/luge/dataDetail?id=5 (DuIE 2.0, Baidu)",
+           "research use per the LUGE terms; check them before any other use", ("text", "spo_list"), _spo_triplets,
+           layout="JSON lines: text, spo_list [{predicate, subject, subject_type, object {@value, …}, object_type}]"),
     Recipe("zhwiki", "text", "https://dumps.wikimedia.org/zhwiki/ (then WikiExtractor)",
            "CC BY-SA 4.0 (Wikipedia text)", ("title", "text"),
            lambda r: {"text": html.unescape(r["text"]), "id": r.get("id"), "title": r["title"]},

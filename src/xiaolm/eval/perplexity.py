@@ -62,3 +62,23 @@ def perplexity_by_source(model: nn.Module, tokenizer, records: list[dict], seq_l
     result["by_source"] = {source: perplexity(model, tokenizer, texts, seq_len, batch_size, doc_mask)
                            for source, texts in groups.items()}
     return result
+
+
+@torch.no_grad()
+def answer_perplexity(model: nn.Module, tokenizer, items: list[dict], seq_len: int = 256,
+                      batch_size: int = 8) -> dict:
+    """exp(mean loss) on the assistant tokens only of `{"messages", "answer"}` items (answer as the last turn)."""
+    from xiaolm.tokenizer.chat import encode_example
+
+    chats = [{"messages": [*item["messages"], {"role": "assistant", "content": item["answer"]}]} for item in items]
+    examples = [encode_example(tokenizer, chat, min(seq_len, model.cfg.max_seq_len)) for chat in chats]
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        batch = collate(examples[b:b + batch_size], tokenizer.pad_token_id)
+        n = int((batch["y"] != -100).sum())
+        _, loss = model(batch["x"].to(device), batch["y"].to(device))
+        total_loss += float(loss) * n
+        total_tokens += n
+    mean = total_loss / max(1, total_tokens)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50)), "tokens": total_tokens}

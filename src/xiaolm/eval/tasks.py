@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from xiaolm.device import resolve_device
 from xiaolm.errors import XiaolmError
+from xiaolm.eval.extraction import extraction_f1
 from xiaolm.eval.perplexity import perplexity_by_source
 from xiaolm.eval.qa import choice_accuracy, exact_match
 from xiaolm.model.export import load_model
 from xiaolm.records.read import read_items
 
-TASKS = ("ppl", "exact", "choice")
+TASKS = ("ppl", "exact", "choice", "extraction")
 
 
 def evaluate(model_path: str, task: str, data: str, limit: int = 0, device: str = "auto",
@@ -31,4 +32,6 @@ def evaluate(model_path: str, task: str, data: str, limit: int = 0, device: str 
         return perplexity_by_source(model, tokenizer, items, doc_mask=doc_mask)
     if task == "exact":
         return exact_match(model, tokenizer, items)
+    if task == "extraction":  # {"text", "triplets"} records: exact-triplet precision, recall, F1
+        return extraction_f1(model, tokenizer, items)
     return choice_accuracy(model, tokenizer, items)

@@ -22,6 +22,19 @@ class DataConfig:
     doc_mask: bool = True  # pretrain: attention stays inside each packed document, positions restart at it
     shuffle_buffer: int = 1024  # streamed data (pretrain from records, sft with stream=true): items mixed in memory
     stream: bool = False  # sft: read the chats through the shuffle buffer instead of holding them all (needs val_path)
+    chat_path: str = ""  # finetune: chat records mixed into its batches (finetune.chat_mix)
+    chat_val_path: str = ""  # finetune: held-out {"messages", "answer"} items, chat ability before and after
+
+
+@dataclass
+class FinetuneSettings:
+    """`xiaolm finetune`: the downstream task and how much chat data keeps the chat ability."""
+
+    task: Literal["triplets"] = "triplets"
+    chat_mix: float = 0.0  # share 0..1 of each batch's rows drawn from data.chat_path
+    eval_records: int = 64  # held-out extraction records answered greedily at each evaluation (val_f1)
+    max_new_tokens: int = 128  # answer budget of those generations
+    retention_items: int = 64  # held-out chat items (data.chat_val_path) scored before and after
 
 
 @dataclass
@@ -72,3 +85,4 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=LlamaConfig)  # model.arch picks the architecture
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # `xiaolm finetune` only
