@@ -153,6 +153,8 @@ def _peft_model(module: nn.Module) -> nn.Module:
 class DPOObjective(Objective):
     """Shuffled epochs over preference pairs (rows are pairs); best/ is the lowest held-out DPO loss."""
 
+    val_loss_is_perplexity = False
+
     def __init__(self, train: list[Pair], val: list[Pair], settings: DPOSettings, batch_size: int, seed: int,
                  pad_id: int, eval_batches: int):
         if settings.beta <= 0:

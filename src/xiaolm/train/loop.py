@@ -308,7 +308,8 @@ def train(cfg: TrainConfig, objective: Objective, model: nn.Module, tokenizer_di
                 if main:
                     plot_losses(log_path, run_dir / "loss.png", title=stage, val_key=metric)
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
-                    ppl = f" (ppl {math.exp(min(last, 50)):.1f})" if metric == "val_loss" else ""
+                    ppl = f" (ppl {math.exp(min(results['val_loss'], 50)):.1f})" \
+                        if objective.val_loss_is_perplexity and "val_loss" in results else ""
                     bar.write(f"{stage} step {step}: {shown}{ppl}")
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.max_steps or flag.stop:

@@ -48,6 +48,7 @@ class Objective:
 
     best_metric = "val_loss"  # the evaluation metric that picks best/
     higher_is_better = False
+    val_loss_is_perplexity = True  # val_loss is a next-token loss: the progress line adds exp(val_loss)
 
     def setup(self, model: nn.Module, run: RunContext) -> nn.Module:
         """Build what the method needs on the run's device; return the module to train (model, or a wrapper
