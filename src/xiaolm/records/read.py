@@ -14,14 +14,16 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from xiaolm.errors import XiaolmError
+from xiaolm.errors import Unusable, XiaolmError
 from xiaolm.records.compression import CHUNK, READ_ERRORS, open_bytes, open_file
 from xiaolm.records.inputs import base_suffix, expand_inputs
 from xiaolm.records.rejects import RejectLog
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +324,19 @@ def read_records(inputs: Sequence[str | Path], rejects: RejectLog | None = None,
     """
     for path in expand_inputs(inputs):
         yield from read_file(path, rejects, encoding=encoding, txt_docs=txt_docs)
+
+
+def convert_records(inputs: Sequence[str | Path], convert: Callable[[dict], T],
+                    rejects: RejectLog | None = None) -> list[T]:
+    """convert(record) for every record of the inputs; one that raises Unusable goes to rejects with its reason."""
+    out: list[T] = []
+    for record, where in read_records(inputs, rejects):
+        try:
+            out.append(convert(record))
+        except Unusable as e:
+            if rejects is not None:
+                rejects.add(e.reason, where, record, e.detail)
+    return out
 
 
 def read_file(path: Path, rejects: RejectLog | None, fmt: str | None = None,

@@ -31,7 +31,7 @@ from xiaolm.chat_format import normalize_chat
 from xiaolm.errors import Unusable, XiaolmError
 from xiaolm.io import atomic_open
 from xiaolm.model.adapters import is_lora
-from xiaolm.records.read import read_records
+from xiaolm.records.read import convert_records
 from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import IGNORE, Example, collate, encode_chat
@@ -104,14 +104,7 @@ def encode_pair(tokenizer: Any, record: dict, seq_len: int) -> Pair:
 
 def load_pairs(inputs: list[str], tokenizer: Any, seq_len: int, rejects: RejectLog | None) -> list[Pair]:
     """Encode preference records; bad ones go to rejects with file:line and reason."""
-    pairs = []
-    for record, where in read_records(inputs, rejects):
-        try:
-            pairs.append(encode_pair(tokenizer, record, seq_len))
-        except Unusable as e:
-            if rejects is not None:
-                rejects.add(e.reason, where, record, e.detail)
-    return pairs
+    return convert_records(inputs, lambda record: encode_pair(tokenizer, record, seq_len), rejects)
 
 
 def dpo_loss(token_logps: torch.Tensor, ref_logps: torch.Tensor, answer: torch.Tensor, settings: DPOSettings

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from xiaolm.data.stream import ChatStream
-from xiaolm.errors import Unusable, XiaolmError
-from xiaolm.records.read import read_records
+from xiaolm.errors import XiaolmError
+from xiaolm.records.read import convert_records
 from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import Example, collate, encode_example
@@ -27,14 +27,7 @@ log = logging.getLogger(__name__)
 
 def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: RejectLog | None) -> list[Example]:
     """Encode chat records into (input_ids, labels), truncated to seq_len + 1; bad records go to rejects."""
-    examples: list[Example] = []
-    for record, where in read_records(inputs, rejects):
-        try:
-            examples.append(encode_example(tokenizer, record, seq_len))
-        except Unusable as e:
-            if rejects is not None:
-                rejects.add(e.reason, where, record, e.detail)
-    return examples
+    return convert_records(inputs, lambda record: encode_example(tokenizer, record, seq_len), rejects)
 
 
 
