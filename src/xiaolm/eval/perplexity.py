@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from xiaolm.model.llama import document_ids
 from xiaolm.tokenizer.chat import collate
 
 
@@ -34,9 +35,8 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256
         batch = collate([(r, r) for r in rows], eos)  # every next token counts: labels are the ids themselves
         x, y = batch["x"], batch["y"]
         doc_ids = None
-        if doc_mask:  # numbered as train/pretrain.py's windows: an EOS ends its document
-            is_eos = (x == eos).long()
-            doc_ids = (is_eos.cumsum(1) - is_eos).to(device)
+        if doc_mask:  # numbered as pretraining's windows: an EOS ends its document
+            doc_ids = document_ids(x, eos).to(device)
             y = y.masked_fill(x == eos, -100)  # the token after an EOS starts a new document
         n = int((y != -100).sum())
         if n == 0:

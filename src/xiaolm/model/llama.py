@@ -384,6 +384,12 @@ class Llama(nn.Module):
         return self.cfg.hf_config(torch_dtype)
 
 
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """The document number of each token of packed rows [B,T]: an EOS ends its document, the next token starts one."""
+    is_eos = (tokens == eos_id).long()
+    return is_eos.cumsum(dim=1) - is_eos
+
+
 def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention mask [B,1,T,T] (causal, within a document) and positions [B,T] restarting at each document."""
     t = doc_ids.shape[1]

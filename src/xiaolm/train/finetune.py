@@ -33,7 +33,14 @@ from xiaolm.tokenizer.chat import Example, collate, encode_chat
 from xiaolm.train.config import FinetuneSettings, TrainConfig
 from xiaolm.train.objective import Metrics, RunContext
 from xiaolm.train.pretrain import split_paths
-from xiaolm.train.sft import SFTObjective, load_chat_examples, pad_token_id, shuffled_index
+from xiaolm.train.sft import (
+    SFTObjective,
+    load_chat_examples,
+    pad_token_id,
+    resolve_tokenizer_dir,
+    shuffled_index,
+    split_held_out,
+)
 from xiaolm.train.stage import build_model, run_stage
 
 log = logging.getLogger(__name__)
@@ -126,16 +133,6 @@ def measure(model: nn.Module, tokenizer: Any, records: list[dict], items: list[d
     return out
 
 
-def _tokenizer_dir(cfg: TrainConfig) -> str:
-    """data.tokenizer, else the init_from run's (or HF model dir's) tokenizer."""
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    if not cfg.init_from:
-        raise XiaolmError("no tokenizer: set data.tokenizer (a fresh model) or init_from", where="config")
-    run_tok = Path(cfg.init_from) / "tokenizer"
-    return str(run_tok if run_tok.is_dir() else cfg.init_from)
-
-
 def _check(cfg: TrainConfig) -> None:
     s = cfg.finetune
     if s.task != "triplets":
@@ -155,7 +152,7 @@ def run_finetune(cfg: TrainConfig, resume: bool = False) -> dict:
     """The `xiaolm finetune` stage (task: triplets)."""
     _check(cfg)
     s, seq_len = cfg.finetune, cfg.data.seq_len
-    tokenizer_dir = _tokenizer_dir(cfg)
+    tokenizer_dir = resolve_tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,11 +161,10 @@ def run_finetune(cfg: TrainConfig, resume: bool = False) -> dict:
         train_set, train_records = load_extraction(split_paths(cfg.data.path), tokenizer, seq_len, rejects)
         if cfg.data.val_path:
             val, val_records = load_extraction(split_paths(cfg.data.val_path), tokenizer, seq_len, rejects)
-        else:
-            order = np.random.default_rng(cfg.seed).permutation(len(train_set))
-            n_val = max(1, int(len(train_set) * cfg.data.val_fraction)) if len(train_set) > 1 else 0
-            val, val_records = [train_set[i] for i in order[:n_val]], [train_records[i] for i in order[:n_val]]
-            train_set = [train_set[i] for i in order[n_val:]]
+        else:  # examples and their records held out together
+            kept, held = split_held_out(list(zip(train_set, train_records, strict=True)), cfg.data.val_fraction,
+                                        cfg.seed)
+            train_set, val, val_records = [e for e, _ in kept], [e for e, _ in held], [r for _, r in held]
         chats = (load_chat_examples(split_paths(cfg.data.chat_path), tokenizer, seq_len, rejects)
                  if s.chat_mix > 0 else [])
     if rejects.total:

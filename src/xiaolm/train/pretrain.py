@@ -13,6 +13,7 @@ import torch
 from xiaolm.data.pack import load_tokens, read_meta
 from xiaolm.data.stream import TokenStream, validation_windows
 from xiaolm.errors import XiaolmError
+from xiaolm.model.llama import document_ids
 from xiaolm.train.config import TrainConfig
 from xiaolm.train.objective import Objective
 from xiaolm.train.stage import run_stage
@@ -25,8 +26,7 @@ def window_batch(windows: torch.Tensor, eos_id: int | None) -> dict[str, torch.T
     token (an EOS ends its document: the next token starts a new one), so attention stays inside documents."""
     batch = {"x": windows[:, :-1].contiguous(), "y": windows[:, 1:].contiguous()}
     if eos_id is not None:
-        is_eos = (batch["x"] == eos_id).long()
-        batch["doc"] = is_eos.cumsum(dim=1) - is_eos
+        batch["doc"] = document_ids(batch["x"], eos_id)
     return batch
 
 

@@ -33,6 +33,8 @@ def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: Reje
 
 def resolve_tokenizer_dir(cfg: TrainConfig) -> str:
     """data.tokenizer, else the init_from run's tokenizer/, else the init_from HF model dir itself."""
+    if not cfg.data.tokenizer and not cfg.init_from:
+        raise XiaolmError("no tokenizer: set data.tokenizer (a fresh model) or init_from", where="config")
     tokenizer_dir = cfg.data.tokenizer or (str(Path(cfg.init_from) / "tokenizer") if cfg.init_from else "")
     if cfg.init_from and not cfg.data.tokenizer and not Path(tokenizer_dir).is_dir():
         tokenizer_dir = cfg.init_from  # an HF model dir carries its tokenizer files itself
