@@ -93,8 +93,8 @@ def test_same_seed_same_corpus_and_another_seed_another(tmp_path):
     assert len(files) >= 12
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert a["sft"].read_bytes() != c["sft"].read_bytes()
-    assert set(a) == {"raw_text", "sft", "eval_qa", "eval_choice", "val_text", "preference", "extraction",
-                      "world_summary"}
+    assert set(a) == {"raw_text", "sft", "eval_qa", "eval_choice", "val_text", "preference", "preference_val",
+                      "extraction", "world_summary"}
 
 
 def test_every_output_file_parses(corpus):
@@ -141,6 +141,29 @@ def test_held_out_entities_never_appear_in_sft_but_their_facts_are_pretrained(co
     held_facts = [(s, r, o) for s, r, o in world.facts() if s in world.held_out]
     assert all(STATEMENTS[r][0].format(s=s, o=o) in raw_world for s, r, o in held_facts)
     assert all(q["messages"][0]["content"] not in raw_world for q in facts)
+
+
+def test_held_out_preference_pairs_ask_what_no_training_pair_mentions(corpus):
+    world = generate_world(0)
+    train, val = lines(corpus["preference"]), lines(corpus["preference_val"])
+    assert len(val) >= 10 and all(r["chosen"] != r["rejected"] for r in train + val)
+    subjects = {s for s, _, _ in world.facts()}
+    named = [{s for s in subjects if s in r["prompt"]} for r in train + val]
+    assert all(len(n) <= 1 for n in named)
+    train_subjects = set().union(*named[:len(train)])
+    val_subjects = set().union(*named[len(train):])
+    assert val_subjects and not val_subjects & train_subjects and not val_subjects & world.held_out
+    sums = [re.match(f"({NUMERAL})([加减])({NUMERAL})", r["prompt"]) for r in train + val]
+    train_sums = {m.groups() for m in sums[:len(train)] if m}
+    val_sums = [m.groups() for m in sums[len(train):] if m]
+    assert val_sums and train_sums
+    for a, op, b in val_sums:
+        assert (a, op, b) not in train_sums and (op == "减" or (b, op, a) not in train_sums)
+    for r in train + val:  # the rejected answer has the chosen one's form: the same sentence or a numeral
+        if re.fullmatch(NUMERAL, r["chosen"]):
+            assert re.fullmatch(NUMERAL, r["rejected"])
+        else:
+            assert len(r["chosen"]) - len(r["rejected"]) in range(-3, 4)
 
 
 def test_held_out_numbers_and_pairs_appear_nowhere_in_training(corpus):

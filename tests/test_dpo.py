@@ -239,7 +239,7 @@ def test_dpo_on_the_demo_pairs_learns_the_training_preferences(tmp_path, tokeniz
 
     rng = random.Random(0)
     _, train_arith = arithmetic_pairs(rng, 10)
-    pairs = preference_pairs(generate_world(0), rng, train_arith, 200)
+    pairs, _ = preference_pairs(generate_world(0), rng, train_arith, 200)
     train, val = write_jsonl(tmp_path / "train.jsonl", pairs[:160]), write_jsonl(tmp_path / "val.jsonl", pairs[160:])
     vocab = len(load_tokenizer(tokenizer_dir))
     torch.manual_seed(0)

@@ -63,13 +63,31 @@ def encode_example(tokenizer, record: dict, seq_len: int) -> Example:
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest example in the batch; padded targets are -100, `mask` marks the real tokens."""
-    width = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.bool)
-    for row, (ids, labels) in enumerate(examples):
-        n = len(ids) - 1
-        x[row, :n] = torch.as_tensor(ids[:-1])
-        y[row, :n] = torch.as_tensor(labels[1:])
-        mask[row, :n] = True
-    return {"x": x, "y": y, "mask": mask}
+    batch = collate_packed([[example] for example in examples], pad_id)
+    del batch["doc"]  # one chat per row: plain causal attention
+    return batch
+
+
+def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of whole chats laid end to end, padded to the longest row; `doc` numbers the chats of each row.
+
+    Each chat is shifted on its own (x = ids[:-1], y = labels[1:]), so no target crosses from one chat into the
+    next; with `doc` the model keeps attention inside each chat and restarts positions at it, so a packed chat
+    gets the logits it would get alone. Padding gets a number of its own and targets -100.
+    """
+    width = max(sum(len(ids) - 1 for ids, _ in row) for row in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    doc = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for d, (ids, labels) in enumerate(row):
+            n = len(ids) - 1
+            x[r, pos:pos + n] = torch.as_tensor(ids[:-1])
+            y[r, pos:pos + n] = torch.as_tensor(labels[1:])
+            doc[r, pos:pos + n] = d
+            pos += n
+        mask[r, :pos] = True
+        doc[r, pos:] = len(row)
+    return {"x": x, "y": y, "mask": mask, "doc": doc}

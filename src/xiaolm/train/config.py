@@ -20,6 +20,8 @@ class DataConfig:
     tokenizer: str = ""  # tokenizer dir; empty → the one recorded by pack / the init_from run
     seq_len: int = 256
     doc_mask: bool = True  # pretrain: attention stays inside each packed document, positions restart at it
+    pack: bool = True  # sft (in memory): whole chats share rows of seq_len tokens, each attending to itself only;
+    #                    batch_size then counts rows. false: one chat per row, padded to the batch's longest
     shuffle_buffer: int = 1024  # streamed data (pretrain from records, sft with stream=true): items mixed in memory
     stream: bool = False  # sft: read the chats through the shuffle buffer instead of holding them all (needs val_path)
     chat_path: str = ""  # finetune: chat records mixed into its batches (finetune.chat_mix)

@@ -69,7 +69,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
                       sft_poems: int = 400, sft_numerals: int = 2500, sft_arithmetic: int = 3500,
                       sft_greeting_repeats: int = 20, sft_multi_turn: int = 300, held_numbers: int = 300,
                       held_pairs: int = 300, n_choice: int = 300, n_val_world: int = 100,
-                      n_val_real: int = 150, n_preference: int = 200,
+                      n_val_real: int = 150, n_preference: int = 200, n_preference_val: int = 100,
                       n_extraction: int = 200) -> dict[str, Path]:
     """Write every demo data file under out_dir and return their paths by key (see module docstring)."""
     out = Path(out_dir)
@@ -100,7 +100,8 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
     qa = heldout_questions(world, held_number_set, held_pair_list)
     choice = choice_questions(rng("choice"), real.choice_idioms)
     val_text = validation_texts(world, seed, n(n_val_world, 10), real.val_poems, real.val_idioms)
-    pref = preference_pairs(world, rng("preference"), train_pairs, n(n_preference, 10))
+    pref, pref_val = preference_pairs(world, rng("preference"), train_pairs, n(n_preference, 10),
+                                      n(n_preference_val, 10))
     extraction = extraction_records(world, rng("extraction"), n(n_extraction, 10))
 
     ev = out / "eval"
@@ -111,6 +112,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
         "eval_choice": write_jsonl(ev / "choice.jsonl", choice),
         "val_text": write_jsonl(ev / "val_text.jsonl", val_text),
         "preference": write_jsonl(out / "preference.jsonl", pref),
+        "preference_val": write_jsonl(ev / "preference.jsonl", pref_val),
         "extraction": write_jsonl(out / "extraction.jsonl", extraction),
     }
     (out / "world.json").write_text(json.dumps(world.size_summary(), ensure_ascii=False, indent=2) + "\n",

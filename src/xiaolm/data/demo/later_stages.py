@@ -9,25 +9,43 @@ from xiaolm.data.demo.templates import ARITH_QUESTIONS, QUESTIONS, TRAIN_STATEME
 from xiaolm.data.demo.world import World, to_chinese_numeral
 
 
-def preference_pairs(world: World, rng: random.Random, train_pairs: list[tuple[int, str, int]], n: int
-                     ) -> list[dict]:
-    """Chosen = the reference answer, rejected = a wrong value (facts) or a near miss (every fifth: arithmetic)."""
-    train_facts = [f for f in world.facts() if f[0] not in world.held_out]
-    pref = []
-    for i in range(n):
-        if i % 5 == 3:  # arithmetic: a near miss
-            a, op, b = rng.choice(train_pairs)
-            q, r = arithmetic_question(a, op, b)
-            result = a + b if op == "+" else a - b
-            wrong = to_chinese_numeral(result + rng.choice([-10, -1, 1, 10]) if result >= 10 else result + 1)
-            pref.append({"prompt": ARITH_QUESTIONS[0].format(q=q), "chosen": r, "rejected": wrong})
-            continue
-        s, r, o = train_facts[i % len(train_facts)]
-        qs, answer = QUESTIONS[r]
-        wrong = rng.choice([x for x in world.value_set(r) if x != o and x not in world.held_out])
-        pref.append({"prompt": rng.choice(qs).format(s=s), "chosen": answer.format(s=s, o=o),
-                     "rejected": answer.format(s=s, o=wrong)})
-    return pref
+def preference_pairs(world: World, rng: random.Random, train_pairs: list[tuple[int, str, int]], n: int,
+                     n_val: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) pairs: chosen = the reference answer, rejected = a plausible wrong one.
+
+    Facts: the rejected answer names another value the relation takes (a wrong city, river, trade …). Every fifth
+    pair is arithmetic: a near miss (±1 or ±10). Held-out pairs ask about entities, and sums of operand pairs, that
+    no training pair mentions (a sum's pair unordered); all are SFT entities, never `World.held_out` ones.
+    """
+    facts = [f for f in world.facts() if f[0] not in world.held_out]
+    subjects = sorted({s for s, _, _ in facts})
+    rng.shuffle(subjects)
+    val_subjects = set(subjects[:len(subjects) // 5]) if n_val else set()
+    sums = list(train_pairs)
+    rng.shuffle(sums)
+    val_sums = sums[:max(1, n_val // 5)] if n_val else []
+    hidden = {(b, op, a) for a, op, b in val_sums if op == "+"} | set(val_sums)
+
+    def pairs(count: int, facts_of: list, arithmetic: list) -> list[dict]:
+        out = []
+        for i in range(count):
+            if i % 5 == 3:  # arithmetic: a near miss
+                a, op, b = arithmetic[(i // 5) % len(arithmetic)]
+                q, r = arithmetic_question(a, op, b)
+                result = a + b if op == "+" else a - b
+                wrong = to_chinese_numeral(result + rng.choice([-10, -1, 1, 10]) if result >= 10 else result + 1)
+                out.append({"prompt": ARITH_QUESTIONS[0].format(q=q), "chosen": r, "rejected": wrong})
+                continue
+            s, r, o = facts_of[i % len(facts_of)]
+            qs, answer = QUESTIONS[r]
+            wrong = rng.choice([x for x in world.value_set(r) if x != o and x not in world.held_out])
+            out.append({"prompt": rng.choice(qs).format(s=s), "chosen": answer.format(s=s, o=o),
+                        "rejected": answer.format(s=s, o=wrong)})
+        return out
+
+    train = pairs(n, [f for f in facts if f[0] not in val_subjects], [p for p in sums if p not in hidden])
+    val = pairs(n_val, [f for f in facts if f[0] in val_subjects], val_sums) if n_val else []
+    return train, val
 
 
 def extraction_records(world: World, rng: random.Random, n: int) -> list[dict]:
