@@ -25,7 +25,7 @@ def demo_error(argv: list[str], capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("key", [{"sft.model": "sft.model.dim"}.get(k, k) for k in DEMO_SETS])
+@pytest.mark.parametrize("key", [k + ".dim" if k.endswith(".model") else k for k in DEMO_SETS])
 def test_a_key_the_demo_sets_itself_is_refused_by_name(key, tmp_path, monkeypatch, capsys):
     def started(*args, **kwargs):
         raise AssertionError(f"the demo ran, overriding {key}")
@@ -38,20 +38,34 @@ def test_a_key_the_demo_sets_itself_is_refused_by_name(key, tmp_path, monkeypatc
     assert not (tmp_path / "demo").exists()
 
 
+CORPUS = {key: Path(f"corpus/{key}.jsonl") for key in ("sft", "preference", "preference_val", "extraction")}
+
+
 def test_a_stage_seed_you_set_is_kept_and_the_demo_seed_reaches_the_others(tmp_path):
-    pre, sft = demo_stage_configs(load_config(DemoConfig, None, ["seed=7", "pretrain.seed=3"]), tmp_path, "c.jsonl")
-    assert (pre.seed, sft.seed) == (3, 7)
-    pre, sft = demo_stage_configs(load_config(DemoConfig, None, ["seed=7"]), tmp_path, "c.jsonl")
-    assert (pre.seed, sft.seed) == (7, 7)
+    stages = demo_stage_configs(load_config(DemoConfig, None, ["seed=7", "pretrain.seed=3", "finetune.seed=4"]),
+                                tmp_path, CORPUS)
+    assert {k: c.seed for k, c in stages.items()} == {"pretrain": 3, "sft": 7, "dpo": 7, "finetune": 4,
+                                                      "finetune_scratch": 4}
+    stages = demo_stage_configs(load_config(DemoConfig, None, ["seed=7"]), tmp_path, CORPUS)
+    assert {c.seed for c in stages.values()} == {7}
 
 
-def test_the_default_demo_runs_its_stages_as_before(tmp_path):
-    pre, sft = demo_stage_configs(DemoConfig(), tmp_path, tmp_path / "chat.jsonl")
-    assert (pre.seed, sft.seed) == (0, 0)
+def test_the_default_demo_joins_its_stages(tmp_path):
+    stages = demo_stage_configs(DemoConfig(), tmp_path, CORPUS)
+    pre, sft, dpo, fine, scratch = stages.values()
+    assert {c.seed for c in stages.values()} == {0}
     assert (pre.out, pre.data.path, pre.data.tokenizer) == (str(tmp_path / "pretrain"),
                                                              str(tmp_path / "data" / "packed"),
                                                              str(tmp_path / "tokenizer"))
-    assert (sft.out, sft.init_from, sft.data.path) == (str(tmp_path / "sft"), pre.out, str(tmp_path / "chat.jsonl"))
+    assert (sft.out, sft.init_from, sft.data.path) == (str(tmp_path / "sft"), pre.out, str(CORPUS["sft"]))
+    assert (dpo.init_from, dpo.data.path, dpo.data.val_path) == (sft.out, str(CORPUS["preference"]),
+                                                                 str(CORPUS["preference_val"]))
+    assert (fine.init_from, fine.data.path, fine.data.chat_path) == (dpo.out, str(CORPUS["extraction"]),
+                                                                    str(CORPUS["sft"]))
+    assert fine.finetune.chat_mix > 0 and scratch.finetune == fine.finetune and scratch.max_steps == fine.max_steps
+    # the ablation: the same fine-tune from nothing, a model of the pretrained shape and the demo's tokenizer
+    assert (scratch.init_from, scratch.model, scratch.data.tokenizer) == ("", pre.model, str(tmp_path / "tokenizer"))
+    assert scratch.out != fine.out and scratch.data.path == fine.data.path
     assert DemoConfig().pretrain.out == "runs/train"  # resolving leaves the settings as they were
 
 

@@ -14,11 +14,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     argv = ["demo", "--out", str(out), "scale=0.05", "vocab_size=600", "pretrain.max_steps=6", "sft.max_steps=4",
             "pretrain.eval_every=3", "pretrain.batch_size=4", "sft.batch_size=4", "eval_limit=8",
             "pretrain.model.dim=32", "pretrain.model.n_layers=1", "pretrain.model.n_heads=2",
-            "pretrain.model.n_kv_heads=1"]
+            "pretrain.model.n_kv_heads=1", "dpo.max_steps=2", "dpo.batch_size=2", "dpo.eval_batches=1",
+            "finetune.max_steps=2", "finetune.batch_size=4", "finetune.finetune.eval_records=3",
+            "finetune.finetune.max_new_tokens=8"]
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
-    for stage in ("corpus", "data/clean", "data/packed", "tokenizer", "pretrain", "sft", "model"):
+    for stage in ("corpus", "data/clean", "data/packed", "tokenizer", "pretrain", "sft", "dpo", "finetune",
+                  "finetune_scratch", "model"):
         assert (out / stage).is_dir(), stage
     for cfg in ("data/clean/config.yaml", "tokenizer/config.yaml", "pretrain/config.yaml", "sft/config.yaml"):
         assert (out / cfg).is_file(), cfg
@@ -26,6 +29,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "perplexity" in report and "exact match" in report and "chance" in report
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["ppl"]["after_pretrain"] < results["ppl"]["before"]
+    assert set(results["chat_exact"]) == {"sft", "dpo", "finetune"}
+    assert results["preference"]["after"]["n"] == len((out / "corpus" / "eval" / "preference.jsonl").read_text(
+        encoding="utf-8").splitlines())
+    assert "held-out preference pairs" in report and "triplet F1" in report and "untrained" in report
     AutoModelForCausalLM.from_pretrained(str(out / "model"))
     AutoTokenizer.from_pretrained(str(out / "model"))
     assert "xiaolm chat" in capsys.readouterr().out

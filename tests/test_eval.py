@@ -158,3 +158,49 @@ def test_eval_on_an_unknown_device_is_a_clear_error(model_dir, val_file, capsys)
         main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--device", "tpu"])
     assert e.value.code == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+PAIRS = [{"prompt": "长江流经哪里？", "chosen": "长江流经武汉。", "rejected": "长江流经广州。"},
+         {"prompt": "三加四等于多少？", "chosen": "七", "rejected": "八"},
+         {"messages": [{"role": "user", "content": "你好"}], "chosen": "你好！我是小模型。", "rejected": "再见。"}]
+
+
+def test_preference_accuracy_is_the_models_own_preference_pair_by_pair(model_dir, tmp_path):
+    from xiaolm.model.export import load_model
+    from xiaolm.tokenizer.chat import collate, encode_pair
+
+    model, tok = load_model(model_dir)
+    result = evaluate_preference(model_dir, tmp_path, PAIRS)
+    margins = []
+    for record in PAIRS:  # one pair at a time, padded to itself: the batched margins must agree
+        chosen, rejected = encode_pair(tok, record, 256)
+        with torch.no_grad():
+            logps = [float(model(b["x"], b["y"], output="logprobs").sum()) for b in
+                     (collate([chosen], tok.pad_token_id), collate([rejected], tok.pad_token_id))]
+        margins.append(logps[0] - logps[1])
+    assert result["n"] == 3 and result["chance"] == 0.5
+    assert result["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+    assert result["margin"] == pytest.approx(sum(margins) / 3, abs=1e-4)
+    swapped = evaluate_preference(model_dir, tmp_path, [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                                                        for r in PAIRS])
+    assert swapped["accuracy"] == pytest.approx(1 - result["accuracy"])
+    assert swapped["margin"] == pytest.approx(-result["margin"], abs=1e-4)
+
+
+def test_a_preference_record_with_equal_answers_is_named(model_dir, tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "问", "chosen": "同", "rejected": "同"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model_dir), "--task", "preference", "--data", str(path)])
+    assert e.value.code != 0
+    assert "record 1" in capsys.readouterr().err
+
+
+def evaluate_preference(model_dir, tmp_path, records) -> dict:
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "preference.json"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model_dir), "--task", "preference", "--data", str(path), "--out", str(out)])
+    assert e.value.code == 0
+    return json.loads(out.read_text(encoding="utf-8"))

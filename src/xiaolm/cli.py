@@ -264,7 +264,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--task", required=True, choices=["ppl", "exact", "choice", "extraction"])
+    p.add_argument("--task", required=True, choices=["ppl", "exact", "choice", "extraction", "preference"])
     p.add_argument("--data", required=True)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
     p.add_argument("--out", help="write the result as JSON here")
@@ -349,7 +349,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "evaluate a model: perplexity, exact match, multiple choice",
         "examples:\n  xiaolm eval runs/demo/model --task ppl --data runs/demo/corpus/eval/val_text.jsonl\n"
         "  xiaolm eval runs/demo/model --task exact --data runs/demo/corpus/eval/heldout_qa.jsonl\n"
-        "  xiaolm eval runs/demo/model --task choice --data runs/demo/corpus/eval/choice.jsonl",
+        "  xiaolm eval runs/demo/model --task choice --data runs/demo/corpus/eval/choice.jsonl\n"
+        "  xiaolm eval runs/demo/model --task preference --data runs/demo/corpus/eval/preference.jsonl",
         _eval_arguments, cmd_eval),
 }
 GROUPS = {"data": "data stages", "tokenizer": "tokenizer stages"}

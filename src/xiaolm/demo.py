@@ -18,7 +18,7 @@ from xiaolm.config import config_to_dict, save_config
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json
 from xiaolm.model.llama import LlamaConfig
-from xiaolm.train.config import DataConfig, TrainConfig
+from xiaolm.train.config import DataConfig, FinetuneSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,30 @@ def _pretrain() -> TrainConfig:
 
 
 def _sft() -> TrainConfig:
-    return TrainConfig(max_steps=350, batch_size=32, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
+    return TrainConfig(max_steps=350, batch_size=6, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
                        save_every=100, data=DataConfig(seq_len=256, val_fraction=0.02))
+
+
+def _dpo() -> TrainConfig:
+    return TrainConfig(max_steps=60, batch_size=8, lr=1e-4, min_lr_ratio=1.0, warmup_steps=5, weight_decay=0.0,
+                       log_every=10, eval_every=60, eval_batches=13, save_every=60, data=DataConfig(seq_len=256))
+
+
+def _finetune() -> TrainConfig:
+    return TrainConfig(max_steps=120, batch_size=16, lr=5e-4, warmup_steps=10, log_every=10, eval_every=120,
+                       eval_batches=2, save_every=120, data=DataConfig(seq_len=256, val_fraction=0.1),
+                       finetune=FinetuneSettings(chat_mix=0.25, eval_records=40, max_new_tokens=96))
 
 
 @dataclass
 class DemoConfig:
     """Settings of the demo pipeline; every stage's own keys sit under its name.
 
-    `seed` seeds every stage: the corpus, the pack split, pretrain and sft. A stage seed you set (`pretrain.seed`
-    or `sft.seed` other than its default 0) is kept for that stage instead. The keys by which the demo joins its
-    stages (each stage's `out`, `data.path`, `data.tokenizer`, `init_from`; `pretrain.model.vocab_size`, which the
-    tokenizer decides; `sft.model`, which is the pretrained model's) are refused by name when set.
+    `seed` seeds every stage: the corpus, the pack split, pretrain, sft, dpo and finetune. A stage seed you set
+    (`sft.seed=3`: other than its default 0) is kept for that stage instead. The keys by which the demo joins its
+    stages (each stage's `out`, data files, `data.tokenizer`, `init_from`; `pretrain.model.vocab_size`, which the
+    tokenizer decides; the later stages' `model`, which is the pretrained model's) are refused by name when set.
+    `finetune` runs twice: on the DPO model, and from an untrained model of the same shape (the ablation).
     """
 
     seed: int = 0
@@ -54,15 +66,20 @@ class DemoConfig:
     eval_limit: int = 0  # evaluate only the first N items of each kind of each set (0 = all)
     pretrain: TrainConfig = field(default_factory=_pretrain)
     sft: TrainConfig = field(default_factory=_sft)
+    dpo: TrainConfig = field(default_factory=_dpo)
+    finetune: TrainConfig = field(default_factory=_finetune)
 
 
+STAGES = ("pretrain", "sft", "dpo", "finetune")
+JOINS = ("out", "data.path", "data.val_path", "data.tokenizer", "data.chat_path", "data.chat_val_path", "init_from")
 # keys the demo sets itself, joining its stages → (what decides them, what to do instead); {stage} is the stage
 DEMO_SETS = {
     **{f"{stage}.{key}": ("its stages run under --out",
                           "use --out to move the whole run, or run `xiaolm {stage}` yourself")
-       for stage in ("pretrain", "sft") for key in ("out", "data.path", "data.tokenizer", "init_from")},
+       for stage in STAGES for key in JOINS},
     "pretrain.model.vocab_size": ("the size of the tokenizer it trains", "use vocab_size=N"),
-    "sft.model": ("sft continues the pretrained model", "set pretrain.model.* instead"),
+    **{f"{stage}.model": (f"{stage} continues the pretrained model", "set pretrain.model.* instead")
+       for stage in STAGES[1:]},
 }
 
 
@@ -84,25 +101,35 @@ def check_demo_config(cfg: DemoConfig) -> None:
                 raise XiaolmError(f"{key} is set by the demo ({why})", hint=hint.format(stage=stage))
 
 
-def demo_stage_configs(cfg: DemoConfig, out: Path, sft_data: str | Path) -> tuple[TrainConfig, TrainConfig]:
-    """The pretrain and sft configs the demo runs: joined under `out`, seeded by the rule of DemoConfig."""
+def demo_stage_configs(cfg: DemoConfig, out: Path, corpus: dict[str, Path]) -> dict[str, TrainConfig]:
+    """The training stages the demo runs, by name: joined under `out`, seeded by the rule of DemoConfig.
+
+    pretrain → sft → dpo → finetune (triplets, chat mixed in), and finetune_scratch: the same fine-tune from an
+    untrained model of the pretrained shape.
+    """
     defaults = DemoConfig()
-    pre = replace(cfg.pretrain, out=str(out / "pretrain"),
-                  seed=cfg.seed if cfg.pretrain.seed == defaults.pretrain.seed else cfg.pretrain.seed,
-                  data=replace(cfg.pretrain.data, path=str(out / "data" / "packed"), tokenizer=str(out / "tokenizer")))
-    sft = replace(cfg.sft, out=str(out / "sft"), init_from=pre.out,
-                  seed=cfg.seed if cfg.sft.seed == defaults.sft.seed else cfg.sft.seed,
-                  data=replace(cfg.sft.data, path=str(sft_data)))
-    return pre, sft
+
+    def seeded(stage: str, **changes: Any) -> TrainConfig:
+        own = getattr(cfg, stage)
+        seed = cfg.seed if own.seed == getattr(defaults, stage).seed else own.seed
+        return replace(own, seed=seed, out=str(out / changes.pop("name", stage)), **changes)
+
+    pre = seeded("pretrain", data=replace(cfg.pretrain.data, path=str(out / "data" / "packed"),
+                                          tokenizer=str(out / "tokenizer")))
+    sft = seeded("sft", init_from=pre.out, data=replace(cfg.sft.data, path=str(corpus["sft"])))
+    dpo = seeded("dpo", init_from=sft.out, data=replace(cfg.dpo.data, path=str(corpus["preference"]),
+                                                        val_path=str(corpus["preference_val"])))
+    fine_data = replace(cfg.finetune.data, path=str(corpus["extraction"]), chat_path=str(corpus["sft"]))
+    finetune = seeded("finetune", init_from=dpo.out, data=fine_data)
+    scratch = seeded("finetune", name="finetune_scratch", model=pre.model,
+                     data=replace(fine_data, tokenizer=str(out / "tokenizer")))
+    return {"pretrain": pre, "sft": sft, "dpo": dpo, "finetune": finetune, "finetune_scratch": scratch}
 
 
-def _stage_done(run_dir: Path, max_steps: int) -> bool:
+def _stage_done(run_dir: Path, max_steps: int, needs: str = "") -> bool:
     done = run_dir / "done.json"
-    return done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("steps") == max_steps
-
-
-def _timed(results: dict, name: str, start: float) -> None:
-    results.setdefault("seconds", {})[name] = time.perf_counter() - start
+    return (done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("steps") == max_steps
+            and (not needs or (run_dir / needs).is_file()))
 
 
 def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
@@ -111,12 +138,15 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.data.demo.corpus import build_demo_corpus
     from xiaolm.data.pack import pack_files
     from xiaolm.eval.perplexity import perplexity_by_source
+    from xiaolm.eval.preference import preference_accuracy
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.eval.report import write_report
     from xiaolm.model.export import export_hf, load_model
     from xiaolm.model.registry import build_model_from_config
     from xiaolm.records.read import read_items
     from xiaolm.tokenizer import load_tokenizer, train_tokenizer
+    from xiaolm.train.dpo import run_dpo
+    from xiaolm.train.finetune import run_finetune
     from xiaolm.train.pretrain import run_pretrain
     from xiaolm.train.sft import run_sft
 
@@ -127,29 +157,30 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                                           f"torch {torch.__version__}"}
 
-    log.info("demo [1/8] corpus: building the embedded corpus and the fictional world")
+    log.info("demo [1/10] corpus: building the embedded corpus and the fictional world")
     corpus_dir = out / "corpus"
     corpus_done = corpus_dir / "done.json"
-    if corpus_done.is_file():
-        paths = {k: Path(v) for k, v in json.loads(corpus_done.read_text(encoding="utf-8")).items()}
-    else:
+    paths = ({k: Path(v) for k, v in json.loads(corpus_done.read_text(encoding="utf-8")).items()}
+             if corpus_done.is_file() else {})
+    if "preference_val" not in paths:  # not built yet, or by a version without the later stages' files
         paths = build_demo_corpus(corpus_dir, seed=cfg.seed, scale=cfg.scale)
         atomic_write_json(corpus_done, {k: str(v) for k, v in paths.items()})
     results["world"] = json.loads(Path(paths["world_summary"]).read_text(encoding="utf-8"))
-    pre, sft = demo_stage_configs(cfg, out, paths["sft"])
+    stages = demo_stage_configs(cfg, out, paths)
+    pre, sft = stages["pretrain"], stages["sft"]
 
-    log.info("demo [2/8] data clean: normalize, convert to Simplified, filter, deduplicate")
+    log.info("demo [2/10] data clean: normalize, convert to Simplified, filter, deduplicate")
     raw = paths["raw_text"]
     clean_dir = out / "data" / "clean"
     results["clean"] = clean_files([str(raw)], clean_dir, CleanConfig())
 
-    log.info("demo [3/8] tokenizer: byte-level BPE, vocab %d", cfg.vocab_size)
+    log.info("demo [3/10] tokenizer: byte-level BPE, vocab %d", cfg.vocab_size)
     tok_dir = out / "tokenizer"
     train_tokenizer([str(clean_dir)], tok_dir, vocab_size=cfg.vocab_size, cjk_chars=cfg.cjk_chars)
     tokenizer = load_tokenizer(tok_dir)
     results["vocab_size"] = len(tokenizer)
 
-    log.info("demo [4/8] pack: token files for pretraining")
+    log.info("demo [4/10] pack: token files for pretraining")
     results["pack"] = pack_files([str(clean_dir)], tok_dir, out / "data" / "packed", val_fraction=0.02,
                                  seed=cfg.seed)
 
@@ -166,35 +197,52 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     torch.manual_seed(pre.seed)
     measure("before", build_model_from_config(dataclasses.replace(pre.model, vocab_size=len(tokenizer))))
 
-    log.info("demo [5/8] pretrain")
-    start = time.perf_counter()
+    log.info("demo [5/10] pretrain")
     results["pretrain"] = _train_stage(run_pretrain, pre)
-    results["pretrain"]["seconds"] = time.perf_counter() - start
     measure("after_pretrain", load_model(pre.out)[0])
 
-    log.info("demo [6/8] sft: chat fine-tuning, loss on assistant tokens only")
-    start = time.perf_counter()
+    log.info("demo [6/10] sft: chat fine-tuning, loss on assistant tokens only")
     results["sft"] = _train_stage(run_sft, sft)
-    results["sft"]["seconds"] = time.perf_counter() - start
     results["sft_records"] = len(read_items(paths["sft"]))
 
-    log.info("demo [7/8] export: Hugging Face model directory")
+    log.info("demo [7/10] export: Hugging Face model directory")
     model_dir = export_hf(sft.out, out / "model", dtype="fp32")
     results["model_dir"] = str(model_dir)
 
-    log.info("demo [8/8] eval: perplexity, held-out exact match, multiple choice")
+    log.info("demo [8/10] eval: perplexity, held-out exact match, multiple choice")
     model, tokenizer = load_model(model_dir)
     measure("after_sft", model)
     results["ppl"], results["ppl_by_source"] = ppl, by_source
-    results["exact"] = exact_match(model, tokenizer, first_of_each_kind(read_items(paths["eval_qa"]), cfg.eval_limit))
+    qa = first_of_each_kind(read_items(paths["eval_qa"]), cfg.eval_limit)
+    results["exact"] = exact_match(model, tokenizer, qa)
     results["choice"] = choice_accuracy(model, tokenizer,
                                         first_of_each_kind(read_items(paths["eval_choice"]), cfg.eval_limit))
     results["samples"] = _sample_chats(model, tokenizer)
+    results["chat_exact"] = {"sft": _accuracies(results["exact"])}
+
+    log.info("demo [9/10] dpo: preference pairs, judged on pairs about entities and sums no training pair has")
+    pairs = read_items(paths["preference_val"])
+    results["preference"] = {"before": preference_accuracy(model, tokenizer, pairs)}
+    results["dpo"] = _train_stage(run_dpo, stages["dpo"])
+    model = load_model(stages["dpo"].out, with_tokenizer=False)[0]
+    results["preference"]["after"] = preference_accuracy(model, tokenizer, pairs)
+    results["chat_exact"]["dpo"] = _accuracies(exact_match(model, tokenizer, qa))
+
+    log.info("demo [10/10] finetune: triplet extraction with chat mixed in; the same from an untrained model")
+    for name in ("finetune", "finetune_scratch"):
+        results[name] = _train_stage(run_finetune, stages[name], needs="retention.json")
+        results[name]["retention"] = json.loads((Path(stages[name].out) / "retention.json").read_text("utf-8"))
+    model = load_model(Path(stages["finetune"].out) / "best", with_tokenizer=False)[0]
+    results["chat_exact"]["finetune"] = _accuracies(exact_match(model, tokenizer, qa))
     results["seconds_total"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
     write_report(out / "report.md", results)
     _print_summary(out, results)
     return results
+
+
+def _accuracies(exact: dict) -> dict[str, float]:
+    return {kind: m["accuracy"] for kind, m in exact.items()}
 
 
 def first_of_each_kind(items: list[dict], limit: int) -> list[dict]:
@@ -211,11 +259,16 @@ def first_of_each_kind(items: list[dict], limit: int) -> list[dict]:
     return kept
 
 
-def _train_stage(run, cfg: TrainConfig) -> dict:
-    if _stage_done(Path(cfg.out), cfg.max_steps):
+def _train_stage(run, cfg: TrainConfig, needs: str = "") -> dict:
+    """Run a training stage (resuming it), or read its summary when it has finished; with its seconds."""
+    done = Path(cfg.out) / "done.json"
+    if _stage_done(Path(cfg.out), cfg.max_steps, needs):
         log.info("%s already finished; skipping", cfg.out)
-        return json.loads((Path(cfg.out) / "done.json").read_text(encoding="utf-8"))
-    return run(cfg, resume=True)
+        return json.loads(done.read_text(encoding="utf-8"))
+    start = time.perf_counter()
+    summary = {**run(cfg, resume=True), "seconds": time.perf_counter() - start}
+    atomic_write_json(done, summary)  # a later demo run reads the stage's time with its summary
+    return summary
 
 
 SAMPLE_QUESTIONS = ["你好，你是谁？", "把2024写成中文数字。", "十八加二十五等于多少？", "“画蛇添足”是什么意思？"]
@@ -245,9 +298,14 @@ def _print_summary(out: Path, r: dict) -> None:
         print(f"  exact match {kind:<11} {pct(m['accuracy']):>6}  (chance {pct(m['chance'])})")
     ch = r["choice"]
     print(f"  multiple choice    {pct(ch['accuracy']):>6}  (chance {pct(ch['chance'])})")
+    pref = r["preference"]
+    print(f"  held-out preference pairs, chosen more likely: {pct(pref['before']['accuracy'])} after SFT → "
+          f"{pct(pref['after']['accuracy'])} after DPO  (chance 50%)")
+    print(f"  triplet F1: {r['finetune']['retention']['after']['triplet_f1']:.3f} fine-tuned after pretraining, "
+          f"{r['finetune_scratch']['retention']['after']['triplet_f1']:.3f} from an untrained model")
     for q, a in r["samples"]:
         print(f"  > {q}\n    {a}")
-    print(f"  stages:  {out}/{{corpus,data,tokenizer,pretrain,sft}}")
+    print(f"  stages:  {out}/{{corpus,data,tokenizer,pretrain,sft,dpo,finetune,finetune_scratch}}")
     print(f"  report:  {out / 'report.md'}")
     print(f"  chat:    {exe} chat {out / 'model'}")
     print("=" * 64)

@@ -6,11 +6,12 @@ from xiaolm.device import resolve_device
 from xiaolm.errors import XiaolmError
 from xiaolm.eval.extraction import extraction_f1
 from xiaolm.eval.perplexity import perplexity_by_source
+from xiaolm.eval.preference import preference_accuracy
 from xiaolm.eval.qa import choice_accuracy, exact_match
 from xiaolm.model.export import load_model
 from xiaolm.records.read import read_items
 
-TASKS = ("ppl", "exact", "choice", "extraction")
+TASKS = ("ppl", "exact", "choice", "extraction", "preference")
 
 
 def evaluate(model_path: str, task: str, data: str, limit: int = 0, device: str = "auto",
@@ -34,4 +35,6 @@ def evaluate(model_path: str, task: str, data: str, limit: int = 0, device: str 
         return exact_match(model, tokenizer, items)
     if task == "extraction":  # {"text", "triplets"} records: exact-triplet precision, recall, F1
         return extraction_f1(model, tokenizer, items)
+    if task == "preference":  # {"prompt", "chosen", "rejected"}: the model's own preference, chance 50%
+        return preference_accuracy(model, tokenizer, items)
     return choice_accuracy(model, tokenizer, items)

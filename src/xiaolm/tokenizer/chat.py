@@ -1,4 +1,4 @@
-"""Chats as token ids: ChatML (xiaolm.chat_format) encoded with assistant-only labels, examples and batches."""
+"""Chats as token ids: ChatML (xiaolm.chat_format) encoded with assistant-only labels; preference pairs; batches."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def encode_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
 
 
 Example = tuple[np.ndarray, np.ndarray]  # int32 input_ids and labels of one chat
+Pair = tuple[Example, Example]  # a preference record: (prompt + chosen, prompt + rejected), labels on the answer
+MIN_ANSWER_TOKENS = 8  # a preference answer cut shorter than this (or than itself) by seq_len is rejected
 
 
 def encode_example(tokenizer, record: dict, seq_len: int) -> Example:
@@ -59,6 +61,61 @@ def encode_example(tokenizer, record: dict, seq_len: int) -> Example:
     if all(label == -100 for label in labels[1:]):
         raise Unusable("no_assistant_tokens", "no assistant tokens within data.seq_len")
     return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+
+
+def _answer(record: dict, key: str) -> str:
+    """The answer text of `chosen` / `rejected`: a string, a {role, content} dict or a one-message list."""
+    value = record.get(key)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        value = value.get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise Unusable("empty_answer", f"'{key}' is missing or empty")
+    return value
+
+
+def _prompt(record: dict) -> list[dict]:
+    """The conversation before the answer (`messages`, a `prompt` string or TRL's list), ending with a user turn."""
+    messages = record.get("messages", record.get("prompt"))
+    messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "user"
+                                                 and str(m.get("content") or "").strip() for m in messages):
+        raise Unusable("no_user_turn", "the prompt has no non-empty user turn")
+    try:
+        messages = normalize_chat({"messages": messages})
+    except ValueError as e:
+        raise Unusable("bad_chat", str(e)) from None
+    if messages[-1]["role"] != "user":
+        raise Unusable("bad_chat", "the prompt must end with a user turn")
+    return messages
+
+
+def _encode_side(tokenizer: Any, prompt: list[dict], answer: str, seq_len: int) -> Example:
+    ids, labels = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    end = max(i for i, label in enumerate(labels) if label != IGNORE)
+    start = end
+    # the last labelled run is the answer: earlier assistant turns are context
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    labels = [IGNORE] * start + labels[start:]
+    total = end + 1 - start
+    ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
+    kept = sum(label != IGNORE for label in labels)
+    if kept < min(total, MIN_ANSWER_TOKENS):
+        raise Unusable("prompt_too_long", f"{kept} of {total} answer tokens fit in data.seq_len={seq_len}")
+    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+
+
+def encode_pair(tokenizer: Any, record: dict, seq_len: int) -> Pair:
+    """A preference record as (chosen, rejected) examples; Unusable when it cannot train."""
+    if not isinstance(record, dict):
+        raise Unusable("bad_chat", "a preference record must be a JSON object")
+    chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise Unusable("same_answers", "chosen and rejected are the same answer")
+    prompt = _prompt(record)
+    return _encode_side(tokenizer, prompt, chosen, seq_len), _encode_side(tokenizer, prompt, rejected, seq_len)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

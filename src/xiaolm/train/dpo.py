@@ -6,9 +6,9 @@ A sequence's log-prob is the sum of its answer tokens' log-probs, as in TRL. The
 (ref=copy), the adapter-free base of a LoRA run (ref=adapter, no second model), or log-probs computed once before
 training and cached in the run dir (ref=precompute).
 
-Length rule: sequences keep their start and are cut to data.seq_len + 1 tokens (as SFT, and TRL's keep_start);
-a pair where either answer keeps fewer than min(its length, MIN_ANSWER_TOKENS) tokens is rejected
-(`prompt_too_long`), so no pair trains on a stub of an answer.
+Length rule (tokenizer.chat.encode_pair): sequences keep their start and are cut to data.seq_len + 1 tokens (as
+SFT, and TRL's keep_start); a pair where either answer keeps fewer than min(its length, MIN_ANSWER_TOKENS) tokens
+is rejected (`prompt_too_long`), so no pair trains on a stub of an answer.
 """
 
 from __future__ import annotations
@@ -22,19 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xiaolm.chat_format import normalize_chat
-from xiaolm.errors import Unusable, XiaolmError
+from xiaolm.errors import XiaolmError
+from xiaolm.eval.preference import sequence_logps
 from xiaolm.io import atomic_open
 from xiaolm.model.adapters import is_lora
 from xiaolm.records.read import convert_records
 from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
-from xiaolm.tokenizer.chat import IGNORE, Example, collate, encode_chat
+from xiaolm.tokenizer.chat import IGNORE, Pair, collate, encode_pair
 from xiaolm.train.config import DPOSettings, TrainConfig
 from xiaolm.train.objective import Metrics, Objective, RunContext, eval_mode, to_device
 from xiaolm.train.pretrain import split_paths
@@ -42,65 +41,6 @@ from xiaolm.train.sft import pad_token_id, resolve_tokenizer_dir, shuffled_index
 from xiaolm.train.stage import run_stage
 
 log = logging.getLogger(__name__)
-
-MIN_ANSWER_TOKENS = 8
-Pair = tuple[Example, Example]  # (prompt + chosen, prompt + rejected), labels on the answer only
-
-
-def _answer(record: dict, key: str) -> str:
-    """The answer text of `chosen` / `rejected`: a string, a {role, content} dict or a one-message list."""
-    value = record.get(key)
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, dict):
-        value = value.get("content")
-    if not isinstance(value, str) or not value.strip():
-        raise Unusable("empty_answer", f"'{key}' is missing or empty")
-    return value
-
-
-def _prompt(record: dict) -> list[dict]:
-    """The conversation before the answer (`messages`, a `prompt` string or TRL's list), ending with a user turn."""
-    messages = record.get("messages", record.get("prompt"))
-    messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
-    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "user"
-                                                 and str(m.get("content") or "").strip() for m in messages):
-        raise Unusable("no_user_turn", "the prompt has no non-empty user turn")
-    try:
-        messages = normalize_chat({"messages": messages})
-    except ValueError as e:
-        raise Unusable("bad_chat", str(e)) from None
-    if messages[-1]["role"] != "user":
-        raise Unusable("bad_chat", "the prompt must end with a user turn")
-    return messages
-
-
-def _encode_side(tokenizer: Any, prompt: list[dict], answer: str, seq_len: int) -> Example:
-    ids, labels = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
-    end = max(i for i, label in enumerate(labels) if label != IGNORE)
-    start = end
-    # the last labelled run is the answer: earlier assistant turns are context
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    labels = [IGNORE] * start + labels[start:]
-    total = end + 1 - start
-    ids, labels = ids[:seq_len + 1], labels[:seq_len + 1]
-    kept = sum(label != IGNORE for label in labels)
-    if kept < min(total, MIN_ANSWER_TOKENS):
-        raise Unusable("prompt_too_long", f"{kept} of {total} answer tokens fit in data.seq_len={seq_len}")
-    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
-
-
-def encode_pair(tokenizer: Any, record: dict, seq_len: int) -> Pair:
-    """A preference record as (chosen, rejected) examples; Unusable when it cannot train."""
-    if not isinstance(record, dict):
-        raise Unusable("bad_chat", "a preference record must be a JSON object")
-    chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
-    if chosen.strip() == rejected.strip():
-        raise Unusable("same_answers", "chosen and rejected are the same answer")
-    prompt = _prompt(record)
-    return _encode_side(tokenizer, prompt, chosen, seq_len), _encode_side(tokenizer, prompt, rejected, seq_len)
-
 
 def load_pairs(inputs: list[str], tokenizer: Any, seq_len: int, rejects: RejectLog | None) -> list[Pair]:
     """Encode preference records; bad ones go to rejects with file:line and reason."""
@@ -128,11 +68,6 @@ def dpo_loss(token_logps: torch.Tensor, ref_logps: torch.Tensor, answer: torch.T
     return loss, {"rewards_chosen": chosen_reward.mean(), "rewards_rejected": rejected_reward.mean(),
                   "margin": (chosen_reward - rejected_reward).mean(),
                   "accuracy": (chosen_reward > rejected_reward).float().mean()}
-
-
-def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the answer tokens' log-probs for each row [2B]."""
-    return model(batch["x"], batch["y"], output="logprobs").sum(-1)
 
 
 def _peft_model(module: nn.Module) -> nn.Module:
