@@ -28,12 +28,12 @@ def _demo_model() -> LlamaConfig:
 
 
 def _pretrain() -> TrainConfig:
-    return TrainConfig(max_steps=600, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, eval_every=150,
-                       save_every=150, model=_demo_model(), data=DataConfig(seq_len=256))
+    return TrainConfig(max_steps=420, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, eval_every=140,
+                       save_every=140, model=_demo_model(), data=DataConfig(seq_len=256))
 
 
 def _sft() -> TrainConfig:
-    return TrainConfig(max_steps=350, batch_size=6, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
+    return TrainConfig(max_steps=300, batch_size=6, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
                        save_every=100, data=DataConfig(seq_len=256, val_fraction=0.02))
 
 
@@ -43,8 +43,8 @@ def _dpo() -> TrainConfig:
 
 
 def _finetune() -> TrainConfig:
-    return TrainConfig(max_steps=120, batch_size=16, lr=5e-4, warmup_steps=10, log_every=10, eval_every=120,
-                       eval_batches=2, save_every=120, data=DataConfig(seq_len=256, val_fraction=0.1),
+    return TrainConfig(max_steps=100, batch_size=16, lr=5e-4, warmup_steps=10, log_every=10, eval_every=100,
+                       eval_batches=2, save_every=100, data=DataConfig(seq_len=256, val_fraction=0.1),
                        finetune=FinetuneSettings(chat_mix=0.25, eval_records=40, max_new_tokens=96))
 
 

@@ -19,7 +19,8 @@ def preference_accuracy(model: nn.Module, tokenizer, records: list[dict], seq_le
                         batch_size: int = 16) -> dict:
     """Share of `{"prompt" or "messages", "chosen", "rejected"}` records whose chosen answer has the higher summed
     log-probability, and the mean margin (chosen − rejected, nats); chance is 50%. The model's own preference: no
-    reference model, so it compares any two models, the one before DPO included."""
+    reference model, so it compares any two models, the one before DPO included. Records with a `kind` field are
+    also scored per kind (`by_kind`)."""
     pairs = []
     for i, record in enumerate(records):
         try:
@@ -38,6 +39,15 @@ def preference_accuracy(model: nn.Module, tokenizer, records: list[dict], seq_le
         chosen, rejected = logps.chunk(2)
         margins += (chosen - rejected).tolist()
     model.train(was)
+    result = _scores(margins)
+    kinds = sorted({str(r["kind"]) for r in records if "kind" in r})
+    if kinds:  # records that name their kind are also scored by kind
+        result["by_kind"] = {k: _scores([m for m, r in zip(margins, records, strict=True) if r.get("kind") == k])
+                             for k in kinds}
+    return result
+
+
+def _scores(margins: list[float]) -> dict:
     n = len(margins)
     return {"n": n, "accuracy": sum(m > 0 for m in margins) / max(1, n), "margin": sum(margins) / max(1, n),
             "chance": 0.5}

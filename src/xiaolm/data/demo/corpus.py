@@ -70,7 +70,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
                       sft_greeting_repeats: int = 20, sft_multi_turn: int = 300, held_numbers: int = 300,
                       held_pairs: int = 300, n_choice: int = 300, n_val_world: int = 100,
                       n_val_real: int = 150, n_preference: int = 200, n_preference_val: int = 100,
-                      n_extraction: int = 200) -> dict[str, Path]:
+                      n_extraction: int = 400) -> dict[str, Path]:
     """Write every demo data file under out_dir and return their paths by key (see module docstring)."""
     out = Path(out_dir)
     world = generate_world(seed)

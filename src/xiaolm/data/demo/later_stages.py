@@ -34,13 +34,14 @@ def preference_pairs(world: World, rng: random.Random, train_pairs: list[tuple[i
                 q, r = arithmetic_question(a, op, b)
                 result = a + b if op == "+" else a - b
                 wrong = to_chinese_numeral(result + rng.choice([-10, -1, 1, 10]) if result >= 10 else result + 1)
-                out.append({"prompt": ARITH_QUESTIONS[0].format(q=q), "chosen": r, "rejected": wrong})
+                out.append({"prompt": ARITH_QUESTIONS[0].format(q=q), "chosen": r, "rejected": wrong,
+                            "kind": "arithmetic"})
                 continue
             s, r, o = facts_of[i % len(facts_of)]
             qs, answer = QUESTIONS[r]
             wrong = rng.choice([x for x in world.value_set(r) if x != o and x not in world.held_out])
             out.append({"prompt": rng.choice(qs).format(s=s), "chosen": answer.format(s=s, o=o),
-                        "rejected": answer.format(s=s, o=wrong)})
+                        "rejected": answer.format(s=s, o=wrong), "kind": "facts"})
         return out
 
     train = pairs(n, [f for f in facts if f[0] not in val_subjects], [p for p in sums if p not in hidden])
