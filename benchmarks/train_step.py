@@ -1,106 +1,185 @@
 """Training-step throughput and memory: xiaolm's Llama vs transformers' LlamaForCausalLM, same shapes.
 
-    python benchmarks/train_step.py [--dim 256 --layers 4 --vocab 8192 --batch 8 --seq 256 --steps 10 --rounds 3]
-                                    [--dtype fp32|bf16|both]
+    python benchmarks/train_step.py [--quick] [--dim 256 --layers 4 --vocab 8192 --batch 8 --seq 256]
+                                    [--steps 10 --rounds 20 --memory-runs 5] [--dtype fp32|bf16|both]
 
-Each side runs its own training step as a user would: xiaolm's model with its fused chunked cross-entropy and
-fused AdamW (what `xiaolm pretrain` uses), transformers' model with `labels=` and `torch.optim.AdamW` defaults.
-Throughput: both in this process, rounds alternating so machine noise hits both alike; prints the median
-tokens/s and the ratio. Peak memory: each side alone in a fresh subprocess (VmHWM), so one cannot hide the
-other's peak.
+Full size (the defaults): d256, 4 layers, 4 heads, vocab 8192 (5.31M parameters), batch 8 × 256, 20 rounds of
+10 timed steps and 5 memory runs per side, fp32 and bf16 autocast: about 8 minutes on 2 idle cores. `--quick`:
+10 rounds of 5 steps, 3 memory runs per side, same model: about 3 minutes. Both times are estimates (~0.4 s a step
+at the ~5k tokens/s measured on 2 cores, ~6 s per memory subprocess), not measured.
+
+Both sides train the same initial weights on the same batch with the same optimizer: the AdamW that xiaolm's
+`make_optimizer` builds (`torch.optim.AdamW(fused=True)` on CPU and CUDA, lr 1e-4, weight decay 0 here, two
+parameter groups), so the step differs only in the model and its loss: xiaolm's `Llama` with its fused chunked
+cross-entropy against `LlamaForCausalLM` (sdpa) with `labels=`.
+Throughput: both models in this process; each round times one side, then the other, back to back (who goes
+first alternates), and gives one ratio xiaolm/transformers. Printed: every round, then the median tokens/s and
+the median ratio with the min–max over rounds. Machine noise reaches both sides of a round alike but not every
+round alike: the min–max says how far one run of this benchmark can be trusted (on 2-core machines the fp32 ratio
+has come out anywhere from 0.96x to 1.30x).
+Peak memory: each side alone in a fresh subprocess, run --memory-runs times, alternating sides: the peak resident
+set (VmHWM) of a process that imports what its side needs, builds the model and trains 3 steps; and that peak less
+the resident set once the side is loaded (imports, lazily loaded modules and kernels, by one step of a tiny model
+of the same side), which leaves the model's training memory: transformers' import alone is ~120 MB, which
+xiaolm's process does not load, and the first optimizer pulls in ~80 MB of torch._dynamo and sympy on both sides.
+Printed as median (min–max) over the runs; a ratio is the median (min–max) of the ratios of the runs paired in
+order.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+from harness import argument_parser, load_average, markdown_table, parse_args, print_header, run_json, spread
 
-from xiaolm.device import peak_memory_mb
 from xiaolm.model.llama import Llama, LlamaConfig
 from xiaolm.train.loop import TrainConfig, make_optimizer
 
+SIDES = ("xiaolm", "hf")
+AMPS = {"fp32": None, "bf16": torch.bfloat16}
+QUICK = {"steps": 5, "rounds": 10, "memory_runs": 3}
+
 
 def build(side: str, a: argparse.Namespace):
-    """(model, optimizer, loss function) for one side, same initial weights."""
+    """(model, optimizer, loss function) for one side, same initial weights, same optimizer construction."""
     cfg = LlamaConfig(vocab_size=a.vocab, dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
                       max_seq_len=a.seq)
     torch.manual_seed(0)
-    ours = Llama(cfg)
-    if side == "xiaolm":
-        opt = make_optimizer(ours, TrainConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"))
-        return ours, opt, lambda m, x: m(x[:, :-1], x[:, 1:])[1]
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
+    model, loss_fn = Llama(cfg), xiaolm_loss
+    if side == "hf":
+        from transformers import LlamaConfig as HFConfig
+        from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM(HFConfig(**cfg.hf_config(), attn_implementation="sdpa"))
-    hf.load_state_dict(ours.state_dict())
-    return hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), lambda m, x: m(input_ids=x, labels=x).loss
+        hf = LlamaForCausalLM(HFConfig(**cfg.hf_config(), attn_implementation="sdpa"))
+        hf.load_state_dict(model.state_dict())
+        model, loss_fn = hf, hf_loss
+    return model, make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu")), loss_fn
 
 
-def time_steps(model, opt, loss_fn, a: argparse.Namespace, amp: torch.dtype | None, steps: int) -> float:
-    """Tokens per second of `steps` forward+backward+optimizer steps after 2 warm-up steps."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=g)
-    for i in range(steps + 2):
-        if i == 2:
-            start = time.perf_counter()
+def xiaolm_loss(model, x: torch.Tensor) -> torch.Tensor:
+    """Next-token loss as `xiaolm pretrain` computes it: the fused chunked cross-entropy."""
+    return model(x[:, :-1], x[:, 1:])[1]
+
+
+def hf_loss(model, x: torch.Tensor) -> torch.Tensor:
+    """Next-token loss as a transformers user computes it: `labels=` (the model shifts them)."""
+    return model(input_ids=x, labels=x).loss
+
+
+def train_steps(model, opt, loss_fn, x: torch.Tensor, amp: torch.dtype | None, steps: int) -> None:
+    """`steps` forward + backward + optimizer steps on the batch x."""
+    for _ in range(steps):
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             loss = loss_fn(model, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return a.batch * a.seq * steps / (time.perf_counter() - start)
 
 
-def peak_rss_mb(side: str, dtype: str, argv: list[str]) -> float:
-    """Peak RSS of a fresh process that builds one side and trains a few steps."""
-    out = subprocess.run([sys.executable, __file__, *argv, "--only", side, "--dtype", dtype],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+def time_steps(model, opt, loss_fn, x: torch.Tensor, amp: torch.dtype | None, steps: int) -> float:
+    """Tokens per second of `steps` training steps after one untimed step (caches warm again after the other
+    side ran)."""
+    train_steps(model, opt, loss_fn, x, amp, 1)
+    start = time.perf_counter()
+    train_steps(model, opt, loss_fn, x, amp, steps)
+    return x.shape[0] * (x.shape[1] - 1) * steps / (time.perf_counter() - start)
+
+
+def proc_status_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak so far) of this process in MB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+
+def measure_alone(side: str, a: argparse.Namespace) -> None:
+    """In a fresh process: the RSS once the side is loaded (imports, lazily imported modules, kernels: one step of
+    a tiny model of the same side, then freed), then the peak over building the real model and 3 steps."""
+    amp = AMPS[a.dtype]
+    tiny = argparse.Namespace(**{**vars(a), "dim": 8 * a.heads, "layers": 1, "vocab": 64, "batch": 1, "seq": 8})
+    train_steps(*build(side, tiny), torch.randint(0, 64, (1, 9)), amp, 1)
+    gc.collect()
+    loaded = proc_status_mb("VmRSS")
+    x = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    train_steps(*build(side, a), x, amp, 3)
+    print(json.dumps({"loaded_mb": loaded, "peak_mb": proc_status_mb("VmHWM")}))
+
+
+def memory_runs(a: argparse.Namespace, dtype: str) -> dict[str, list[dict[str, float]]]:
+    """--memory-runs fresh subprocesses per side, sides alternating."""
+    shape = ["--dim", a.dim, "--layers", a.layers, "--heads", a.heads, "--kv-heads", a.kv_heads, "--vocab", a.vocab,
+             "--batch", a.batch, "--seq", a.seq, "--dtype", dtype]
+    runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+    for i in range(a.memory_runs):
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            runs[side].append(run_json([sys.executable, __file__, *map(str, shape), "--only", side]))
+    return runs
+
+
+def ratio_spread(ours: list[float], theirs: list[float]) -> str:
+    """Median ratio with the min–max of the paired ratios, e.g. '1.12x (0.96–1.30x)'."""
+    r = [o / t for o, t in zip(ours, theirs, strict=True)]
+    return f"{statistics.median(r):.2f}x ({min(r):.2f}–{max(r):.2f}x)"
 
 
 def main() -> None:
-    """Alternate both sides per dtype; print median tokens/s, peak RSS and the ratios."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
-    p.add_argument("--only", choices=["xiaolm", "hf"], help=argparse.SUPPRESS)
-    a = p.parse_args()
-    amps = {"fp32": None, "bf16": torch.bfloat16}
+    """Alternate both sides per dtype; print every round, then medians, spreads and a Markdown table."""
+    p = argument_parser(__doc__)
+    p.add_argument("--dim", type=int, default=256, help="model width")
+    p.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side and round")
+    p.add_argument("--rounds", type=int, default=20, help="rounds of one timing per side, back to back")
+    p.add_argument("--memory-runs", type=int, default=5, help="fresh subprocesses per side and dtype")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="bf16: CPU autocast")
+    p.add_argument("--only", choices=SIDES, help=argparse.SUPPRESS)
+    a = parse_args(p, QUICK, "about 3 minutes")
     if a.only:
-        time_steps(*build(a.only, a), a, amps[a.dtype], steps=3)
-        print(json.dumps({"peak_rss_mb": peak_memory_mb(torch.device("cpu"))}))
+        measure_alone(a.only, a)
         return
-    argv = [arg for arg in sys.argv[1:] if arg not in ("--dtype", a.dtype)]
-    sides = {side: build(side, a) for side in ("xiaolm", "hf")}
-    print(f"params {sides['xiaolm'][0].num_params() / 1e6:.2f}M, batch {a.batch} x seq {a.seq}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    for dtype in (["fp32", "bf16"] if a.dtype == "both" else [a.dtype]):
-        tps: dict[str, list[float]] = {"xiaolm": [], "hf": []}
-        for _ in range(a.rounds):
-            for side, (model, opt, loss_fn) in sides.items():
-                tps[side].append(time_steps(model, opt, loss_fn, a, amps[dtype], a.steps))
-        med = {k: statistics.median(v) for k, v in tps.items()}
-        rss = {side: peak_rss_mb(side, dtype, argv) for side in sides}
-        for side, v in tps.items():
-            print(f"{dtype} {side:7s} tokens/s median {med[side]:8.0f}  (min {min(v):.0f}, max {max(v):.0f})  "
-                  f"peak RSS {rss[side]:7.0f} MB")
-        print(f"{dtype} ratio xiaolm/hf: throughput {med['xiaolm'] / med['hf']:.2f}x, "
-              f"peak RSS {rss['xiaolm'] / rss['hf']:.2f}x")
+    print_header()
+    sides = {side: build(side, a) for side in SIDES}
+    x = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    print(f"params {sides['xiaolm'][0].num_params() / 1e6:.2f}M, batch {a.batch} × seq {a.seq}, {a.rounds} rounds "
+          f"of {a.steps} steps per side, {a.memory_runs} memory runs per side; optimizer: "
+          + ", ".join(f"{side} {type(opt).__name__}(fused={opt.defaults['fused']})" for side, (_, opt, _) in
+                      sides.items()))
+    rows = []
+    for dtype in ["fp32", "bf16"] if a.dtype == "both" else [a.dtype]:
+        for side in SIDES:
+            train_steps(*sides[side], x, AMPS[dtype], 2)  # one-off costs: allocator growth, kernel selection
+        tps: dict[str, list[float]] = {side: [] for side in SIDES}
+        for r in range(a.rounds):
+            for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                tps[side].append(time_steps(*sides[side], x, AMPS[dtype], a.steps))
+            print(f"{dtype} round {r + 1:2d}: xiaolm {tps['xiaolm'][-1]:8,.0f} tokens/s, transformers "
+                  f"{tps['hf'][-1]:8,.0f} tokens/s, ratio {tps['xiaolm'][-1] / tps['hf'][-1]:.2f}x", flush=True)
+        mem = memory_runs(a, dtype)
+        peak = {side: [run["peak_mb"] for run in mem[side]] for side in SIDES}
+        grown = {side: [run["peak_mb"] - run["loaded_mb"] for run in mem[side]] for side in SIDES}
+        for side, name in zip(SIDES, ("xiaolm", "transformers"), strict=True):
+            print(f"{dtype} {name:12s} tokens/s {spread(tps[side])}, peak RSS {spread(peak[side])} MB, "
+                  f"RSS once loaded {spread([run['loaded_mb'] for run in mem[side]])} MB, "
+                  f"peak above loaded {spread(grown[side])} MB")
+        thr, rss, growth = (ratio_spread(v["xiaolm"], v["hf"]) for v in (tps, peak, grown))
+        print(f"{dtype} xiaolm/transformers: throughput {thr} over {a.rounds} rounds, peak RSS {rss}, "
+              f"peak above loaded {growth} over {a.memory_runs} runs")
+        rows.append([{"fp32": "fp32", "bf16": "bf16 autocast"}[dtype], spread(tps["xiaolm"]), spread(tps["hf"]),
+                     f"**{thr}**", f"{spread(peak['xiaolm'])} MB", f"{spread(peak['hf'])} MB", rss, growth])
+    print(f"load {load_average()} at the end\n")
+    print(markdown_table(["dtype", "xiaolm tokens/s, median (min–max)", "transformers tokens/s",
+                          f"throughput ratio, median (min–max of {a.rounds} rounds)", "xiaolm peak RSS",
+                          "transformers peak RSS", f"peak RSS ratio (min–max of {a.memory_runs} runs)",
+                          "ratio of peak − RSS once loaded"], rows))
 
 
 if __name__ == "__main__":
