@@ -218,6 +218,14 @@ def test_precomputed_reference_matches_a_copy_and_its_cache_is_reused_on_resume(
         dpo.run_dpo(dpo_cfg(tmp, "pre", data, **kw), resume=True)
     assert "reused" in caplog.text and cache.stat().st_mtime_ns == stamp
     assert log_rows(tmp / "pre") == before
+    # the same init_from path holding other weights: the cache is not theirs, so it is computed afresh
+    save_model_weights(make_model(VOCAB, seed=1), tmp / "base")
+    shutil.rmtree(tmp / "pre" / "checkpoints")
+    (tmp / "pre" / "latest").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xiaolm.train.dpo"):
+        dpo.run_dpo(dpo_cfg(tmp, "pre", data, **kw))
+    assert "reused" not in caplog.text and len(list((tmp / "pre").glob("ref_logps-*.safetensors"))) == 2
 
 
 def preference_accuracy(model: nn.Module, objective: dpo.DPOObjective, split: str = "val") -> float:

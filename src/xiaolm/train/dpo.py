@@ -110,10 +110,14 @@ class DPOObjective(Objective):
         return model
 
     def _precompute(self, model: nn.Module, run: RunContext) -> None:
-        digest = hashlib.sha256(str(run.cfg.init_from).encode())
+        digest = hashlib.sha256(f"{run.cfg.init_from}|{run.amp}".encode())
+        with torch.no_grad():  # the weights' content too: the same path may later hold another model
+            for name, param in model.state_dict().items():
+                digest.update(f"{name}{tuple(param.shape)}{float(param.double().sum())!r}".encode())
         for ids, labels in (side for pairs in (self.train, self.val) for pair in pairs for side in pair):
             digest.update(ids.tobytes() + b"|" + labels.tobytes())
-        path = run.run_dir / f"ref_logps-{digest.hexdigest()[:16]}.safetensors"  # keyed by data and init_from
+        # keyed by data, init_from, its weights and the autocast dtype
+        path = run.run_dir / f"ref_logps-{digest.hexdigest()[:16]}.safetensors"
         from safetensors.torch import load_file, save
 
         if path.is_file():
