@@ -260,4 +260,5 @@ def test_full_scale_corpus_has_the_planned_sizes(full_corpus):
     kinds = [q["kind"] for q in lines(paths["eval_qa"])]
     assert all(150 <= kinds.count(k) <= 350 for k in ("facts", "numerals", "arithmetic"))
     assert 290 <= len(lines(paths["eval_choice"])) <= 310
-    assert 150 <= len(lines(paths["preference"])) <= 250 and 150 <= len(lines(paths["extraction"])) <= 250
+    assert 150 <= len(lines(paths["preference"])) <= 250 and 350 <= len(lines(paths["extraction"])) <= 450
+    assert 80 <= len(lines(paths["preference_val"])) <= 120  # one pair is at most 1.25 points

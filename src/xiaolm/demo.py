@@ -28,12 +28,12 @@ def _demo_model() -> LlamaConfig:
 
 
 def _pretrain() -> TrainConfig:
-    return TrainConfig(max_steps=420, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, eval_every=140,
-                       save_every=140, model=_demo_model(), data=DataConfig(seq_len=256))
+    return TrainConfig(max_steps=600, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, eval_every=150,
+                       save_every=150, model=_demo_model(), data=DataConfig(seq_len=256))
 
 
 def _sft() -> TrainConfig:
-    return TrainConfig(max_steps=300, batch_size=6, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
+    return TrainConfig(max_steps=350, batch_size=6, lr=1e-3, warmup_steps=10, log_every=10, eval_every=100,
                        save_every=100, data=DataConfig(seq_len=256, val_fraction=0.02))
 
 

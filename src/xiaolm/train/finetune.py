@@ -9,6 +9,7 @@ and answer perplexity on held-out chat items.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from fractions import Fraction
@@ -124,13 +125,23 @@ def measure(model: nn.Module, tokenizer: Any, records: list[dict], items: list[d
             seq_len: int) -> dict[str, float]:
     """Triplet P/R/F1 on held-out records; chat exact match and answer perplexity on held-out chat items."""
     model.eval()
-    scores = extraction_f1(model, tokenizer, records, settings.max_new_tokens)
-    out = {f"triplet_{k}": scores[k] for k in ("precision", "recall", "f1")}
+    out = {}
+    if records:
+        scores = extraction_f1(model, tokenizer, records, settings.max_new_tokens)
+        out = {f"triplet_{k}": scores[k] for k in ("precision", "recall", "f1")}
     if items:
         kinds = exact_match(model, tokenizer, items).values()
         out["chat_exact"] = sum(k["correct"] for k in kinds) / sum(k["n"] for k in kinds)
         out["chat_ppl"] = answer_perplexity(model, tokenizer, items, seq_len)["ppl"]
     return out
+
+
+def best_scores(run_dir: Path) -> dict[str, float]:
+    """Triplet P/R/F1 of best/: the evaluation logged at the step best.json names."""
+    step = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8"))["step"]
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    row = next(r for r in reversed(rows) if r.get("step") == step and "val_f1" in r)
+    return {f"triplet_{k}": row[f"val_{k}"] for k in ("precision", "recall", "f1")}
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -189,7 +200,8 @@ def run_finetune(cfg: TrainConfig, resume: bool = False) -> dict:
     from xiaolm.model.export import load_model
 
     after_model, _ = load_model(out / "best", device=device, with_tokenizer=False)
-    after = measure(after_model, tokenizer, held_out, items, s, seq_len)
+    # best/'s triplet scores are its evaluation's, on the same held-out records: read, not generated again
+    after = {**best_scores(out), **measure(after_model, tokenizer, [], items, s, seq_len)}
     summary["retention"] = {"before": before, "after": after, "after_model": "best", "extraction_records":
                             len(held_out), "chat_items": len(items)}
     if main:
