@@ -42,6 +42,16 @@ def run_json(argv: list[str]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def proc_status_mb(key: str, pid: int | str = "self") -> float:
+    """VmRSS (now) or VmHWM (peak so far, of the process's own memory since exec) of a process in MB (Linux);
+    0 for a process that is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":")), 0.0)
+    except OSError:
+        return 0.0
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows."""
     try:
@@ -69,26 +79,36 @@ def git_commit() -> str:
         return "?"
 
 
-def print_header(packages: tuple[str, ...] = ("torch", "transformers")) -> None:
-    """The command as typed, then the machine: platform, CPU, cores, torch threads, load, versions, commit."""
-    import torch
+def print_header(packages: tuple[str, ...] = ("torch", "transformers"), threads: str | None = None) -> None:
+    """The command as typed, then the machine: platform, CPU, cores, threads, load, versions, commit.
 
+    threads: how the benchmark's threads are set, printed as given; None: torch's GPU and thread count (imports torch).
+    """
     versions = []
     for name in packages:
         try:
             versions.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{name} not installed")
-    gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
+    if threads is None:
+        import torch
+
+        gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
+        threads = f"{gpu}, {torch.get_num_threads()} torch threads"
     print(f"command: {shlex.join(['python', *sys.argv])}")
-    print(f"machine: {platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, {gpu}, "
-          f"{torch.get_num_threads()} torch threads, load {load_average()} at start")
+    print(f"machine: {platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, {threads}, "
+          f"load {load_average()} at start")
     print(f"software: Python {platform.python_version()}, {', '.join(versions)}, commit {git_commit()}")
 
 
 def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
     """'median (min–max)' of the values."""
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def one_or_spread(values: list[float], fmt: str = "{:,.0f}", same: bool = False) -> str:
+    """spread() of the values; the value alone when there is one (or, with `same`, when all are equal)."""
+    return fmt.format(values[0]) if len(values) == 1 or same and len(set(values)) == 1 else spread(values, fmt)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,6 +1,7 @@
 """Tokenizer training: xiaolm's bounded-memory BPE vs tokenizers' BpeTrainer vs sentencepiece, at growing sizes.
 
-    python benchmarks/tokenizer_train.py [--sizes 25,50,100] [--ours-only-sizes 200] [--vocab 32000]
+    python benchmarks/tokenizer_train.py [--quick] [--sizes 25,50,100] [--ours-only-sizes 200] [--vocab 32000]
+                                         [--methods ours,hf,hf-gpt2,spm,ours-spm] [--repeats 1]
                                          [--max-memory 2GB] [--workers 2] [--work /tmp/xiaolm-tokbench]
 
 Corpus of S MB (UTF-8 text): 80% real Chinese from the embedded demo corpus (poems and idioms; the first pass as
@@ -9,11 +10,35 @@ punctuation, so new long CJK runs keep appearing as in web text) and 20% generat
 world facts, question-answer pairs and numeral sentences, a new world per pass). Held-out text: every 20th poem
 and idiom (never in any training corpus) plus generated text of an unseen world.
 
-Each trainer runs in its own process; wall time covers process start to exit, peak RSS is the sum over the
-process tree sampled every 50 ms (and, as a check, the largest single-process RSS from wait4). Compression is
-characters per token on the held-out text, measured afterwards in this process, with the encode and decode
-throughput of the trained tokenizer (tokenizers' encode_batch/decode_batch, sentencepiece's encode/decode).
-A run is killed above --rss-cap (default 10 GB) and reported as such.
+Trainers (--methods):
+  ours      xiaolm `train_tokenizer`: chunk counts in bounded memory (--max-memory, --workers counting
+            processes), then tokenizers' BpeTrainer on the most frequent chunks, xiaolm's pre-tokenizer attached
+  hf        tokenizers' BpeTrainer on the whole corpus (train_from_iterator, every chunk counted) with xiaolm's
+            pre-tokenizer: the same chunks as ours (CJK runs cut every 8 characters, digits alone, punctuation
+            runs, words of other scripts), byte-level, the same special tokens and min_frequency 2. The script
+            saves xiaolm's empty tokenizer (`build_empty_tokenizer`) as JSON and the trainer's process loads it, so
+            that process imports only tokenizers; before training, it checks on a sample (the held-out text and
+            the first 2,000 texts of the smallest corpus) that this pre-tokenizer and xiaolm's ChunkSplitter (what
+            its counting uses) give identical chunk lists, and stops if not. Against ours, the difference is
+            bounded counting, not splitting.
+  hf-gpt2   the same trainer and settings with GPT-2's ByteLevel pre-tokenizer (its regex: letters runs unbounded,
+            digits grouped): the common default, a second row
+  spm       sentencepiece defaults (unigram, all lines) on the same text as a .txt file
+  ours-spm  xiaolm's sentencepiece backend
+
+Each trainer runs in its own process, once per round (--repeats rounds per size, the order rotating); wall time
+covers process start to exit, peak RSS is the sum over the process tree sampled every 50 ms (and, as a check, the
+largest VmHWM of one of its processes, read at the same times: wait4's ru_maxrss would include this process's size
+when it forked). Compression is characters per token on the held-out text, measured afterwards in this process, with
+the encode and decode throughput of the trained tokenizer (tokenizers' encode_batch/decode_batch, sentencepiece's
+encode/decode) over --eval-rounds rounds. Every repeated measurement is printed as median (min–max) over its rounds,
+never the best one; the ratios are the median (min–max) of the rounds' ratios. A run is killed above --rss-cap
+(default 10 GB) and reported as such.
+
+Sizes: the defaults (25, 50 and 100 MB, all five trainers, 1 round) take about 25 minutes on 2 cores (the runs in
+benchmarks/RESULTS.md took 17.5 minutes for four of the trainers on a loaded 2-core machine, before building the
+corpora and evaluating); `--quick` (--sizes 10) about 3 minutes, scaled from 2 and 3 MB runs (50 and 63 s end to end
+for the five trainers on a loaded 2-core machine, tokenizers with one thread). Both are estimates, not measured.
 """
 
 from __future__ import annotations
@@ -29,13 +54,26 @@ import time
 from pathlib import Path
 
 import psutil
+from harness import (
+    argument_parser,
+    markdown_table,
+    one_or_spread,
+    parse_args,
+    print_header,
+    proc_status_mb,
+    spread,
+)
 
 METHODS = {
-    "ours": "xiaolm bpe (bounded memory)",
-    "ours-spm": "xiaolm sentencepiece backend",
-    "hf": "tokenizers BpeTrainer, ByteLevel",
+    "ours": "xiaolm bpe (bounded counting)",
+    "hf": "tokenizers BpeTrainer, xiaolm's pre-tokenizer",
+    "hf-gpt2": "tokenizers BpeTrainer, GPT-2 ByteLevel pre-tokenizer",
     "spm": "sentencepiece defaults (unigram)",
+    "ours-spm": "xiaolm sentencepiece backend",
 }
+LIBRARIES = ("hf", "hf-gpt2", "spm")
+QUICK = {"sizes": "10"}
+CHECK_TEXTS = 2000  # texts of the smallest corpus in the pre-tokenizer check, besides the held-out ones
 _CLAUSE = re.compile(r"(?<=[，。；！？、\n])")
 
 
@@ -111,26 +149,66 @@ def build_corpora(work: Path, sizes: list[int]) -> tuple[dict[int, Path], Path]:
     return paths, held
 
 
-def child_command(method: str, corpus: Path, out: Path, vocab: int, max_memory: str, workers: int) -> list[str]:
+def save_empty_tokenizer(work: Path) -> Path:
+    """xiaolm's untrained tokenizer (its pre-tokenizer and decoder) as JSON, for the `hf` trainer to load."""
+    from xiaolm.tokenizer.pretokenize import build_empty_tokenizer
+
+    path = work / "xiaolm-empty-tokenizer.json"
+    build_empty_tokenizer().save(str(path))
+    return path
+
+
+def check_pretokenizer(empty: Path, texts: list[str]) -> str:
+    """Compare the chunks of the `hf` trainer's pre-tokenizer with xiaolm's ChunkSplitter; exit on a difference."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from xiaolm.tokenizer.pretokenize import ChunkSplitter, to_byte_level
+
+    theirs, splitter = Tokenizer.from_file(str(empty)).pre_tokenizer, ChunkSplitter()
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ours_chunks, gpt2_chunks = [], []
+    for i, text in enumerate(texts):
+        ours = [to_byte_level(c) for c in splitter.chunks(text)]
+        hf = [c for c, _ in theirs.pre_tokenize_str(text)]
+        if ours != hf:
+            at = next((k for k, (a, b) in enumerate(zip(ours, hf, strict=False)) if a != b), min(len(ours), len(hf)))
+            sys.exit(f"pre-tokenizer check: text {i} splits differently at chunk {at}: ChunkSplitter "
+                     f"{ours[at:at + 3]} vs tokenizers {hf[at:at + 3]} — the `hf` baseline would not see xiaolm's "
+                     f"chunks; fix src/xiaolm/tokenizer/pretokenize.py")
+        ours_chunks += ours
+        gpt2_chunks += [c for c, _ in gpt2.pre_tokenize_str(text)]
+    return (f"pre-tokenizer check: on {len(texts):,} sample texts ({sum(map(len, texts)):,} characters) xiaolm's "
+            f"ChunkSplitter and the `hf` trainer's pre-tokenizer give identical chunk lists: {len(ours_chunks):,} "
+            f"chunks, {len(set(ours_chunks)):,} distinct, longest {max(map(len, ours_chunks))} byte-level symbols "
+            f"(GPT-2 ByteLevel: {len(gpt2_chunks):,} chunks, {len(set(gpt2_chunks)):,} distinct, longest "
+            f"{max(map(len, gpt2_chunks))})")
+
+
+def child_command(method: str, corpus: Path, out: Path, vocab: int, max_memory: str, workers: int,
+                  empty: Path) -> list[str]:
     """The python -c program that trains one tokenizer and exits."""
+    from xiaolm.chat_format import SPECIAL_TOKENS
+
     txt = corpus.with_suffix(".txt")
+    ours = (f"from xiaolm.tokenizer import train_tokenizer\n"
+            f"train_tokenizer([{str(corpus)!r}], {str(out)!r}, vocab_size={vocab}, max_memory={max_memory!r}, "
+            f"workers={workers}{{backend}})")
+    hf = ("import json, os\n"
+          "from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers\n"
+          "{tokenizer}\n"
+          f"trainer = trainers.BpeTrainer(vocab_size={vocab}, min_frequency=2, show_progress=False, "
+          f"initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens={SPECIAL_TOKENS!r})\n"
+          f"texts = (json.loads(line)['text'] for line in open({str(corpus)!r}, encoding='utf-8'))\n"
+          "tok.train_from_iterator(texts, trainer=trainer)\n"
+          f"os.makedirs({str(out)!r}, exist_ok=True)\n"
+          f"tok.save({str(out / 'tokenizer.json')!r})")
     programs = {
-        "ours": f"from xiaolm.tokenizer import train_tokenizer\n"
-                f"train_tokenizer([{str(corpus)!r}], {str(out)!r}, vocab_size={vocab}, "
-                f"max_memory={max_memory!r}, workers={workers})",
-        "ours-spm": f"from xiaolm.tokenizer import train_tokenizer\n"
-                    f"train_tokenizer([{str(corpus)!r}], {str(out)!r}, vocab_size={vocab}, backend='sentencepiece', "
-                    f"max_memory={max_memory!r}, workers={workers})",
-        "hf": "import json\n"
-              "from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers\n"
-              "tok = Tokenizer(models.BPE())\n"
-              "tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)\n"
-              "tok.decoder = decoders.ByteLevel()\n"
-              f"trainer = trainers.BpeTrainer(vocab_size={vocab}, min_frequency=2, show_progress=False, "
-              "initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=['<|endoftext|>'])\n"
-              f"texts = (json.loads(line)['text'] for line in open({str(corpus)!r}, encoding='utf-8'))\n"
-              "tok.train_from_iterator(texts, trainer=trainer)\n"
-              f"import os; os.makedirs({str(out)!r}, exist_ok=True); tok.save({str(out / 'tokenizer.json')!r})",
+        "ours": ours.format(backend=""),
+        "ours-spm": ours.format(backend=", backend='sentencepiece'"),
+        "hf": hf.format(tokenizer=f"tok = Tokenizer.from_file({str(empty)!r})"),
+        "hf-gpt2": hf.format(tokenizer="tok = Tokenizer(models.BPE())\n"
+                                       "tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)\n"
+                                       "tok.decoder = decoders.ByteLevel()"),
         "spm": "import os, sentencepiece as spm\n"
                f"os.makedirs({str(out)!r}, exist_ok=True)\n"
                f"spm.SentencePieceTrainer.train(input={str(txt)!r}, model_prefix={str(out / 'spm')!r}, "
@@ -141,20 +219,19 @@ def child_command(method: str, corpus: Path, out: Path, vocab: int, max_memory: 
 
 
 def measure(cmd: list[str], rss_cap: int) -> dict:
-    """Wall seconds, peak RSS of the process tree (sampled) and of its largest process (wait4)."""
+    """Wall seconds, peak RSS of the process tree and the largest peak of one of its processes (both sampled)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
                                                                      os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     with open(Path(os.environ.get("TMPDIR", "/tmp")) / "tokbench-stderr.txt", "w+b") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        root, peak, killed = psutil.Process(proc.pid), 0, False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        root, peak, single, killed = psutil.Process(proc.pid), 0, 0.0, False
+        while proc.poll() is None:
             try:
                 tree = [root, *root.children(recursive=True)]
                 rss = sum(p.memory_info().rss for p in tree)
+                # wait4's ru_maxrss would count this (large) process's size at fork time
+                single = max(single, *(proc_status_mb("VmHWM", p.pid) for p in tree))
             except psutil.Error:
                 tree, rss = [], 0
             peak = max(peak, rss)
@@ -167,16 +244,14 @@ def measure(cmd: list[str], rss_cap: int) -> dict:
                 killed = True
             time.sleep(0.05)
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         stderr = err.read().decode(errors="replace")[-2000:]
-    # ru_maxrss of the reaped child: the largest RSS of it or any of its waited-for descendants, in KiB
-    return {"seconds": wall, "peak_rss": peak, "max_single_rss": usage.ru_maxrss * 1024, "rc": proc.returncode,
+    return {"seconds": wall, "peak_rss": peak, "max_single_rss_mb": single, "rc": proc.returncode,
             "killed": killed, "stderr": stderr}
 
 
-def evaluate(method: str, out: Path, held: list[str]) -> tuple[float, float, float]:
-    """Held-out characters per token, and encode / decode throughput (MB of text per second, 3 rounds best)."""
+def evaluate(method: str, out: Path, held: list[str], rounds: int) -> tuple[float, list[float], list[float]]:
+    """Held-out characters per token, and encode / decode throughput of each round (MB of text per second)."""
     chars, nbytes = sum(len(t) for t in held), sum(len(t.encode("utf-8")) for t in held)
     if method == "spm":
         import sentencepiece as spm
@@ -194,81 +269,133 @@ def evaluate(method: str, out: Path, held: list[str]) -> tuple[float, float, flo
         def decode(ids: list[list[int]]) -> list[str]:
             return tok.decode_batch(ids)
 
-    enc_s = dec_s = float("inf")
-    for _ in range(3):
+    enc, dec = [], []
+    for _ in range(rounds):
         t0 = time.perf_counter()
         ids = encode(held)
         t1 = time.perf_counter()
         decode(ids)
-        enc_s, dec_s = min(enc_s, t1 - t0), min(dec_s, time.perf_counter() - t1)
-    return chars / sum(len(i) for i in ids), nbytes / 1e6 / enc_s, nbytes / 1e6 / dec_s
+        enc.append(nbytes / 1e6 / (t1 - t0))
+        dec.append(nbytes / 1e6 / (time.perf_counter() - t1))
+    return chars / sum(len(i) for i in ids), enc, dec
 
 
 def main() -> None:
-    """Run every method at every size; print the table and the target ratios."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run every method at every size, --repeats rounds each; print the tables and the ratios."""
+    ap = argument_parser(__doc__)
     ap.add_argument("--sizes", default="25,50,100", help="corpus sizes in MB for all methods")
     ap.add_argument("--ours-only-sizes", default="", help="larger sizes run only for our trainer")
-    ap.add_argument("--methods", default="ours,hf,spm,ours-spm")
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--max-memory", default="2GB")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size, every trainer")
+    ap.add_argument("--max-memory", default="2GB", help="ours: the memory budget")
+    ap.add_argument("--workers", type=int, default=2, help="ours: counting processes")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per size: every trainer once per round")
+    ap.add_argument("--eval-rounds", type=int, default=3, help="encode/decode timing rounds per trained tokenizer")
     ap.add_argument("--rss-cap", type=float, default=10.0, help="GB; runs above are killed")
-    ap.add_argument("--work", default="/tmp/xiaolm-tokbench")
+    ap.add_argument("--work", default="/tmp/xiaolm-tokbench", help="corpora (reused) and trained tokenizers")
     ap.add_argument("--json", help="also write the rows here")
-    args = ap.parse_args()
+    args = parse_args(ap, QUICK, "about 3 minutes")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     big = [int(s) for s in args.ours_only_sizes.split(",") if s]
-    methods = args.methods.split(",")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := set(methods) - set(METHODS):
+        ap.error(f"unknown methods: {', '.join(sorted(unknown))} (known: {', '.join(METHODS)})")
+    if args.repeats < 1 or args.eval_rounds < 1:
+        ap.error("--repeats and --eval-rounds must be at least 1")
+    print_header(("tokenizers", "sentencepiece", "regex", "numpy", "psutil"),
+                 threads=f"RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')} (tokenizers' trainers; "
+                         f"unset: one thread per core), ours counting with {args.workers} processes, "
+                         f"sentencepiece defaults: its own num_threads")
     work = Path(args.work)
     corpora, held_path = build_corpora(work, sizes + big)
     held = [json.loads(line)["text"] for line in held_path.read_text("utf-8").splitlines()]
+    print(f"corpora: {', '.join(f'{s} MB' for s in sizes + big)} in {work}; held-out: {len(held):,} texts, "
+          f"{sum(map(len, held)):,} characters")
+    empty = save_empty_tokenizer(work)
+    if "hf" in methods:
+        with open(corpora[min(sizes + big)], encoding="utf-8") as f:
+            sample = [json.loads(line)["text"] for _, line in zip(range(CHECK_TEXTS), f, strict=False)]
+        print(check_pretokenizer(empty, held + sample))
     rows = []
     for size in sizes + big:
-        for method in methods if size in sizes else ["ours"]:
-            out = work / f"out-{method}-{size}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            cmd = child_command(method, corpora[size], out, args.vocab, args.max_memory, args.workers)
-            r = measure(cmd, int(args.rss_cap * 2**30))
-            ok = r["rc"] == 0 and not r["killed"]
-            row = {"size_mb": size, "method": method, "seconds": round(r["seconds"], 1),
-                   "peak_rss_mb": round(r["peak_rss"] / 2**20), "ok": ok,
-                   "max_single_rss_mb": round(r["max_single_rss"] / 2**20) if r["max_single_rss"] else None,
-                   "chars_per_token": None}
-            if ok:
-                cpt, enc, dec = evaluate(method, out, held)
-                row.update(chars_per_token=round(cpt, 4), encode_mb_s=round(enc, 1), decode_mb_s=round(dec, 1))
-            if not ok:
-                row["error"] = "killed above the RSS cap" if r["killed"] else r["stderr"][-300:]
-            rows.append(row)
-            print(json.dumps(row, ensure_ascii=False), flush=True)
+        order = methods if size in sizes else ["ours"]
+        for k in range(args.repeats):
+            for method in order[k % len(order):] + order[:k % len(order)]:
+                out = work / f"out-{method}-{size}"
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                cmd = child_command(method, corpora[size], out, args.vocab, args.max_memory, args.workers, empty)
+                r = measure(cmd, int(args.rss_cap * 2**30))
+                ok = r["rc"] == 0 and not r["killed"]
+                row = {"size_mb": size, "method": method, "round": k + 1, "seconds": round(r["seconds"], 1),
+                       "peak_rss_mb": round(r["peak_rss"] / 2**20), "ok": ok,
+                       "max_single_rss_mb": round(r["max_single_rss_mb"]) or None,
+                       "chars_per_token": None}
+                if ok:
+                    cpt, enc, dec = evaluate(method, out, held, args.eval_rounds)
+                    row.update(chars_per_token=round(cpt, 4), encode_mb_s=[round(x, 2) for x in enc],
+                               decode_mb_s=[round(x, 2) for x in dec])
+                else:
+                    row["error"] = "killed above the RSS cap" if r["killed"] else r["stderr"][-300:]
+                rows.append(row)
+                print(json.dumps(row, ensure_ascii=False), flush=True)
     print_table(rows, args)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    """Markdown table of every run, then ours against each target."""
-    print(f"\nvocab {args.vocab}; ours with --max-memory {args.max_memory} --workers {args.workers}\n")
-    print("| size | trainer | wall s | peak RSS MB (tree) | max single-process RSS MB | held-out chars/token "
-          "| encode MB/s | decode MB/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Markdown table of every trainer at every size, then ours against each library."""
+    print(f"\nvocab {args.vocab}; ours with --max-memory {args.max_memory} --workers {args.workers}; "
+          f"{args.repeats} round(s) per size: wall s and RSS as median (min–max) over the rounds, encode/decode "
+          f"MB/s as median (min–max) over every timing round ({args.eval_rounds} per trained tokenizer)\n")
+    table = []
+    groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
-        cpt = f"{r['chars_per_token']:.4f}" if r["chars_per_token"] else r.get("error", "failed")
-        print(f"| {r['size_mb']} MB | {METHODS[r['method']]} | {r['seconds']} | {r['peak_rss_mb']} | "
-              f"{r['max_single_rss_mb']} | {cpt} | {r.get('encode_mb_s', '-')} | {r.get('decode_mb_s', '-')} |")
-    print("\n| size | time ours / faster library | RSS ours / HF | chars/token ours / HF |")
-    print("|---|---|---|---|")
-    by = {(r["size_mb"], r["method"]): r for r in rows}
-    for size in sorted({r["size_mb"] for r in rows}):
-        ours, hf, spm = by.get((size, "ours")), by.get((size, "hf")), by.get((size, "spm"))
-        if not ours or not hf:
+        groups.setdefault((r["size_mb"], r["method"]), []).append(r)
+    for (size, method), runs in groups.items():
+        ok = [r for r in runs if r["ok"]]
+        error = next(r["error"] for r in runs if not r["ok"]) if len(ok) < len(runs) else ""
+        if not ok:
+            table.append([f"{size} MB", METHODS[method], "-", "-", "-", f"failed: {error}", "-", "-"])
             continue
-        libs = [r["seconds"] for r in (hf, spm) if r and r["ok"]]
-        t = f"{ours['seconds'] / min(libs):.2f}x" if libs else "-"
-        m = f"{ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x" if hf["ok"] else "HF failed"
-        c = f"{ours['chars_per_token'] / hf['chars_per_token']:.3f}" if hf["ok"] and ours["ok"] else "-"
-        print(f"| {size} MB | {t} | {m} | {c} |")
+        failed = f" ({len(runs) - len(ok)} of {len(runs)} runs failed: {error})" if error else ""
+        single = [r["max_single_rss_mb"] for r in ok if r["max_single_rss_mb"]]
+        table.append([f"{size} MB", METHODS[method], one_or_spread([r["seconds"] for r in ok], "{:.1f}"),
+                      one_or_spread([r["peak_rss_mb"] for r in ok], "{:,.0f}"),
+                      one_or_spread(single, "{:,.0f}") if single else "-",
+                      one_or_spread([r["chars_per_token"] for r in ok], "{:.4f}", same=True) + failed,
+                      spread([x for r in ok for x in r["encode_mb_s"]], "{:.1f}"),
+                      spread([x for r in ok for x in r["decode_mb_s"]], "{:.1f}")])
+    print(markdown_table(["size", "trainer", "wall s", "peak RSS MB (tree)", "max single-process RSS MB",
+                          "held-out chars/token", "encode MB/s", "decode MB/s"], table))
+    by_round = {(r["size_mb"], r["method"], r["round"]): r for r in rows if r["ok"]}
+    ratios = []
+    for size in sorted({r["size_mb"] for r in rows}):
+        rounds = sorted(k for s, m, k in by_round if s == size and m == "ours")
+        if not rounds:
+            continue
+        ours = [by_round[(size, "ours", k)] for k in rounds]
+
+        def against(method: str, key: str, fmt: str, ours: list[dict] = ours, size: int = size) -> str:
+            values = [o[key] / by_round[(size, method, o["round"])][key] for o in ours
+                      if (size, method, o["round"]) in by_round]
+            return one_or_spread(values, fmt, same=key == "chars_per_token") if values else "-"
+
+        fastest = [min((by_round[(size, m, o["round"])] for m in LIBRARIES if (size, m, o["round"]) in by_round),
+                       key=lambda r: r["seconds"], default=None) for o in ours]
+        wall = [o["seconds"] / f["seconds"] for o, f in zip(ours, fastest, strict=True) if f]
+        names = ", ".join(sorted({f["method"] for f in fastest if f}))
+        ratios.append([f"{size} MB", against("hf", "seconds", "{:.2f}x"),
+                       f"{one_or_spread(wall, '{:.2f}x')} ({names})" if wall else "-",
+                       against("hf", "peak_rss_mb", "{:.2f}x"), against("hf-gpt2", "peak_rss_mb", "{:.2f}x"),
+                       against("hf", "chars_per_token", "{:.3f}"), against("hf-gpt2", "chars_per_token", "{:.3f}")])
+    print("\nOurs against the libraries, same round (median (min–max) over rounds when there are several); hf: "
+          "tokenizers with xiaolm's pre-tokenizer, hf-gpt2: with GPT-2 ByteLevel\n")
+    if not ratios:
+        print("(no ratios: ours has no successful run)")
+        return
+    print(markdown_table(["size", "wall ours / hf", "wall ours / fastest library (which)", "peak RSS ours / hf",
+                          "peak RSS ours / hf-gpt2", "chars/token ours / hf", "chars/token ours / hf-gpt2"], ratios))
 
 
 if __name__ == "__main__":
