@@ -4,8 +4,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test test-fast bench lint venv clean
+.PHONY: demo test test-fast bench bench-full lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +26,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py
+# What the benchmarks import beyond the project (the `bench` extra), reinstalled only when pyproject.toml changes.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[dev,serve,bench]"
+	touch $(BENCH_STAMP)
+
+# Every benchmark at its quick size (~15 min on 2 cores), one dated section of benchmarks/RESULTS.md.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks
+
+# The sizes the README quotes: hours.
+bench-full: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks --full
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
