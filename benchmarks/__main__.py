@@ -48,8 +48,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "memory_budget": ("benchmarks/memory_budget.py", ["--quick"], []),
     "dedup": ("benchmarks/dedup.py", ["--quick", *DEDUP_SYSTEMS], DEDUP_SYSTEMS),
     "tokenizer_train": ("benchmarks/tokenizer_train.py", ["--quick"], []),
-    # quick: 3 rounds for a spread of the ratios; its docstring puts one round (--quick) at 4.5 minutes
-    "dpo_memory": ("benchmarks/dpo_memory.py", ["--size", "26m", "--rounds", "3", "--steps", "4"],
+    # quick: 2 rounds for a spread of the ratios (one round took 4.5 minutes with 1 thread on a loaded machine)
+    "dpo_memory": ("benchmarks/dpo_memory.py", ["--size", "26m", "--rounds", "2", "--steps", "4"],
                    ["--size", "26m", "--rounds", "5"]),
     "data_pipeline": ("benchmarks/data_pipeline.py", ["throughput", *DATA_QUICK], ["throughput"]),
     # full: the README's 2 GB through clean, dedup and pack (the defaults are 1,000 MB in 16 files, 1 process)
