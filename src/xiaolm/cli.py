@@ -196,13 +196,18 @@ def _stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="measure only the first N texts")
     p.add_argument("--worst", type=int, default=5, help="how many worst-compressed texts to show")
     p.add_argument("--json", action="store_true", help="print the stats as JSON")
+    p.add_argument("--baseline", choices=["bytelevel"],
+                   help="also train a plain tokenizers ByteLevel BPE of the same vocabulary on the tokenizer's own "
+                        "training inputs (or --baseline-train) and report chars/token ours/baseline per source")
+    p.add_argument("--baseline-train", action="append", metavar="INPUT", help="the baseline's training text")
 
 
 def cmd_tokenizer_stats(args: argparse.Namespace) -> None:
     """`xiaolm tokenizer stats`."""
     from xiaolm.tokenizer.stats import format_stats, tokenizer_stats
 
-    stats = tokenizer_stats(args.tokenizer_dir, args.inputs, limit=args.limit, worst=args.worst)
+    stats = tokenizer_stats(args.tokenizer_dir, args.inputs, limit=args.limit, worst=args.worst,
+                            baseline=args.baseline, baseline_train=args.baseline_train)
     print(json.dumps(stats, ensure_ascii=False, indent=2) if args.json else format_stats(stats))
 
 
@@ -329,11 +334,14 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "examples:\n  xiaolm tokenizer train data/clean --out tok --vocab-size 8192\n"
         "  xiaolm tokenizer train data/clean --out tok vocab_size=8192 cjk_chars=true   # the same as settings\n"
         "  xiaolm tokenizer train data/clean --out tok --vocab-size 32000 --max-memory 8GB --workers 4\n"
-        "  xiaolm tokenizer train data/clean --out tok-spm --vocab-size 32000 --backend sentencepiece",
+        "  xiaolm tokenizer train data/clean --out tok-spm --vocab-size 32000 --backend sentencepiece\n"
+        "  xiaolm tokenizer train data/clean --out tok cjk_space=true digits=3 newline_indent=true   # code, docs\n"
+        "chunking (bpe): max_cjk_run=16 (0: no cap) cjk_space=false digits=1 (0: whole runs) newline_indent=false",
         _tokenizer_arguments, cmd_tokenizer_train),
     ("tokenizer", "stats"): Command(
-        "measure a tokenizer on text: chars/bytes per token, vocabulary use",
-        "examples:\n  xiaolm tokenizer stats tok data/val.jsonl --limit 10000",
+        "measure a tokenizer on text: chars/bytes per token (per record source), vocabulary use",
+        "examples:\n  xiaolm tokenizer stats tok data/val.jsonl --limit 10000\n"
+        "  xiaolm tokenizer stats tok data/val.jsonl --baseline bytelevel   # ours / a plain BPE, per source",
         _stats_arguments, cmd_tokenizer_stats),
     **{(stage,): train_command(stage, *spec) for stage, spec in TRAIN_STAGES.items()},
     ("export",): Command(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xiaolm.tokenizer.pretokenize import ChunkSplitter
+from xiaolm.tokenizer.pretokenize import ChunkRules, ChunkSplitter
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ def most_frequent(counts: dict[str, int], keep: int) -> tuple[dict[str, int], in
     return kept, cut
 
 
-def _worker(rank: int, inbox, peers, n_peers: int, outbox, capacity: int, keep: int, cjk_chars: bool) -> None:
+def _worker(rank: int, inbox, peers, n_peers: int, outbox, capacity: int, keep: int, rules: ChunkRules) -> None:
     """Count one share of the batches; worker 0 then merges every table and sends the most frequent chunks."""
-    counter, splitter = BoundedCounter(capacity), ChunkSplitter(cjk_chars)
+    counter, splitter = BoundedCounter(capacity), ChunkSplitter(rules)
     while (batch := inbox.get()) is not None:
         _count_into(counter, splitter, batch)
     total, dropped, prunes = counter.total, counter.dropped_max, counter.prunes
@@ -186,7 +186,7 @@ def _get(q, procs: list):
             _check_alive(procs)
 
 
-def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_chars: bool = False,
+def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, rules: ChunkRules | None = None,
                  keep: int | None = None) -> CountResult:
     """Count the chunks of `texts` with `workers` processes, each holding at most capacity/workers chunks;
     return the `keep` most frequent (all by default).
@@ -196,6 +196,7 @@ def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_char
     """
     per_worker = max(2, capacity // workers)
     keep = capacity if keep is None else keep
+    rules = ChunkRules() if rules is None else rules
     stats = {"texts": 0, "chars": 0}
 
     def measured(items: Iterable[str]) -> Iterator[str]:
@@ -205,7 +206,7 @@ def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_char
             yield t
 
     if workers == 1:
-        counter, splitter = BoundedCounter(per_worker), ChunkSplitter(cjk_chars)
+        counter, splitter = BoundedCounter(per_worker), ChunkSplitter(rules)
         for batch in _batches(measured(texts)):
             _count_into(counter, splitter, batch)
         total, dropped, prunes = counter.total, counter.dropped_max, counter.prunes
@@ -217,7 +218,7 @@ def count_chunks(texts: Iterable[str], capacity: int, workers: int = 1, cjk_char
     # batch i goes to worker i mod K, so each table sees the same stream on every run: deterministic pruning
     inboxes, peers, outbox = [ctx.Queue(maxsize=2) for _ in range(workers)], ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(rank, inbox, peers, workers - 1, outbox, per_worker, keep, cjk_chars))
+                         args=(rank, inbox, peers, workers - 1, outbox, per_worker, keep, rules))
              for rank, inbox in enumerate(inboxes)]
     for p in procs:
         p.start()

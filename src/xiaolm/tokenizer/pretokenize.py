@@ -3,52 +3,95 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import regex
+
+from xiaolm.errors import XiaolmError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Bopomofo}"
-# CJK runs are cut every MAX_CJK_RUN characters: a token never spans more, and the number of distinct chunks
-# stays bounded on web text with long unpunctuated runs. 8 costs <1% compression against unbounded runs on
-# the demo poems and idioms (4 costs 3%)
-MAX_CJK_RUN = 8
 DIGIT = r"\p{N}"
-# after digits are isolated one by one: CJK runs; words of other scripts with an optional leading space;
-# punctuation/symbol runs (with the newlines after them); newline runs; other whitespace
-SPLIT_PATTERN = (rf"[{CJK}]{{1,{MAX_CJK_RUN}}}| ?[^\s{CJK}\p{{P}}\p{{S}}\p{{N}}]+| ?[\p{{P}}\p{{S}}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# the cap on CJK runs that tokenizers trained with cjk_chars keep in their pattern (see ChunkRules.split_pattern)
+CHAR_LEVEL_CJK_RUN = 8
 
 
-def isolate_pattern(cjk_chars: bool) -> str:
-    """Characters that always stand alone: digits, and with cjk_chars every CJK character."""
-    return rf"{DIGIT}|[{CJK}]" if cjk_chars else DIGIT
+@dataclass(frozen=True)
+class ChunkRules:
+    """How text is cut into chunks before BPE: no token ever spans two chunks.
+
+    Measured against a plain `tokenizers` ByteLevel BPE of the same vocabulary on real Chinese text by source
+    (benchmarks/tokenizer_compression.py). Beyond these rules: punctuation runs take the newlines after them,
+    and words of other scripts their leading space.
+    """
+
+    cjk_chars: bool = False  # every CJK character alone: a character-level vocabulary for Chinese
+    # CJK runs are cut every max_cjk_run characters (0: never): chunks, and the BPE trainer's memory per chunk, stay
+    # bounded on web text with long unpunctuated runs. 16 costs <0.5% against no cap; 8 cost 1.5-2% on man pages
+    # and technical text and 0.3-0.5% on prose
+    max_cjk_run: int = 16
+    # a space before a CJK run joins it ("使用 -l 选项"): +3-4% on man pages, +2-3% on technical text, but the
+    # vocabulary it takes (3-4% of it) costs 0.3% on Chinese without spaces
+    cjk_space: bool = False
+    # digits per chunk at most (0: a whole run). One by one lets small models learn numerals and arithmetic, at
+    # ~1% on man pages
+    digits: int = 1
+    newline_indent: bool = False  # a newline run takes the indentation after it: +1.6-1.7% on man pages
+
+    def check(self) -> None:
+        """XiaolmError for a negative cap or digit group."""
+        for key in ("max_cjk_run", "digits"):
+            if getattr(self, key) < 0:
+                raise XiaolmError(f"{key}={getattr(self, key)} must be 0 (no limit) or more", where=key)
+
+    def isolate_pattern(self) -> str:
+        """Chunks that always stand alone: digit groups, and with cjk_chars every CJK character."""
+        digits = DIGIT if self.digits == 1 else rf"{DIGIT}+" if self.digits == 0 else rf"{DIGIT}{{1,{self.digits}}}"
+        return rf"{digits}|[{CJK}]" if self.cjk_chars else digits
+
+    def split_pattern(self) -> str:
+        """The rest, in order: CJK runs; words of other scripts with an optional leading space; punctuation/symbol
+        runs (with the newlines after them); newline runs; other whitespace."""
+        if self.cjk_chars:  # CJK characters are isolated already, so the run rules never apply: the pattern
+            cjk = rf"[{CJK}]{{1,{CHAR_LEVEL_CJK_RUN}}}"  # keeps its old text and earlier tokenizer.json files
+        else:
+            run = rf"{{1,{self.max_cjk_run}}}" if self.max_cjk_run else "+"
+            cjk = (" ?" if self.cjk_space else "") + rf"[{CJK}]{run}"
+        # a newline run, then (newline_indent) the indentation after it but its last space, which goes with the word
+        indent = r"(?:[^\S\r\n]+(?!\S))?" if self.newline_indent else ""
+        return rf"{cjk}| ?[^\s{CJK}\p{{P}}\p{{S}}\p{{N}}]+| ?[\p{{P}}\p{{S}}]+[\r\n]*|\s*[\r\n]+{indent}|\s+(?!\S)|\s+"
 
 
-def build_pre_tokenizer(cjk_chars: bool = False):
+def _rules(rules: ChunkRules | None) -> ChunkRules:
+    return ChunkRules() if rules is None else rules
+
+
+def build_pre_tokenizer(rules: ChunkRules | None = None):
     """The HF pre-tokenizer: isolate digits (and CJK chars), split into chunks, map bytes to visible chars."""
     from tokenizers import Regex, pre_tokenizers
 
+    rules = _rules(rules)
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(isolate_pattern(cjk_chars)), behavior="isolated"),
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(rules.isolate_pattern()), behavior="isolated"),
+        pre_tokenizers.Split(Regex(rules.split_pattern()), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
 
 
-def build_empty_tokenizer(cjk_chars: bool = False) -> Tokenizer:
+def build_empty_tokenizer(rules: ChunkRules | None = None) -> Tokenizer:
     """An untrained byte-level BPE with the Chinese-aware pre-tokenizer and no normalizer.
 
-    cjk_chars=True isolates every CJK character as digits are, so merges never span characters: a
-    character-level vocabulary for Chinese (BPE still merges other scripts). Tiny models learn compositional
-    tasks (numerals, arithmetic, facts) far faster this way, at the cost of ~1.5x more tokens per text.
+    With cjk_chars merges never span CJK characters: a character-level vocabulary for Chinese (BPE still merges
+    other scripts). Tiny models learn compositional tasks (numerals, arithmetic, facts) far faster this way, at
+    the cost of ~1.5x more tokens per text.
     """
     from tokenizers import Tokenizer, decoders, models
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = build_pre_tokenizer(cjk_chars)
+    tok.pre_tokenizer = build_pre_tokenizer(rules)
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -56,9 +99,10 @@ def build_empty_tokenizer(cjk_chars: bool = False) -> Tokenizer:
 class ChunkSplitter:
     """Python mirror of build_pre_tokenizer's split (before the byte mapping), fast enough to count a corpus."""
 
-    def __init__(self, cjk_chars: bool = False):
-        self._isolate = regex.compile(f"({isolate_pattern(cjk_chars)})")
-        self._split = regex.compile(SPLIT_PATTERN)
+    def __init__(self, rules: ChunkRules | None = None):
+        rules = _rules(rules)
+        self._isolate = regex.compile(f"({rules.isolate_pattern()})")
+        self._split = regex.compile(rules.split_pattern())
 
     def chunks(self, text: str) -> Iterator[str]:
         """The chunks of `text` in order; they concatenate back to `text`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -24,7 +25,7 @@ from xiaolm.records.read import check_readable, read_records
 from xiaolm.records.rejects import RejectLog
 from xiaolm.records.text import record_text
 from xiaolm.tokenizer.count import count_chunks, default_workers
-from xiaolm.tokenizer.pretokenize import build_pre_tokenizer, to_byte_level
+from xiaolm.tokenizer.pretokenize import ChunkRules, build_pre_tokenizer, to_byte_level
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -52,6 +53,11 @@ class TokenizerConfig:
     vocab_size: int = 8192
     min_frequency: int = 2
     cjk_chars: bool = False  # one token per CJK character (no merges across characters)
+    # how the bpe backend cuts text into chunks (see ChunkRules)
+    max_cjk_run: int = ChunkRules.max_cjk_run  # CJK runs are cut every N characters (0: never)
+    cjk_space: bool = ChunkRules.cjk_space  # a space before a CJK run joins it
+    digits: int = ChunkRules.digits  # digits per chunk at most (0: a whole run)
+    newline_indent: bool = ChunkRules.newline_indent  # a newline run takes the indentation after it
     backend: Literal["bpe", "sentencepiece"] = "bpe"
     max_memory: str = "2GB"  # memory the training may use
     text_field: str = "text"
@@ -160,7 +166,7 @@ def _texts(files: list[Path], text_field: str, rejects: RejectLog, stats: dict[s
 
 
 def train_bpe_from_counts(counts: dict[str, int], vocab_size: int, min_frequency: int = 2,
-                          cjk_chars: bool = False) -> Tokenizer:
+                          rules: ChunkRules | None = None) -> Tokenizer:
     """Byte-level BPE learnt by tokenizers' BpeTrainer from chunk counts, with our pre-tokenizer attached."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -180,17 +186,17 @@ def train_bpe_from_counts(counts: dict[str, int], vocab_size: int, min_frequency
                 n -= k
 
     tok.train_from_iterator(words(), trainer=trainer)
-    tok.pre_tokenizer = build_pre_tokenizer(cjk_chars)
+    tok.pre_tokenizer = build_pre_tokenizer(rules)
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def _train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, cjk_chars: bool, max_memory: int,
+def _train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, rules: ChunkRules, max_memory: int,
                workers: int) -> tuple[Tokenizer, dict[str, Any]]:
     capacity = max(1024, (max_memory - BASE_MEMORY) // COUNT_BYTES_PER_CHUNK)
     keep = max(1024, (max_memory - BASE_MEMORY) // TRAIN_BYTES_PER_CHUNK)
     t0 = time.perf_counter()
-    result = count_chunks(texts, capacity, workers=workers, cjk_chars=cjk_chars, keep=keep)
+    result = count_chunks(texts, capacity, workers=workers, rules=rules, keep=keep)
     count_s = time.perf_counter() - t0
     log.info("tokenizer: counted %d chunks (%d distinct in tables of at most %d) in %.1fs with %d processes; "
              "counts are low by at most %d; training on the %d most frequent", result.total, result.distinct,
@@ -198,7 +204,7 @@ def _train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, cjk_ch
     supported = BASE_VOCAB + merges_bound(result.counts, min_frequency)
     _check_vocab(vocab_size, supported, "its chunk counts allow at most", min_frequency)
     t1 = time.perf_counter()
-    tok = train_bpe_from_counts(result.counts, vocab_size, min_frequency, cjk_chars)
+    tok = train_bpe_from_counts(result.counts, vocab_size, min_frequency, rules)
     info = {"chunks": result.total, "distinct_chunks_counted": result.distinct, "table_capacity": capacity,
             "distinct_chunks_trained": len(result.counts), "trained_capacity": keep,
             "min_count_trained": result.min_kept, "count_error_max": result.dropped_max,
@@ -221,10 +227,13 @@ def _save(tok: Tokenizer, out_dir: Path, config_text: str) -> None:
 
 def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_size: int = 8192,
                     min_frequency: int = 2, text_field: str = "text", cjk_chars: bool = False,
-                    backend: str = "bpe", max_memory: str | int = "2GB", workers: int | None = None) -> Path:
+                    backend: str = "bpe", max_memory: str | int = "2GB", workers: int | None = None,
+                    max_cjk_run: int = ChunkRules.max_cjk_run, cjk_space: bool = ChunkRules.cjk_space,
+                    digits: int = ChunkRules.digits, newline_indent: bool = ChunkRules.newline_indent) -> Path:
     """Train on every text/chat record of `inputs`; save an AutoTokenizer-loadable dir and return it.
 
-    backend "bpe": chunk counts in bounded memory (`max_memory`, `workers` processes), then byte-level BPE;
+    backend "bpe": text cut into chunks as ChunkRules(cjk_chars, max_cjk_run, cjk_space, digits, newline_indent)
+    say, chunk counts in bounded memory (`max_memory`, `workers` processes), then byte-level BPE;
     backend "sentencepiece": a sentencepiece unigram model on a memory-bounded sample of lines, byte fallback.
     With workers > 1 the counting processes are spawned: scripts must call this under `if __name__ == "__main__"`.
     """
@@ -235,6 +244,11 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
                           hint=f"use at least {BASE_VOCAB}: 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
     if min_frequency < 1:
         raise XiaolmError(f"min_frequency={min_frequency} must be at least 1", where="min_frequency")
+    rules = ChunkRules(cjk_chars, max_cjk_run, cjk_space, digits, newline_indent)
+    rules.check()
+    if backend != "bpe" and rules != ChunkRules(cjk_chars=cjk_chars):
+        raise XiaolmError("max_cjk_run, cjk_space, digits and newline_indent work only with the bpe backend",
+                          where="backend", hint="leave them at their defaults or use --backend bpe")
     memory = parse_size(max_memory)
     if memory < MIN_MEMORY:
         raise XiaolmError(f"max_memory={max_memory} is too small", where="max_memory",
@@ -249,7 +263,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
     for path in files:
         check_readable(path)
     settings = {"vocab_size": vocab_size, "min_frequency": min_frequency, "text_field": text_field,
-                "cjk_chars": cjk_chars, "backend": backend, "max_memory": memory, "workers": workers,
+                **dataclasses.asdict(rules), "backend": backend, "max_memory": memory, "workers": workers,
                 "inputs": [str(i) for i in inputs]}
     config_text = yaml.safe_dump(settings, allow_unicode=True, sort_keys=False)
     fingerprint = inputs_fingerprint(files)
@@ -266,7 +280,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_dir: str | Path, vocab_siz
                               hint=f"inputs need '{text_field}' or 'messages' records")
         texts = itertools.chain([first], texts)
         if backend == "bpe":
-            tok, info = _train_bpe(texts, vocab_size, min_frequency, cjk_chars, memory, workers)
+            tok, info = _train_bpe(texts, vocab_size, min_frequency, rules, memory, workers)
         else:
             from xiaolm.tokenizer.spm import train_sentencepiece
 
