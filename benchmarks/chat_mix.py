@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from harness import print_header
 
 from xiaolm.demo import DemoConfig, demo_stage_configs
 from xiaolm.eval.qa import exact_match
@@ -53,8 +51,7 @@ def main() -> None:
         base = replace(base, max_steps=a.steps, eval_every=a.steps, save_every=a.steps)
     _, tokenizer = load_model(demo / "model")
     qa = read_items(corpus["eval_qa"])
-    print(f"# {platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("# " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    print_header()
     start = chat_exact(Path(base.init_from), tokenizer, qa)
     rows: dict[float, list[dict]] = {}
     before_f1 = 0.0

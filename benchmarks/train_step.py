@@ -36,7 +36,16 @@ import sys
 import time
 
 import torch
-from harness import argument_parser, load_average, markdown_table, parse_args, print_header, run_json, spread
+from harness import (
+    argument_parser,
+    load_average,
+    markdown_table,
+    parse_args,
+    print_header,
+    proc_status_mb,
+    run_json,
+    spread,
+)
 
 from xiaolm.model.llama import Llama, LlamaConfig
 from xiaolm.train.loop import TrainConfig, make_optimizer
@@ -89,12 +98,6 @@ def time_steps(model, opt, loss_fn, x: torch.Tensor, amp: torch.dtype | None, st
     start = time.perf_counter()
     train_steps(model, opt, loss_fn, x, amp, steps)
     return x.shape[0] * (x.shape[1] - 1) * steps / (time.perf_counter() - start)
-
-
-def proc_status_mb(key: str) -> float:
-    """VmRSS (now) or VmHWM (peak so far) of this process in MB."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
 
 
 def measure_alone(side: str, a: argparse.Namespace) -> None:
