@@ -40,6 +40,7 @@ TRAIN_STAGES = {
     "pretrain": ("pretrain a Llama-style model on packed token files", "xiaolm.train.pretrain:run_pretrain"),
     "sft": ("supervised fine-tuning on chat records (loss on assistant tokens)", "xiaolm.train.sft:run_sft"),
     "dpo": ("direct preference optimization on {prompt, chosen, rejected} records", "xiaolm.train.dpo:run_dpo"),
+    "reward": ("Bradley-Terry reward model (scalar head) on preference records", "xiaolm.train.reward:run_reward"),
     "finetune": ("fine-tune for triplet extraction, scored by triplet F1, chat ability kept",
                  "xiaolm.train.finetune:run_finetune"),
 }

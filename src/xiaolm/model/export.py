@@ -22,6 +22,7 @@ from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json
 from xiaolm.model.adapters import ADAPTER_CONFIG, load_adapter, merge_lora
 from xiaolm.model.registry import build_model_from_config, config_from_hf
+from xiaolm.model.reward import is_reward_dir, load_reward_model, save_reward_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -122,6 +123,9 @@ def _load_weights(weights_dir: Path) -> nn.Module:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise XiaolmError(f"config.json is unreadable: {e}", where=str(cfg_path)) from None
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        raise XiaolmError("this is a reward model (sequence classification), not a causal LM", where=str(weights_dir),
+                          hint="use it where a reward model is asked for; chat and generation need a causal LM")
     cfg = config_from_hf(hf, where=str(cfg_path))
     model = build_model_from_config(cfg)
     try:
@@ -163,8 +167,13 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", merg
     if dtype not in DTYPES:
         raise XiaolmError(f"unknown dtype {dtype!r}", hint="choose fp32, fp16 or bf16")
     weights_dir, tok_dir = resolve_model_dir(source)
-    adapter = (weights_dir / ADAPTER_CONFIG).is_file() and not (weights_dir / WEIGHTS).is_file() and not merge
-    if adapter:
+    reward = is_reward_dir(weights_dir)  # a reward run: one AutoModelForSequenceClassification (adapters merged)
+    adapter = (weights_dir / ADAPTER_CONFIG).is_file() and not (weights_dir / WEIGHTS).is_file() and not merge \
+        and not reward
+    if reward:
+        reward_model, tokenizer = load_reward_model(source)
+        model = reward_model.lm
+    elif adapter:
         model = _adapter_base(weights_dir)
         tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
     else:
@@ -175,7 +184,10 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", merg
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_model_weights(model, tmp, DTYPES[dtype])
+        if reward:
+            save_reward_model(model.state_dict(), reward_model.score.weight, model.cfg, tmp, DTYPES[dtype])
+        else:
+            save_model_weights(model, tmp, DTYPES[dtype])
         if tok_dir is None:
             log.warning("export: no tokenizer next to %s; the export will have weights only", source)
         else:
@@ -193,7 +205,8 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", merg
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("export: wrote %s (%s, %.2fM parameters%s)", out_dir, dtype, model.num_params() / 1e6,
-             ", LoRA adapter in adapter/" if adapter else "")
+             ", LoRA adapter in adapter/" if adapter else ", a reward model (sequence classification)" if reward
+             else "")
     return out_dir
 
 

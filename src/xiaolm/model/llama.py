@@ -112,7 +112,8 @@ class LlamaConfig(ModelConfig):
     def from_hf_config(cls, d: dict[str, Any], where: str | None = None) -> LlamaConfig:
         """Inverse of hf_config(); refuses configs that describe something this model cannot compute."""
         archs = d.get("architectures") or ["LlamaForCausalLM"]
-        if d.get("model_type") != "llama" or "LlamaForCausalLM" not in archs:
+        # a reward model's backbone is the same Llama (model/reward.py reads its score head)
+        if d.get("model_type") != "llama" or not {"LlamaForCausalLM", "LlamaForSequenceClassification"} & set(archs):
             raise XiaolmError(f"config.json describes {d.get('model_type')!r} / {archs}, not a Llama "
                               "causal LM", where=where, hint="xiaolm loads LlamaForCausalLM models")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

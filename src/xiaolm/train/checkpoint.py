@@ -18,12 +18,12 @@ from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json, atomic_write_text
 from xiaolm.model.adapters import ADAPTER_CONFIG, is_lora, load_lora_state_dict, save_adapter
 from xiaolm.model.export import load_model, save_weights
+from xiaolm.model.reward import HEADS
 from xiaolm.train.distributed import DistContext, barrier, full_state_dict, save_optimizer
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-HEADS = "heads.safetensors"  # an objective's own modules (value or reward head), beside the model
 OPTIMIZER_DIR = "optimizer"
 MANIFEST = "manifest.json"
 

@@ -174,26 +174,32 @@ class DPOObjective(Objective):
         loss, metrics = dpo_loss(token_logps, ref.to(token_logps.dtype), batch["y"] != IGNORE, self.settings)
         return loss, {k: float(v) for k, v in metrics.items()}
 
-    @torch.no_grad()
     def evaluate(self, module: nn.Module, run: RunContext) -> Metrics:
         """Held-out loss, rewards, margin and reward accuracy, averaged over pairs."""
-        sums: dict[str, float] = {}
-        count = 0
-        for batch in self.eval_batches():
-            batch = to_device(batch, run.device)
-            with run.autocast():
-                loss, metrics = self.loss(module, batch)
-            n = batch["x"].shape[0] // 2
-            for key, value in {"loss": float(loss), **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + value * n
-            count += n
-        return {f"val_{k}": v / max(1, count) for k, v in sums.items()}
+        return evaluate_pairs(self, module, run)
 
 
-def run_dpo(cfg: TrainConfig, resume: bool = False) -> dict:
-    """The `xiaolm dpo` stage."""
+@torch.no_grad()
+def evaluate_pairs(objective: Objective, module: nn.Module, run: RunContext) -> Metrics:
+    """`val_` + each of the objective's loss metrics, averaged over the pairs of its eval batches (2 rows a pair)."""
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in objective.eval_batches():
+        batch = to_device(batch, run.device)
+        with run.autocast():
+            loss, metrics = objective.loss(module, batch)
+        n = batch["x"].shape[0] // 2
+        for key, value in {"loss": float(loss), **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        count += n
+    return {f"val_{k}": v / max(1, count) for k, v in sums.items()}
+
+
+def preference_splits(cfg: TrainConfig, stage: str) -> tuple[str | Path, int, list[Pair], list[Pair], int]:
+    """(tokenizer dir, vocabulary size, training pairs, validation pairs, pad id) of a stage on preference
+    records; bad records go to the run's rejects.jsonl."""
     if not cfg.init_from:
-        raise XiaolmError("DPO starts from a trained model, but init_from is empty", where="init_from",
+        raise XiaolmError(f"{stage} starts from a trained model, but init_from is empty", where="init_from",
                           hint="set init_from to an SFT run dir or an HF causal-LM dir")
     if not cfg.data.path:
         raise XiaolmError("data.path is empty", where="config",
@@ -210,14 +216,19 @@ def run_dpo(cfg: TrainConfig, resume: bool = False) -> dict:
         else:
             train_set, val = split_held_out(pairs, cfg.data.val_fraction, cfg.seed)
     if rejects.total:
-        log.warning("dpo: %d records rejected (%s) — see %s", rejects.total, rejects.summary(),
+        log.warning("%s: %d records rejected (%s) — see %s", stage, rejects.total, rejects.summary(),
                     out / "rejects.jsonl")
     if not train_set or not val:
         raise XiaolmError(f"need training and validation pairs, got {len(train_set)} and {len(val)}",
                           where=cfg.data.path, hint='records must be {"prompt", "chosen", "rejected"}; '
                                                      f"see {out / 'rejects.jsonl'}")
-    pad_id = pad_token_id(tokenizer, tokenizer_dir)
-    log.info("dpo: %d training pairs, %d validation pairs", len(train_set), len(val))
-    return run_stage(cfg, "dpo", tokenizer_dir, len(tokenizer),
+    log.info("%s: %d training pairs, %d validation pairs", stage, len(train_set), len(val))
+    return tokenizer_dir, len(tokenizer), train_set, val, pad_token_id(tokenizer, tokenizer_dir)
+
+
+def run_dpo(cfg: TrainConfig, resume: bool = False) -> dict:
+    """The `xiaolm dpo` stage."""
+    tokenizer_dir, vocab, train_set, val, pad_id = preference_splits(cfg, "dpo")
+    return run_stage(cfg, "dpo", tokenizer_dir, vocab,
                      lambda c, ctx: DPOObjective(train_set, val, c.dpo, c.batch_size, c.seed, pad_id,
                                                  c.eval_batches), resume)
