@@ -145,7 +145,8 @@ class Engine:
             raise XiaolmError(f"{len(prompts)} prompts for {self.free} free slots", hint="release slots first")
         if not prompts:
             return []
-        fitted = [fit_prompt(p, c.max_new_tokens, self.max_len, self.cfg.eos_token_id) for p, c in zip(prompts, cfgs, strict=True)]
+        fitted = [fit_prompt(p, c.max_new_tokens, self.max_len, self.cfg.eos_token_id)
+                  for p, c in zip(prompts, cfgs, strict=True)]
         for prompt, _ in fitted:
             if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
                 raise XiaolmError(f"prompt has token id {max(prompt)} outside the model's vocabulary "
