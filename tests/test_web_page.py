@@ -65,14 +65,14 @@ def serving(model_dir: Path, *args: str, timeout: float = 90) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """A random 2-layer model with a 2048-token context that never picks a special token, so a reply
-    runs until max_tokens or the stop button (garbage text, but real tokens streamed by the real server)."""
+    """A random 2-layer model with a 16k-token context that never picks a special token, so a reply runs until
+    max_tokens or the stop button (garbage text, but real tokens streamed by the real server: ~500 tokens/s)."""
     from xiaolm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     torch.manual_seed(0)
     model = large_init(Llama(LlamaConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                         max_seq_len=2048, tie_embeddings=False)))
+                                         max_seq_len=16384, tie_embeddings=False)))
     with torch.no_grad():  # a zero row scores 0 while the best of ~300 random rows scores far above
         model.lm_head.weight[tokenizer.all_special_ids] = 0
     tmp = tmp_path_factory.mktemp("web-model")
@@ -85,18 +85,29 @@ def server(chat_model) -> Iterator[str]:
         yield url
 
 
+def server_idle(url: str, within: float = 5) -> bool:
+    """Whether GET /health reports no running request within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            if json.loads(r.read()).get("running", 0) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
 def reply_text(page, n: int) -> str:
     return page.locator(".msg.assistant .content").nth(n).text_content()
 
 
 def send(page, text: str, max_tokens: int, temperature: float = 0) -> None:
-    """Type a message and press Enter; returns once its reply bubble exists (streaming or, if quick, done)."""
+    """Type a message and press Enter; returns once the page shows it (its reply streaming, done or failed)."""
     page.fill("#temperature", str(temperature))
     page.fill("#max-tokens", str(max_tokens))
     page.fill("#input", text)
-    replies = page.locator(".msg.assistant").count()
+    sent = page.locator(".msg.user").count()
     page.press("#input", "Enter")
-    page.wait_for_function(f"document.querySelectorAll('.msg.assistant').length > {replies}", timeout=5000)
+    page.wait_for_function(f"document.querySelectorAll('.msg.user').length > {sent}", timeout=5000)
 
 
 def test_page_is_one_offline_file_that_never_renders_model_text_as_html():
@@ -105,7 +116,7 @@ def test_page_is_one_offline_file_that_never_renders_model_text_as_html():
     assert "innerHTML" not in html and "insertAdjacentHTML" not in html and "document.write" not in html
 
 
-def test_page_is_served_without_a_key_and_shows_the_servers_401_until_one_is_given(server, tmp_path):
+def test_page_is_served_without_a_key_and_shows_the_servers_errors_readably(server, tmp_path):
     with urllib.request.urlopen(server + "/", timeout=10) as r:
         assert r.status == 200 and r.headers["content-type"].startswith("text/html")
         assert r.read().decode("utf-8") == PAGE.read_text(encoding="utf-8")
@@ -120,6 +131,13 @@ def test_page_is_served_without_a_key_and_shows_the_servers_401_until_one_is_giv
             server + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}), timeout=10).read())
         assert model_id["data"][0]["id"] in page.text_content("#model")
         assert page.text_content("#status") == "就绪 ready"
+
+        send(page, "你好", max_tokens=100_000)  # beyond the 16k-token context: the server answers 400
+        page.wait_for_selector(".msg.error", timeout=10000)
+        error = page.text_content(".msg.error .content")
+        assert error.startswith("HTTP 400: ") and "max_tokens" in error and "{" not in error, error
+        assert page.locator(".msg.assistant").count() == 0 and page.input_value("#input") == "你好"
+        page.wait_for_selector("body[data-state=ready]", timeout=5000)
 
 
 def test_page_streams_a_chinese_chat_stops_a_reply_and_sends_the_history(server, tmp_path):
@@ -142,8 +160,9 @@ def test_page_streams_a_chinese_chat_stops_a_reply_and_sends_the_history(server,
         assert re.search(r"(?<!≈)24 tokens · \d+\.\d tokens/s · 首字 first token \d+ ms · 结束 finish: length",
                          stats), stats
 
-        # turn 2 would run for 1500 tokens: text shows and grows while the request is open, then stop ends it
-        send(page, QUESTIONS[1], max_tokens=1500, temperature=0.8)
+        # turn 2 would run for 15000 tokens (half a minute): text shows and grows while the request is open,
+        # then stop ends it and frees the server
+        send(page, QUESTIONS[1], max_tokens=15_000, temperature=0.8)
         grew = page.wait_for_function(
             """() => { const c = document.querySelectorAll('.msg.assistant .content')[1];
                        const n = c.textContent.length;
@@ -162,6 +181,7 @@ def test_page_streams_a_chinese_chat_stops_a_reply_and_sends_the_history(server,
         assert page.is_enabled("#send") and not page.is_enabled("#stop")
         assert "已停止 stopped" in page.text_content(".msg.assistant >> nth=1")
         assert "结束 finish: stopped" in page.text_content("#stats")
+        assert server_idle(server), "the server still generates the stopped reply"
 
         # turn 3 carries the whole conversation, the stopped reply as it was shown
         send(page, QUESTIONS[2], max_tokens=8)
@@ -174,6 +194,6 @@ def test_page_streams_a_chinese_chat_stops_a_reply_and_sends_the_history(server,
     answer, stopped_answer = {"role": "assistant", "content": first}, {"role": "assistant", "content": stopped}
     assert [b["messages"] for b in bodies] == [[system, hello], [system, hello, answer, poem],
                                                [system, hello, answer, poem, stopped_answer, thanks]]
-    assert [(b["max_tokens"], b["temperature"], b["stream"]) for b in bodies] == [(24, 0, True), (1500, 0.8, True),
+    assert [(b["max_tokens"], b["temperature"], b["stream"]) for b in bodies] == [(24, 0, True), (15_000, 0.8, True),
                                                                                   (8, 0, True)]
     assert all(p.stat().st_size > 10_000 for p in paths)
