@@ -56,7 +56,8 @@ def compare(name: str, model_dir: Path, prompt: list[int], new: int, rounds: int
         def run() -> list[int]:
             with torch.inference_mode():
                 out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-                                     eos_token_id=None, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+                                     eos_token_id=None, pad_token_id=0, temperature=None, top_p=None, top_k=None,
+                                     repetition_penalty=1.0)  # the dir's generation_config.json sets 1.1
             return out[0, len(prompt):].tolist()
         return run
 
