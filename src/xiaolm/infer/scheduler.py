@@ -38,6 +38,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.running: dict[int, Job] = {}  # slot → job; touched by the scheduler thread only
         self.joined_mid_decode = 0  # jobs admitted while other jobs were part-way through decoding
+        self.dropped = 0  # running jobs cancelled (client gone) and taken out of the batch
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="xiaolm-scheduler", daemon=True)
@@ -82,6 +83,7 @@ class Scheduler:
                     if job.cancelled:
                         self.engine.release(slot)
                         del self.running[slot]
+                        self.dropped += 1
                 admit = []
                 while self.waiting and len(admit) < min(self.engine.free, self.max_prefill):
                     admit.append(self.waiting.popleft())

@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, help="sequences waiting for a slot; beyond them: 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 1000000)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default: the context minus one)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is often fastest for "
+                                               "small models on a busy machine)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
@@ -33,6 +35,8 @@ def run_serve(args: argparse.Namespace) -> None:
     from xiaolm.model.export import load_model
 
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # fp32 on CPU; half precision on a GPU (bf16 where supported)
     dtype = torch.float32 if device.type == "cpu" else (
         torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16)

@@ -28,6 +28,7 @@ class TextStream:
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.text.endswith("\ufffd"):
             return ""  # byte-level BPE ended a token mid-character: wait for the rest of its bytes
+        self.text = self.text.replace("\ufffd", "")  # bytes that never formed a character: gone for good
         cut = _first_stop(self.text, self.stop_strings)
         if cut is not None:
             self.stopped = True
@@ -35,11 +36,11 @@ class TextStream:
         return self._take(len(self.text) - _partial_stop(self.text, self.stop_strings))
 
     def finish(self) -> str:
-        """What was held back once the tokens end, minus an unfinished last character."""
+        """What was held back once the tokens end, minus bytes that never formed a character."""
         if self.stopped:
             return ""
         self.stopped = True
-        self.text = self.text.rstrip("\ufffd")
+        self.text = self.text.replace("\ufffd", "")
         cut = _first_stop(self.text, self.stop_strings)
         return self._take(len(self.text) if cut is None else cut)
 
@@ -47,7 +48,7 @@ class TextStream:
         if upto <= self.emitted:
             return ""
         piece, self.emitted = self.text[self.emitted:upto], upto
-        return piece.replace("\ufffd", "")  # bytes that never formed a character
+        return piece
 
 
 def stream_text(tokenizer: PreTrainedTokenizerBase, tokens: Iterable[int],
