@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 BENCH_STAMP := $(VENV)/.installed-bench
+# The web page tests drive Debian's Chromium (tests/browser.py); a CJK font makes their screenshots legible.
+CHROMIUM ?= $(or $(XIAOLM_CHROMIUM),/usr/bin/chromium)
+CHROMIUM_PACKAGES := chromium fonts-wqy-microhei
 
-.PHONY: demo test test-fast bench bench-full lint venv clean
+.PHONY: demo test test-fast bench bench-full lint venv clean chromium
 
 # The demo needs the package and its server; the tests add the dev tools (pytest, ruff, ray, trl, ...).
 $(DEMO_STAMP): pyproject.toml
@@ -26,10 +29,25 @@ venv: $(STAMP)
 demo: $(DEMO_STAMP)
 	$(BIN)/xiaolm demo --out runs/demo
 
-test: $(STAMP)
+# Installed once, as root where apt-get exists (about a minute, ~150 MB); elsewhere a message, and the page tests
+# fail saying the same.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's $(CHROMIUM_PACKAGES) for the web page tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(CHROMIUM_PACKAGES) \
+		|| echo "make: installing $(CHROMIUM_PACKAGES) failed: tests/test_web_page.py will fail" >&2; \
+	else \
+		echo "make: no $(CHROMIUM): tests/test_web_page.py will fail; install it with" \
+			"'sudo apt-get install $(CHROMIUM_PACKAGES)' (Debian, Ubuntu) or set XIAOLM_CHROMIUM" >&2; \
+	fi
+
+chromium: $(CHROMIUM)
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not slow"
 
 # What the benchmarks import beyond the project (the `bench` extra), reinstalled only when pyproject.toml changes.

@@ -52,6 +52,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "dpo_memory": ("benchmarks/dpo_memory.py", ["--size", "26m", "--rounds", "2", "--steps", "4"],
                    ["--size", "26m", "--rounds", "5"]),
     "data_pipeline": ("benchmarks/data_pipeline.py", ["throughput", *DATA_QUICK], ["throughput"]),
+    "decode": ("benchmarks/decode.py", ["--quick"], []),
+    # serve: a model dir with its tokenizer; `xiaolm demo` writes runs/demo/model
+    "serve": ("benchmarks/serve.py", ["--quick"], []),
     # full: the README's 2 GB through clean, dedup and pack (the defaults are 1,000 MB in 16 files, 1 process)
     "data_pipeline_end_to_end": ("benchmarks/data_pipeline.py", ["end-to-end", *DATA_QUICK, "--workers", "2"],
                                  ["end-to-end", "--mb", "2000", "--files", "32", "--workers", "2"]),

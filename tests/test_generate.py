@@ -2,6 +2,7 @@
 
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,65 @@ def test_trim_history_drops_oldest_exchanges_first(tok):
     assert kept[0] == msgs[0] and kept[1]["role"] == "user" and kept[-1] == msgs[-1]
     assert kept[1:] == msgs[len(msgs) - len(kept) + 1:]  # a suffix of the conversation
     assert trim_history(tok, msgs, 1) == [msgs[0], msgs[-1]]  # never drops the question itself
+
+
+def test_engine_admits_a_request_mid_decode_and_each_row_matches_decoding_alone():
+    from xiaolm.infer.generate import Engine
+
+    model = random_model()
+    a, b, c = [5, 6, 7, 8, 9], [12, 13], list(range(20, 40))
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=12)
+    alone = {tuple(p): generate(model, p, cfg) for p in (a, b, c)}
+    engine = Engine(model, slots=3)
+    out: dict[int, list[int]] = {}
+
+    def step() -> None:
+        for event in engine.step():
+            out.setdefault(event.slot, []).append(event.token)
+
+    sa = engine.add([a], [cfg])[0]
+    for _ in range(4):
+        step()
+    sb, sc = engine.add([b, c], [cfg, replace(cfg, max_new_tokens=5)])  # join while a is 4 tokens in
+    steps = engine.steps
+    step()
+    assert engine.steps == steps + 1 and engine.batch_sizes[-1] == 3  # one forward served all three rows
+    engine.release(sc)  # a client gone: its row leaves at the next step
+    while engine.rows:
+        step()
+    assert out[sa] == alone[tuple(a)] and out[sb] == alone[tuple(b)]
+    assert out[sc] == alone[tuple(c)][:1]
+    sd = engine.add([c], [cfg])[0]  # a freed slot is reused with a clean row
+    while engine.rows:
+        step()
+    assert sd == sb or sd == sc or sd == sa
+    assert out[sd][-12:] == alone[tuple(c)]
+
+
+def test_engine_rows_keep_their_own_settings_and_seeds():
+    from xiaolm.infer.generate import Engine
+
+    model = random_model()
+    greedy = GenerationConfig(temperature=0.0, max_new_tokens=10)
+    hot = GenerationConfig(temperature=2.0, max_new_tokens=10, seed=3)
+    engine = Engine(model, slots=4)
+    slots = engine.add([[7, 8], [7, 8], [7, 8], [9]], [greedy, hot, replace(hot, top_k=1), replace(hot, min_p=1.0)])
+    out: dict[int, list[int]] = {s: [] for s in slots}
+    while engine.rows:
+        for event in engine.step():
+            out[event.slot].append(event.token)
+    assert out[slots[0]] == generate(model, [7, 8], greedy) == out[slots[2]]  # top_k=1: greedy
+    assert out[slots[1]] == generate(model, [7, 8], hot)  # its seed, unshifted by the other rows
+    assert out[slots[3]] == generate(model, [9], greedy)  # min_p=1 keeps only the best token
+
+
+def test_min_p_matches_transformers():
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    for p in (0.05, 0.3, 0.9):
+        assert torch.equal(filter_logits(logits, min_p=p).isinf(), MinPLogitsWarper(p)(None, logits).isinf())
+    per_row = filter_logits(logits, top_k=torch.tensor([1, 5, 0, 50]), top_p=torch.tensor([1.0, 1.0, 0.5, 1.0]))
+    for i, (k, p) in enumerate([(1, 1.0), (5, 1.0), (0, 0.5), (50, 1.0)]):
+        assert torch.equal(per_row[i].isinf(), filter_logits(logits[i:i + 1], top_k=k, top_p=p)[0].isinf())

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from xiaolm.config import load_config
 from xiaolm.errors import XiaolmError
+from xiaolm.infer import serve_command
 
 log = logging.getLogger("xiaolm")
 _SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -112,11 +113,9 @@ def _import_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_import(args: argparse.Namespace) -> None:
     """`xiaolm data import`."""
-    from xiaolm.data.sources import import_records
+    from xiaolm.data.sources import ImportConfig, import_records
 
     inputs, settings = _split_settings(args.inputs)
-    from xiaolm.data.sources import ImportConfig
-
     cfg = _stage_config(ImportConfig, args, settings)
     import_records(args.recipe, inputs, args.out, shard_records=cfg.shard_records, executor=args.executor,
                    workers=args.workers)
@@ -154,11 +153,9 @@ def _pack_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_pack(args: argparse.Namespace) -> None:
     """`xiaolm data pack`."""
-    from xiaolm.data.pack import pack_files
+    from xiaolm.data.pack import PackConfig, pack_files
 
     inputs, settings = _split_settings(args.inputs)
-    from xiaolm.data.pack import PackConfig
-
     cfg = _stage_config(PackConfig, args, settings, ("val_fraction", "seed"))
     pack_files(inputs, args.tokenizer, args.out, **dataclasses.asdict(cfg), executor=args.executor,
                workers=args.workers)
@@ -182,10 +179,9 @@ def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     """`xiaolm tokenizer train`."""
     from xiaolm.tokenizer import train_tokenizer
-
-    inputs, settings = _split_settings(args.inputs)
     from xiaolm.tokenizer.train import TokenizerConfig
 
+    inputs, settings = _split_settings(args.inputs)
     cfg = _stage_config(TokenizerConfig, args, settings,
                         ("vocab_size", "min_frequency", "cjk_chars", "backend", "max_memory"))
     train_tokenizer(inputs, args.out, **dataclasses.asdict(cfg), workers=args.workers)
@@ -284,14 +280,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> dict:
     """`xiaolm eval`."""
     from xiaolm.eval.tasks import evaluate
+    from xiaolm.io import atomic_write_text
 
     result = evaluate(args.model, args.task, args.data, limit=args.limit, device=args.device,
                       doc_mask=args.doc_mask)
     text = json.dumps(result, ensure_ascii=False, indent=2)
     print(text)
     if args.out:
-        from xiaolm.io import atomic_write_text
-
         atomic_write_text(args.out, text + "\n")
     return result
 
@@ -354,6 +349,12 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "chat with a model in the terminal (/reset, /exit)",
         "examples:\n  xiaolm chat runs/demo/model\n  xiaolm chat runs/demo/sft --temperature 0",
         _chat_arguments, cmd_chat),
+    ("serve",): Command(
+        "serve a model: OpenAI-compatible API with continuous batching, and a web chat page at /",
+        "examples:\n  xiaolm serve runs/demo/model\n  xiaolm serve runs/demo/model --port 8080 --api-key KEY\n"
+        "  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        "    -d '{\"model\": \"model\", \"messages\": [{\"role\": \"user\", \"content\": \"你好\"}]}'",
+        serve_command.add_arguments, serve_command.run_serve),
     ("eval",): Command(
         "evaluate a model: perplexity, exact match, multiple choice",
         "examples:\n  xiaolm eval runs/demo/model --task ppl --data runs/demo/corpus/eval/val_text.jsonl\n"

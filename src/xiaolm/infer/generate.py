@@ -1,12 +1,16 @@
-"""Decoding with a KV cache: greedy or sampled (temperature, top-k, top-p, repetition penalty), streaming.
+"""Decoding with a KV cache: one slot-based engine behind every caller (CLI chat, eval, the server).
 
 The prompt is run once (prefill), then each step feeds only the newest token: its keys/values join the cache,
-so a step costs one token's worth of compute instead of the whole sequence's.
+so a step costs one token's worth of compute instead of the whole sequence's. The engine's cache has a row per
+slot and a length per row, so requests that started at different times decode in one batch, join it between
+steps and leave it when they finish (continuous batching). generate, generate_stream and generate_batch are
+the engine with one or a fixed set of rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -14,9 +18,13 @@ import torch
 from torch import nn
 
 from xiaolm.errors import XiaolmError
+from xiaolm.infer.text_stream import TextStream, stream_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Engine", "Event", "GenerationConfig", "apply_repetition_penalty", "chat_reply", "filter_logits",
+           "generate", "generate_batch", "generate_stream", "pick_next", "stream_text"]
 
 
 @dataclass
@@ -27,15 +35,16 @@ class GenerationConfig:
     temperature: float = 0.7
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0 = off; keeps tokens at least min_p × the best token's probability
     repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in prompt or reply
     stop_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None  # fixes sampling; None draws from torch's global RNG
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """HF's rule on seen tokens (bool mask [B,V] or ids [B,S]): positive logits ÷ penalty, negative × it."""
-    if penalty == 1.0:
+    if isinstance(penalty, float | int) and penalty == 1.0:
         return logits
     if seen.dtype != torch.bool:
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, seen, True)
@@ -43,19 +52,29 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top_k, then outside the nucleus of probability mass top_p."""
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # keep a token while the mass ranked above it is short of top_p (HF's rule); always keep the best
-        drop = probs.cumsum(-1) - probs >= top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return logits
+def _per_row(value: float | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, device=logits.device).reshape(-1, 1).expand(logits.shape[0], 1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor = 0, top_p: float | torch.Tensor = 1.0,
+                  min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top_k, then outside the nucleus top_p, then under min_p × the best
+    token's probability (HF's rules, in HF's order); each setting a number or one value per row [B]."""
+    if isinstance(top_k, int) and isinstance(top_p, float) and isinstance(min_p, float) \
+            and not 0 < top_k < logits.size(-1) and top_p >= 1.0 and min_p <= 0.0:
+        return logits  # nothing to filter: skip the sort
+    vocab = logits.size(-1)
+    k, p, m = _per_row(top_k, logits), _per_row(top_p, logits), _per_row(min_p, logits)
+    k = torch.where((k > 0) & (k < vocab), k, vocab).long()
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    kth = sorted_logits.gather(-1, k - 1)
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    # keep a token while the mass ranked above it is short of top_p; min_p against the best; always keep the best
+    drop = ((probs.cumsum(-1) - probs >= p) & (p < 1.0)) | ((probs < m * probs[:, :1]) & (m > 0.0))
+    drop[..., 0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
 
 
 def pick_next(logits: torch.Tensor, cfg: GenerationConfig,
@@ -63,60 +82,192 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig,
     """Next token ids [B] from float logits [B,V] (repetition penalty already applied)."""
     if cfg.temperature <= 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def _fit_prompt(model: nn.Module, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], int]:
-    """(prompt cut from the left so prompt + reply fit the context, reply budget)."""
+def fit_prompt(input_ids: Sequence[int], max_new_tokens: int, max_len: int, eos_id: int) -> tuple[list[int], int]:
+    """(prompt cut from the left so prompt + reply fit max_len, reply budget)."""
+    budget = min(max_new_tokens, max_len - 1)  # at least one prompt token must fit
+    prompt = list(input_ids) or [eos_id]  # EOS separates documents: a neutral start
+    if budget > 0 and len(prompt) > max_len - budget:
+        prompt = prompt[len(prompt) - (max_len - budget):]
+    return prompt, max(budget, 0)
+
+
+@dataclass
+class Event:
+    """What one step did to one slot: `token` (None when a stop id ended it), its text, and why it finished."""
+
+    slot: int
+    token: int | None
+    text: str = ""
+    finish: str | None = None  # "stop" (stop id or string), "length" (budget or context), None (goes on)
+
+
+@dataclass
+class _Row:
+    cfg: GenerationConfig
+    budget: int
+    stops: set[int]
+    generator: torch.Generator | None
+    text: TextStream | None
+    tokens: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Slots of one preallocated KV cache: add() prefills prompts into free slots, step() picks one token for
+    every active slot and runs one decode forward for those that go on, release() frees a slot."""
+
+    def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, compile: bool = False):
+        self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
+        self.device = next(model.parameters()).device
+        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.cache = model.new_kv_cache(slots, self.max_len)
+        self.lengths = [0] * slots  # positions filled per slot (the host's copy of cache.lengths)
+        self.rows: dict[int, _Row] = {}
+        self.logits = torch.zeros(slots, self.cfg.vocab_size, device=self.device)  # each slot's next-token logits
+        self.seen = torch.zeros(slots, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.steps = 0  # decode forwards run
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows in each recent decode forward
+        self._decode = torch.compile(model, dynamic=True) if compile else model
+
+    @property
+    def free(self) -> int:
+        """Slots available to add()."""
+        return len(self.lengths) - len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[Sequence[int]], cfgs: Sequence[GenerationConfig]) -> list[int]:
+        """Prefill prompts (cut from the left to fit) into free slots in one forward; returns their slots."""
+        if len(prompts) > self.free:
+            raise XiaolmError(f"{len(prompts)} prompts for {self.free} free slots", hint="release slots first")
+        if not prompts:
+            return []
+        fitted = [fit_prompt(p, c.max_new_tokens, self.max_len, self.cfg.eos_token_id)
+                  for p, c in zip(prompts, cfgs, strict=True)]
+        for prompt, _ in fitted:
+            if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
+                raise XiaolmError(f"prompt has token id {max(prompt)} outside the model's vocabulary "
+                                  f"({self.cfg.vocab_size})", hint="use the tokenizer the model was trained with")
+        slots = [s for s in range(len(self.lengths)) if s not in self.rows][:len(prompts)]
+        width = max(len(p) for p, _ in fitted)
+        ids = torch.full((len(slots), width), self.cfg.pad_token_id, dtype=torch.long)
+        for i, (prompt, _) in enumerate(fitted):
+            ids[i, :len(prompt)] = torch.tensor(prompt)  # right-padded: a row's own tokens never see the padding
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
+        self.cache.lengths[rows] = 0
+        logits = self.model(ids.to(self.device), kv_cache=self.cache.view(rows, 0, ragged=False))[0]
+        last = torch.tensor([len(p) - 1 for p, _ in fitted], device=self.device)
+        self.logits[rows] = logits[torch.arange(len(slots), device=self.device), last].float()
+        self.seen[rows] = False
+        for slot, (prompt, budget), cfg in zip(slots, fitted, cfgs, strict=True):
+            self.lengths[slot] = len(prompt)
+            self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+            seed = cfg.seed
+            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            text = TextStream(self.tokenizer, cfg.stop_strings) if self.tokenizer is not None else None
+            self.rows[slot] = _Row(cfg, min(budget, self.max_len - len(prompt)), set(cfg.stop_ids), generator, text)
+        return slots
+
+    def release(self, slot: int) -> None:
+        """Free a slot (finished, or its client went away); its row leaves the batch at the next step."""
+        self.rows.pop(slot, None)
+        self.lengths[slot] = 0
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One token for every active slot; finished slots are released, the others advance one decode step."""
+        if not self.rows:
+            return []
+        slots = sorted(self.rows)
+        tokens = self._pick(slots)
+        events, going = [], []
+        for slot, token in zip(slots, tokens, strict=True):
+            row = self.rows[slot]
+            if row.budget <= 0:
+                events.append(Event(slot, None, "", "length"))
+            elif token in row.stops:
+                events.append(Event(slot, None, row.text.finish() if row.text else "", "stop"))
+            else:
+                row.tokens.append(token)
+                text = row.text.push(token) if row.text else ""
+                finish = "stop" if row.text and row.text.stopped else None
+                if finish is None and len(row.tokens) >= row.budget:
+                    finish = "length"
+                    text += row.text.finish() if row.text else ""
+                events.append(Event(slot, token, text, finish))
+                if finish is None:
+                    going.append((slot, token))
+                    continue
+            self.release(slot)
+        if going:
+            self._forward(going)
+        return events
+
+    def _pick(self, slots: list[int]) -> list[int]:
+        """Each slot's next token from its pending logits under its own settings."""
+        idx = torch.tensor(slots, device=self.device)
+        cfgs = [self.rows[s].cfg for s in slots]
+        logits = self.logits[idx]
+        penalty = torch.tensor([c.repetition_penalty for c in cfgs], device=self.device)[:, None]
+        if any(c.repetition_penalty != 1.0 for c in cfgs):
+            logits = apply_repetition_penalty(logits, self.seen[idx], penalty)
+        out = logits.argmax(-1)
+        hot = [i for i, c in enumerate(cfgs) if c.temperature > 0]
+        if hot:
+            h = torch.tensor(hot, device=self.device)
+            temps = torch.tensor([cfgs[i].temperature for i in hot], device=self.device)[:, None]
+            probs = filter_logits(logits[h] / temps, torch.tensor([cfgs[i].top_k for i in hot]).to(self.device),
+                                  torch.tensor([cfgs[i].top_p for i in hot], device=self.device),
+                                  torch.tensor([cfgs[i].min_p for i in hot], device=self.device)).softmax(-1)
+            for j, i in enumerate(hot):  # a seeded row draws from its own generator, so others cannot shift it
+                out[i] = torch.multinomial(probs[j], 1, generator=self.rows[slots[i]].generator)[0]
+        return out.tolist()
+
+    def _forward(self, going: list[tuple[int, int]]) -> None:
+        """One decode forward over rows [0, highest active slot]; idle rows in between compute and are ignored."""
+        top = max(s for s, _ in going) + 1
+        ids = torch.full((top, 1), self.cfg.pad_token_id, dtype=torch.long)
+        for slot, token in going:
+            ids[slot, 0] = token
+        active = [self.lengths[s] for s, _ in going]
+        ragged = len(going) < top or min(active) != max(active)
+        self.cache.lengths[:top] = torch.tensor(self.lengths[:top])  # idle rows at 0: they write there, harmlessly
+        view = self.cache.view(slice(0, top), max(active), ragged)
+        logits = self._decode(ids.to(self.device), kv_cache=view)[0][:, -1]
+        index = torch.tensor([s for s, _ in going], device=self.device)
+        self.logits[index] = logits[index].float()
+        self.seen[index, torch.tensor([t for _, t in going], device=self.device)] = True
+        for slot, _ in going:
+            self.lengths[slot] += 1
+        self.steps += 1
+        self.batch_sizes.append(len(going))
+
+
+def _capacity(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> int:
+    """Cache length the prompts need (as cut to fit the context) plus the reply budget."""
     ctx = model.cfg.max_seq_len
-    budget = min(max_new_tokens, ctx - 1)  # at least one prompt token must fit
-    prompt = list(input_ids) or [model.cfg.eos_token_id]  # EOS separates documents: a neutral start
-    if budget > 0 and len(prompt) > ctx - budget:
-        prompt = prompt[len(prompt) - (ctx - budget):]
-    if max(prompt) >= model.cfg.vocab_size or min(prompt) < 0:
-        raise XiaolmError(f"prompt has token id {max(prompt)} outside the model's vocabulary "
-                          f"({model.cfg.vocab_size})", hint="use the tokenizer the model was trained with")
-    return prompt, budget
-
-
-def _generator(cfg: GenerationConfig, device: torch.device) -> torch.Generator | None:
-    return torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    fitted = [fit_prompt(p, cfg.max_new_tokens, ctx, model.cfg.eos_token_id) for p in prompts]
+    return max(len(p) + b for p, b in fitted)
 
 
 # A stop id ends generation without being yielded. With a tokenizer, a stop string also ends it, just after
 # the token that completes it: stream_text then cuts the text at the stop string.
-@torch.inference_mode()
 def generate_stream(model: nn.Module, input_ids: Sequence[int], cfg: GenerationConfig,
                     tokenizer: PreTrainedTokenizerBase | None = None) -> Iterator[int]:
     """Yield new token ids one at a time until a stop id or string, max_new_tokens or the context's end."""
-    prompt, budget = _fit_prompt(model, input_ids, cfg.max_new_tokens)
-    if budget <= 0:
+    if min(cfg.max_new_tokens, model.cfg.max_seq_len - 1) <= 0:
         return
-    device = next(model.parameters()).device
-    generator = _generator(cfg, device)
-    stops = set(cfg.stop_ids)
-    watch = tokenizer is not None and bool(cfg.stop_strings)
-    cache = model.new_kv_cache(1, len(prompt) + budget)
-    seen = torch.zeros(1, model.cfg.vocab_size, dtype=torch.bool, device=device)
-    ids = torch.tensor([prompt], device=device)
-    seen[0, ids[0]] = True
-    logits = model(ids, kv_cache=cache)[0][:, -1]
-    new: list[int] = []
-    for step in range(budget):
-        logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-        nxt = pick_next(logits, cfg, generator)
-        token = int(nxt[0])
-        if token in stops:
-            return
-        yield token
-        new.append(token)
-        if watch and any(s in tokenizer.decode(new, skip_special_tokens=True) for s in cfg.stop_strings):
-            return
-        if step == budget - 1:
-            return  # the last token needs no forward pass
-        seen[0, token] = True
-        logits = model(nxt[:, None], kv_cache=cache)[0][:, -1]
+    watch = tokenizer if cfg.stop_strings else None
+    engine = Engine(model, 1, _capacity(model, [input_ids], cfg), tokenizer=watch)
+    engine.add([input_ids], [cfg])
+    while engine.rows:
+        for event in engine.step():
+            if event.token is not None:
+                yield event.token
 
 
 def generate(model: nn.Module, input_ids: Sequence[int], cfg: GenerationConfig,
@@ -125,106 +276,36 @@ def generate(model: nn.Module, input_ids: Sequence[int], cfg: GenerationConfig,
     return list(generate_stream(model, input_ids, cfg, tokenizer))
 
 
-# Each row gets its own positions (0 at its first real token) and a mask hiding its padding, so a row's
-# tokens match generate() on it alone, up to float rounding in the larger matmuls.
-@torch.inference_mode()
 def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> list[list[int]]:
-    """New token ids for many prompts in one left-padded batch; each row stops at its own stop id."""
-    if not prompts:
-        return []
-    fitted = [_fit_prompt(model, p, cfg.max_new_tokens) for p in prompts]
-    budget = fitted[0][1]
-    if budget <= 0:
+    """New token ids for many prompts decoded together; each row stops at its own stop id (row i samples with
+    seed + i when cfg.seed is set)."""
+    if not prompts or min(cfg.max_new_tokens, model.cfg.max_seq_len - 1) <= 0:
         return [[] for _ in prompts]
-    rows = [p for p, _ in fitted]
-    device = next(model.parameters()).device
-    b, width = len(rows), max(len(p) for p in rows)
-    pad = torch.tensor([width - len(p) for p in rows], device=device)
-    ids = torch.full((b, width), model.cfg.pad_token_id, dtype=torch.long, device=device)
-    for i, p in enumerate(rows):
-        ids[i, width - len(p):] = torch.tensor(p, device=device)
-    cols = torch.arange(width + budget, device=device)
-    valid = cols[None, :] >= pad[:, None]  # [B, width+budget]: False on the left padding
-    positions = (cols[None, :width] - pad[:, None]).clamp(min=0)
-    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    # padding rows see only themselves: an all-masked row would make softmax produce NaN
-    mask = (causal & valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-    cache = model.new_kv_cache(b, width + budget)
-    logits = model(ids, kv_cache=cache, attn_mask=mask[:, None], position_ids=positions)[0][:, -1]
-    seen = torch.zeros(b, model.cfg.vocab_size, dtype=torch.bool, device=device)
-    for i, p in enumerate(rows):
-        seen[i, torch.tensor(p, device=device)] = True
-    generator = _generator(cfg, device)
-    stops = set(cfg.stop_ids)
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
-    for step in range(budget):
-        logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-        nxt = pick_next(logits, cfg, generator)
-        for i, token in enumerate(nxt.tolist()):
-            if not done[i]:
-                if token in stops:
-                    done[i] = True
-                else:
-                    out[i].append(token)
-        if all(done) or step == budget - 1:
-            break
-        seen[torch.arange(b, device=device), nxt] = True
-        length = cache.length
-        logits = model(nxt[:, None], kv_cache=cache, attn_mask=valid[:, None, None, :length + 1],
-                       position_ids=(length - pad)[:, None])[0][:, -1]
-    return out
+    engine = Engine(model, len(prompts), _capacity(model, prompts, cfg))
+    cfgs = [cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + i) for i in range(len(prompts))]
+    slots = engine.add(prompts, cfgs)
+    out: dict[int, list[int]] = {s: [] for s in slots}
+    while engine.rows:
+        for event in engine.step():
+            if event.token is not None:
+                out[event.slot].append(event.token)
+    return [out[s] for s in slots]
 
 
-def _partial_stop(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that begins some stop string (held back until resolved)."""
-    return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+def chat_stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end an assistant turn: <|im_end|> and <|endoftext|> (and the tokenizer's EOS)."""
+    from xiaolm.tokenizer import EOS, IM_END
 
-
-def stream_text(tokenizer: PreTrainedTokenizerBase, tokens: Iterable[int],
-                stop_strings: Sequence[str] = ()) -> Iterator[str]:
-    """Text pieces of a token stream, never splitting a UTF-8 character, cut before any stop string."""
-    ids: list[int] = []
-    emitted = 0  # characters of the decoded text already yielded
-    stop_strings = [s for s in stop_strings if s]
-    text = ""
-    for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue  # byte-level BPE ended a token mid-character: wait for the rest of its bytes
-        cut = _first_stop(text, stop_strings)
-        if cut is not None:
-            yield from _clean(text[emitted:cut])
-            return
-        safe = len(text) - _partial_stop(text, stop_strings)
-        if safe > emitted:
-            yield from _clean(text[emitted:safe])
-            emitted = safe
-    # the stream ended: flush what was held back, minus an unfinished last character
-    text = text.rstrip("\ufffd")
-    cut = _first_stop(text, stop_strings)
-    yield from _clean(text[emitted:len(text) if cut is None else cut])
-
-
-def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
-    """Where the earliest stop string in `text` begins, or None."""
-    return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
-
-
-def _clean(piece: str) -> Iterator[str]:
-    """The piece without replacement characters (bytes that never formed a character), if anything is left."""
-    piece = piece.replace("\ufffd", "")
-    if piece:
-        yield piece
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[t] for t in (IM_END, EOS) if t in vocab]
+    return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
 
 
 def chat_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
                cfg: GenerationConfig) -> Iterator[str]:
     """Stream the assistant's reply to a conversation as text pieces; stops at <|im_end|> or <|endoftext|>."""
-    from xiaolm.tokenizer import EOS, IM_END, encode_prompt
+    from xiaolm.tokenizer import encode_prompt
 
-    vocab = tokenizer.get_vocab()
-    run = replace(cfg, stop_ids=[*cfg.stop_ids, *(vocab[t] for t in (IM_END, EOS) if t in vocab)])
+    run = replace(cfg, stop_ids=[*cfg.stop_ids, *chat_stop_ids(tokenizer)])
     tokens = generate_stream(model, encode_prompt(tokenizer, messages), run, tokenizer)
     yield from stream_text(tokenizer, tokens, cfg.stop_strings)

@@ -18,6 +18,7 @@ from torch import nn
 
 from xiaolm.errors import XiaolmError
 from xiaolm.model.config import ModelConfig
+from xiaolm.model.kv_cache import KVCache
 from xiaolm.model.loss import linear_cross_entropy, linear_token_logprobs
 
 WHERE = "model config"
@@ -183,27 +184,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-# Preallocated rather than grown by torch.cat: one copy per layer per step instead of reallocating the
-# whole cache. `length` advances once per forward, after every layer has written its slice.
-class KVCache:
-    """Keys/values per layer, [B, n_kv_heads, max_len, head_dim]; the first `length` positions are filled."""
-
-    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.length = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this forward's k/v for `layer` after the cached ones and return everything so far."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
 class Attention(nn.Module):
     """Grouped-query attention: n_kv_heads key/value heads, each shared by n_heads/n_kv_heads query heads."""
 
@@ -308,9 +288,9 @@ class Llama(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int | None = None,
                      device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for generation, by default on the model's device and dtype, max_seq_len long."""
-        p = self.model.embed_tokens.weight
-        max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
-        return KVCache(self.cfg, batch_size, max_len, device or p.device, dtype or p.dtype)
+        p, c = self.model.embed_tokens.weight, self.cfg
+        max_len = min(max_len or c.max_seq_len, c.max_seq_len)
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len, device or p.device, dtype or p.dtype)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
@@ -319,9 +299,9 @@ class Llama(nn.Module):
         """By `output`: "auto" → (logits [B,T,V], None) without targets, (None, mean cross-entropy over targets
         != -100) with them; "logprobs" → log p(target) [B,T] (0 where target is -100); "hidden" → the final
         normed hidden states [B,T,D] (for value and reward heads)."""
-        # With a kv_cache, positions continue from cache.length and new keys/values are appended.
-        # attn_mask (bool [B,1,T,S], True = may attend) and position_ids [B,T] replace the causal mask and
-        # the positions: generate_batch uses them for left-padded prompts. doc_ids [B,T] (packed documents
+        # With a kv_cache, each row's positions continue from its length (model/kv_cache.py) and its new
+        # keys/values are written there. attn_mask (bool [B,1,T,S], True = may attend) and position_ids [B,T]
+        # replace the causal mask and the positions (left-padded prompts, for instance). doc_ids [B,T] (packed documents
         # numbered along each row) keep attention inside each document and restart positions at its start.
         x = self.hidden_states(input_ids, kv_cache, attn_mask, position_ids, doc_ids)
         if output == "hidden":
@@ -343,7 +323,7 @@ class Llama(nn.Module):
                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B,T,D]; the arguments mean what they mean in forward."""
         t = input_ids.shape[1]
-        start = kv_cache.length if kv_cache is not None else 0
+        start = kv_cache.end if kv_cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise XiaolmError(f"sequence of {start + t} tokens exceeds "
                               f"model.max_seq_len={self.cfg.max_seq_len}",
@@ -353,6 +333,10 @@ class Llama(nn.Module):
                               hint="create it with a larger max_len")
         if doc_ids is not None:
             attn_mask, position_ids = document_mask(doc_ids)
+        if kv_cache is not None:  # rows at different lengths: their own positions and a mask per row
+            row_positions, row_mask = kv_cache.prepare(t)
+            position_ids = row_positions if position_ids is None else position_ids
+            attn_mask = row_mask if attn_mask is None else attn_mask
         x = self.model.embed_tokens(input_ids)
         if position_ids is None:
             cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
@@ -370,7 +354,7 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, kv_cache, mask)
         if kv_cache is not None:
-            kv_cache.length += t
+            kv_cache.advance(t)
         return self.model.norm(x)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

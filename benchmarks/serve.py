@@ -1,0 +1,151 @@
+"""`xiaolm serve` under concurrent streaming clients (the official `openai` client): throughput, latency, failures.
+
+    python benchmarks/serve.py [--quick] [--model runs/demo/model] [--clients 1,4,16,64] [--seconds 20]
+                               [--rounds 2] [--max-tokens 64] [--threads 1]
+
+Starts `xiaolm serve MODEL` (default limits: 16 sequences decoding together, 64 waiting) in a subprocess, then for
+each client count runs that many threads, each with its own `openai.OpenAI` client, sending streaming chat
+requests (temperature 0.7, max_tokens --max-tokens, usage included) back to back for --seconds. Per level:
+aggregate completion tokens/s (tokens of the requests that finished inside the window ÷ the window), time to first
+token p50/p95 (request sent → first content chunk), requests done, clean 429 refusals, and failures (any other
+error, including a client timeout: a hang). Levels run in rounds (the order reverses every other round), so the
+16-vs-1 ratio is measured side by side; printed: median (min–max) over rounds. --quick: 1 round of 10 s per level
+(~1.5 minutes with the server's start); full: 3 rounds of 20 s (~5 minutes), estimates on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from harness import argument_parser, markdown_table, parse_args, print_header, spread
+
+QUICK = {"rounds": 1, "seconds": 10}
+PROMPTS = ["你好", "介绍一下你自己", "春天的天气怎么样？", "讲一个小故事", "什么是机器学习？", "推荐一本书"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, threads: int) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "xiaolm.cli", "serve", model, "--port", str(port), "--threads",
+                             str(threads)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=5)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"xiaolm serve exited: {proc.stdout.read()[-3000:]}")
+        try:
+            return proc, client.models.list().data[0].id
+        except Exception:
+            time.sleep(0.5)
+    proc.kill()
+    sys.exit("xiaolm serve did not start within 120 s")
+
+
+def level(url: str, name: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    """Run `clients` streaming clients for `seconds`; their statistics."""
+    import openai
+
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+    stats = {"tokens": 0, "done": 0, "refused": 0, "failed": 0, "ttft": [], "errors": []}
+
+    def client_loop(i: int) -> None:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        n = 0
+        while time.perf_counter() < stop_at:
+            n += 1
+            start, first, usage = time.perf_counter(), None, None
+            try:
+                stream = client.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": PROMPTS[(i + n) % len(PROMPTS)]}],
+                    max_tokens=max_tokens, temperature=0.7, stream=True, stream_options={"include_usage": True})
+                for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - start
+                    usage = chunk.usage or usage
+                finished = time.perf_counter() <= stop_at
+                with lock:
+                    if finished:
+                        stats["tokens"] += usage.completion_tokens if usage else 0
+                        stats["done"] += 1
+                    if first is not None:
+                        stats["ttft"].append(first)
+            except openai.RateLimitError:
+                with lock:
+                    stats["refused"] += 1
+                time.sleep(0.5)
+            except Exception as e:  # a timeout (hang) or a broken stream
+                with lock:
+                    stats["failed"] += 1
+                    stats["errors"].append(repr(e)[:200])
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats["tokens_per_s"] = stats["tokens"] / seconds
+    return stats
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else (values or [float("nan")])[0]
+
+
+def main() -> None:
+    p = argument_parser(__doc__)
+    p.add_argument("--model", default="runs/demo/model")
+    p.add_argument("--clients", default="1,4,16,64")
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    a = parse_args(p, QUICK, "~1.5 minutes")
+    print_header(packages=("torch", "transformers", "fastapi", "uvicorn", "openai"), threads=f"server: {a.threads} "
+                 "torch thread(s); clients in this process")
+    levels = [int(c) for c in a.clients.split(",")]
+    port = free_port()
+    proc, name = start_server(a.model, port, a.threads)
+    url = f"http://127.0.0.1:{port}/v1"
+    results: dict[int, list[dict]] = {c: [] for c in levels}
+    try:
+        for r in range(a.rounds):
+            for c in levels if r % 2 == 0 else levels[::-1]:
+                s = level(url, name, c, a.seconds, a.max_tokens)
+                results[c].append(s)
+                print(f"round {r + 1}, {c} clients: {s['tokens_per_s']:,.0f} tok/s, {s['done']} done, "
+                      f"{s['refused']} refused (429), {s['failed']} failed {s['errors'][:2]}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    base = [s["tokens_per_s"] for s in results[levels[0]]]
+    rows = []
+    for c in levels:
+        runs = results[c]
+        ttft = [t for s in runs for t in s["ttft"]]
+        ratio = [s["tokens_per_s"] / b for s, b in zip(runs, base, strict=True) if b > 0]
+        rows.append([str(c), spread([s["tokens_per_s"] for s in runs]), spread(ratio, "{:.2f}x") if ratio else "-",
+                     f"{quantile(ttft, 0.5) * 1000:,.0f}", f"{quantile(ttft, 0.95) * 1000:,.0f}",
+                     str(sum(s["done"] for s in runs)), str(sum(s["refused"] for s in runs)),
+                     str(sum(s["failed"] for s in runs))])
+    print()
+    print(markdown_table(["clients", "aggregate tok/s", f"vs {levels[0]} client(s)", "TTFT p50 ms", "TTFT p95 ms",
+                          "requests done", "429s", "failures"], rows))
+
+
+if __name__ == "__main__":
+    main()
