@@ -50,6 +50,7 @@ def test_gguf_holds_llama_metadata_and_the_tokenizer(tmp_path, chars_tokenizer_d
     model = make_model(320, tie=tie)
     path = export_gguf(make_run_dir(tmp_path, model, chars_tokenizer_dir), tmp_path / "out", dtype="f32")
     assert path == tmp_path / "out" / "model.gguf"
+    assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "out" / "Modelfile").read_text()  # for `ollama create`
     reader = GGUFReader(path)
     f = fields(reader)
     cfg = model.cfg

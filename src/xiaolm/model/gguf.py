@@ -19,6 +19,7 @@ import torch
 
 from xiaolm.chat_format import EOS, IM_END
 from xiaolm.errors import XiaolmError
+from xiaolm.io import atomic_write_text
 from xiaolm.model.export import load_model, resolve_model_dir
 
 if TYPE_CHECKING:
@@ -27,6 +28,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
+# Ollama reads the template from here, not from the GGUF's chat_template (Go templates, not Jinja)
+MODELFILE = '''FROM ./model.gguf
+TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+PARAMETER stop "<|im_end|>"
+PARAMETER stop "<|endoftext|>"
+PARAMETER temperature 0.7
+PARAMETER top_p 0.9
+PARAMETER repeat_penalty 1.1
+'''
 # "fp16"/"fp32" as `xiaolm export --format hf` spells them are accepted too
 GGUF_DTYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "fp32": "F32", "fp16": "F16"}
 LLAMA_CPP_PRE = "ufakzeka"
@@ -166,7 +179,8 @@ def check_pre_tokenizer(tok_json: dict[str, Any], where: str = "tokenizer.json")
 
 
 def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path:
-    """Write a GGUF file (`out` if it ends in .gguf, else out/model.gguf) for llama.cpp, tokenizer included."""
+    """Write a GGUF file for llama.cpp, tokenizer included: `out` if it ends in .gguf, else out/model.gguf with an
+    Ollama Modelfile beside it."""
     import gguf
 
     if dtype not in GGUF_DTYPES:
@@ -199,6 +213,8 @@ def export_gguf(source: str | Path, out: str | Path, dtype: str = "f16") -> Path
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if path.name == GGUF_FILE and path.parent == out:
+        atomic_write_text(out / "Modelfile", MODELFILE + f"PARAMETER num_ctx {cfg.max_seq_len}\n")  # Ollama's is larger
     log.info("export: wrote %s (%s, %.1f MB)", path, dtype, path.stat().st_size / 1e6)
     return path
 
