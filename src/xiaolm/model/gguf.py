@@ -116,6 +116,8 @@ def read_tokenizer(tok_dir: Path) -> dict[str, Any]:
     if model.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") != "ByteLevel":
         raise XiaolmError("GGUF export needs a byte-level BPE tokenizer", where=str(tok_dir / "tokenizer.json"),
                           hint="sentencepiece tokenizers are not supported; train with --backend bpe")
+    if tok.get("normalizer"):  # llama.cpp's BPE has none: it would see other text than ours
+        raise XiaolmError("GGUF export needs a tokenizer without a normalizer", where=str(tok_dir / "tokenizer.json"))
     template = conf.get("chat_template")
     if template is None and (tok_dir / "chat_template.jinja").is_file():
         template = (tok_dir / "chat_template.jinja").read_text(encoding="utf-8")
