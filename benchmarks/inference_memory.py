@@ -14,7 +14,8 @@ by /proc/self/clear_refs after loading); the generation's tokens per second on t
                         dtype: load_model builds the model in fp32 and then casts, so its loading peak holds both
   gguf-f16/q8_0         llama-cpp-python, n_ctx 256 (llama.cpp's minimum), mmap on (file pages count as resident
                         once read), n_threads --threads
-Default: every runtime, ~5 minutes on 2 idle cores (an estimate); --quick: torch-fp16 and gguf-f16 with 32 tokens.
+Default: every runtime, 9 minutes on a loaded 2-core machine; --quick: torch-fp16 and gguf-f16 with 32 tokens,
+2 minutes there (measured once each).
 Needs llama-cpp-python for the gguf runtimes (`pip install 'xiaolm[llama-cpp]'`).
 """
 
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, of " + ", ".join(RUNTIMES))
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the child's runtime
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    args = parse_args(parser, QUICK, "about 1.5 minutes")
+    args = parse_args(parser, QUICK, "about 2 minutes")
     if args.measure:  # the child: one runtime, one JSON line
         print(json.dumps(measure(args.measure, Path(args.work), args.tokens, args.threads)))
         return
