@@ -15,7 +15,8 @@ from tests.test_export import make_model, make_run_dir
 from tests.test_gguf import GGUF_TEXTS, train_chars_tokenizer
 from xiaolm.chat_format import load_tokenizer, render_chat
 from xiaolm.infer.generate import GenerationConfig, generate
-from xiaolm.model.gguf import PROBE_TEXTS, export_gguf, probe_texts
+from xiaolm.model import gguf
+from xiaolm.model.gguf import PROBE_TEXTS, as_llama_cpp_splits, export_gguf, probe_texts
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp]
 
@@ -66,3 +67,18 @@ def test_llama_cpp_greedy_tokens_equal_ours(run_dir, tmp_path, dtype):
         if len(greedy) == len(ours):
             break
     assert len(ours) == 20 and greedy == ours
+
+
+def test_llama_cpp_splits_as_the_export_check_predicts_where_it_refuses(tmp_path, tokenizer_dir, monkeypatch):
+    """The default tokenizer (CJK runs cut every 16 characters): the check's model of llama.cpp is llama.cpp."""
+    run = make_run_dir(tmp_path, make_model(len(load_tokenizer(tokenizer_dir))), tokenizer_dir)
+    monkeypatch.setattr(gguf, "check_pre_tokenizer", lambda *a, **k: None)
+    llm = llama(export_gguf(run, tmp_path / "m.gguf", dtype="f32"), vocab_only=True)
+    tok_json = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    tok, predicted = load_tokenizer(tokenizer_dir), as_llama_cpp_splits(tok_json)
+    differ = 0
+    for text in [*PROBE_TEXTS, *probe_texts(tok_json)]:
+        theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert theirs == predicted.encode(text, add_special_tokens=False).ids, text[:40]
+        differ += theirs != tok.encode(text, add_special_tokens=False)
+    assert differ > 0

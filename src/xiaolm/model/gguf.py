@@ -23,6 +23,7 @@ from xiaolm.io import atomic_write_text
 from xiaolm.model.export import load_model, resolve_model_dir
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from torch import nn
 
 log = logging.getLogger(__name__)
@@ -155,19 +156,26 @@ def probe_texts(tok_json: dict[str, Any]) -> list[str]:
     return [*PROBE_TEXTS, "".join(words), "".join(cjk), " ".join(words)]
 
 
+def as_llama_cpp_splits(tok_json: dict[str, Any]) -> Tokenizer:
+    """This tokenizer's BPE model behind llama.cpp's LLAMA_CPP_PRE regex instead of its own pre-tokenizer."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    tok = Tokenizer.from_str(json.dumps(tok_json))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA_CPP_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    return tok
+
+
 def check_pre_tokenizer(tok_json: dict[str, Any], where: str = "tokenizer.json") -> None:
     """XiaolmError unless llama.cpp's LLAMA_CPP_PRE splitting yields this tokenizer's ids on the probe texts.
 
-    The comparison swaps llama.cpp's regex into the same BPE model with `tokenizers`; tests/test_gguf_llama_cpp.py
-    checks that llama.cpp itself agrees.
+    The comparison runs as_llama_cpp_splits with `tokenizers`; tests/test_gguf_llama_cpp.py checks that llama.cpp
+    itself gives the same ids, where they equal ours and where they do not.
     """
-    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers import Tokenizer
 
-    ours = Tokenizer.from_str(json.dumps(tok_json))
-    theirs = Tokenizer.from_str(json.dumps(tok_json))
-    theirs.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA_CPP_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    ours, theirs = Tokenizer.from_str(json.dumps(tok_json)), as_llama_cpp_splits(tok_json)
     for text in probe_texts(tok_json):
         a, b = ours.encode(text, add_special_tokens=False), theirs.encode(text, add_special_tokens=False)
         if a.ids != b.ids:
