@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 BENCH_STAMP := $(VENV)/.installed-bench
+LLAMA_CPP_STAMP := $(VENV)/.installed-llama-cpp
 # The web page tests drive Debian's Chromium (tests/browser.py); a CJK font makes their screenshots legible.
 CHROMIUM ?= $(or $(XIAOLM_CHROMIUM),/usr/bin/chromium)
 CHROMIUM_PACKAGES := chromium fonts-wqy-microhei
 
-.PHONY: demo test test-fast bench bench-full lint venv clean chromium
+.PHONY: demo test test-fast test-gguf bench bench-full lint venv clean chromium
 
 # The demo needs the package and its server; the tests add the dev tools (pytest, ruff, ray, trl, ...).
 $(DEMO_STAMP): pyproject.toml
@@ -49,6 +50,15 @@ test: $(STAMP) $(CHROMIUM)
 
 test-fast: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not slow"
+
+# llama.cpp itself loads our GGUF files (same token ids, same greedy tokens). Not in `make test`: installing
+# llama-cpp-python builds llama.cpp from source, ~15 min on 2 cores, more than the whole suite's budget.
+$(LLAMA_CPP_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[dev,serve,llama-cpp]"
+	touch $(LLAMA_CPP_STAMP)
+
+test-gguf: $(LLAMA_CPP_STAMP)
+	$(BIN)/python -m pytest -m llama_cpp tests/test_gguf_llama_cpp.py
 
 # What the benchmarks import beyond the project (the `bench` extra), reinstalled only when pyproject.toml changes.
 $(BENCH_STAMP): $(STAMP) pyproject.toml

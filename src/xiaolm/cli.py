@@ -229,18 +229,18 @@ def train_command(stage: str, help_text: str, target: str) -> Command:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", default="hf", choices=["hf"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--merge-lora", action="store_true",
-                   help="LoRA run: write one plain model with the adapter folded into its weights (default: the "
-                        "base model plus the adapter in adapter/, which peft loads onto it)")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="gguf: one file for llama.cpp / Ollama")
+    p.add_argument("--dtype", help="hf: fp32 (default), fp16, bf16; gguf: f16 (default), f32, q8_0")
+    p.add_argument("--merge-lora", action="store_true", help="LoRA run, hf: one plain model with the adapter folded "
+                   "in (default: the base model plus the adapter in adapter/, which peft loads; gguf always merges)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     """`xiaolm export`."""
-    from xiaolm.model.export import export_hf
+    from xiaolm.model import export, gguf
 
-    out = export_hf(args.run_dir, args.out, dtype=args.dtype, merge=args.merge_lora)
+    out = gguf.export_gguf(args.run_dir, args.out, dtype=args.dtype or "f16") if args.format == "gguf" \
+        else export.export_hf(args.run_dir, args.out, dtype=args.dtype or "fp32", merge=args.merge_lora)
     print(f"exported to {out}")
 
 
@@ -341,8 +341,9 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         _stats_arguments, cmd_tokenizer_stats),
     **{(stage,): train_command(stage, *spec) for stage, spec in TRAIN_STAGES.items()},
     ("export",): Command(
-        "export a run dir to a Hugging Face model directory",
+        "export a run dir to a Hugging Face model directory, or to a GGUF file for llama.cpp / Ollama",
         "examples:\n  xiaolm export runs/demo/sft --out my-model --dtype fp16\n"
+        "  xiaolm export runs/demo/model --out my-gguf --format gguf --dtype q8_0   # my-gguf/model.gguf\n"
         "  xiaolm export runs/lora --out my-model --merge-lora    # a LoRA run as one plain model",
         _export_arguments, cmd_export),
     ("chat",): Command(

@@ -164,8 +164,10 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", merg
     A LoRA run exports its base model plus the adapter in `adapter/` (peft loads it onto the base), or with
     merge=True one plain model with the adapter folded in.
     """
+    dtype = {"f32": "fp32", "f16": "fp16"}.get(dtype, dtype)  # GGUF's spellings
     if dtype not in DTYPES:
-        raise XiaolmError(f"unknown dtype {dtype!r}", hint="choose fp32, fp16 or bf16")
+        raise XiaolmError(f"unknown dtype {dtype!r} for --format hf", hint="choose fp32, fp16 or bf16 "
+                          "(q8_0 is for --format gguf)" if dtype == "q8_0" else "choose fp32, fp16 or bf16")
     weights_dir, tok_dir = resolve_model_dir(source)
     reward = is_reward_dir(weights_dir)  # a reward run: one AutoModelForSequenceClassification (adapters merged)
     adapter = (weights_dir / ADAPTER_CONFIG).is_file() and not (weights_dir / WEIGHTS).is_file() and not merge \
