@@ -24,8 +24,9 @@ def exact_match(model: nn.Module, tokenizer, items: list[dict], max_new_tokens: 
                 batch_size: int = 32) -> dict:
     """Greedy answers to `{"messages", "answer", "kind", "chance"}` items; accuracy per kind with examples.
 
-    A kind's chance is the mean of its items' `chance` (a blind guess's expected accuracy over the kind); items
-    without one are left out of that mean, and a kind where none has one reports 0.
+    A kind's chance is the mean of its items' chance (a blind guess's expected accuracy over the kind): an item's
+    `chance` field, else one over its own options (`A`, `B`, … fields or `options`); items with neither are left
+    out of that mean, and a kind where none has one reports 0.
     """
     stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop)
@@ -41,8 +42,9 @@ def exact_match(model: nn.Module, tokenizer, items: list[dict], max_new_tokens: 
         kind = by_kind[item.get("kind", "all")]
         kind["n"] += 1
         kind["correct"] += int(ok)
-        if "chance" in item:
-            chances[item.get("kind", "all")].append(float(item["chance"]))
+        chance = item.get("chance", 1 / len(choice_options(item)) if choice_options(item) else None)
+        if chance is not None:  # its own chance, or one over its own options (letters per item)
+            chances[item.get("kind", "all")].append(float(chance))
         if len(kind["examples"]) < 3:
             kind["examples"].append({"question": item["messages"][-1]["content"], "answer": item["answer"],
                                      "reply": reply, "correct": ok})
