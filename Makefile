@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev,serve]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,eval]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 
 # What the benchmarks import beyond the project (the `bench` extra), reinstalled only when pyproject.toml changes.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[dev,serve,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,eval,bench]"
 	touch $(BENCH_STAMP)
 
 # Every benchmark at its quick size (~15 min on 2 cores), one dated section of benchmarks/RESULTS.md.
