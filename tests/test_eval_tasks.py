@@ -256,3 +256,13 @@ def test_preference_against_a_reference_is_dpo_implicit_reward_accuracy(model_di
     ref_margin = preference_accuracy(reference, tok, [pair])["margin"]
     assert dpo["margin"] == pytest.approx(0.5 * (own["margin"] - ref_margin), abs=1e-4)
     assert dpo["accuracy"] == float(dpo["margin"] > 0)
+
+
+def test_jsonl_items_with_a_subject_get_its_category_and_name(tmp_path):
+    from xiaolm.eval.choice_data import ceval_prompt, read_choice_items
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "问", "options": ["甲", "乙"], "answer": "b", "subject": "law"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    item = read_choice_items([str(path)])[0]
+    assert item.category == "Humanities" and item.answer == "B" and ceval_prompt(item).startswith("以下是中国关于法学考试")

@@ -78,5 +78,7 @@ TABLES = {"ceval": CEVAL, "cmmlu": CMMLU}
 
 
 def subject_info(benchmark: str, subject: str) -> tuple[str, str]:
-    """(Chinese name, category) of a subject; unknown subjects: (the name with spaces, "Other")."""
-    return TABLES.get(benchmark, {}).get(subject, (subject.replace("_", " "), OTHER))
+    """(Chinese name, category) of a subject in its benchmark's table (our JSONL: C-Eval's, then CMMLU's);
+    unknown subjects: (the name with spaces, "Other")."""
+    tables = [TABLES[benchmark]] if benchmark in TABLES else [CEVAL, CMMLU]
+    return next((t[subject] for t in tables if subject in t), (subject.replace("_", " "), OTHER))

@@ -58,8 +58,10 @@ def trained_with_doc_mask(model_path: str) -> bool:
         if config.is_file():
             import yaml
 
-            data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
-            return bool(data.get("doc_mask", True))
+            loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
+            data = loaded.get("data") if isinstance(loaded, dict) else None
+            if isinstance(data, dict) and "doc_mask" in data:
+                return bool(data["doc_mask"])
     return True
 
 
