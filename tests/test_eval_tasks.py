@@ -265,4 +265,5 @@ def test_jsonl_items_with_a_subject_get_its_category_and_name(tmp_path):
     path.write_text(json.dumps({"question": "问", "options": ["甲", "乙"], "answer": "b", "subject": "law"},
                                ensure_ascii=False) + "\n", encoding="utf-8")
     item = read_choice_items([str(path)])[0]
-    assert item.category == "Humanities" and item.answer == "B" and ceval_prompt(item).startswith("以下是中国关于法学考试")
+    assert item.category == "Humanities" and item.answer == "B"
+    assert ceval_prompt(item).startswith("以下是中国关于法学考试")
