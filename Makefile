@@ -18,11 +18,11 @@ $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[serve]"
+	$(BIN)/python -m pip install -q -e ".[serve,eval]"
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,serve]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,eval]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -54,7 +54,7 @@ test-fast: $(STAMP) $(CHROMIUM)
 # llama.cpp itself loads our GGUF files (same token ids, same greedy tokens). Not in `make test`: installing
 # llama-cpp-python builds llama.cpp from source, ~15 min on 2 cores, more than the whole suite's budget.
 $(LLAMA_CPP_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[dev,serve,llama-cpp]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,eval,llama-cpp]"
 	touch $(LLAMA_CPP_STAMP)
 
 test-gguf: $(LLAMA_CPP_STAMP)
@@ -62,7 +62,7 @@ test-gguf: $(LLAMA_CPP_STAMP)
 
 # What the benchmarks import beyond the project (the `bench` extra), reinstalled only when pyproject.toml changes.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/python -m pip install -q -e ".[dev,serve,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve,eval,bench]"
 	touch $(BENCH_STAMP)
 
 # Every benchmark at its quick size (~15 min on 2 cores), one dated section of benchmarks/RESULTS.md.

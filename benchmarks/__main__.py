@@ -38,7 +38,7 @@ DEDUP_SYSTEMS = ["--systems", "xiaolm,datasketch,datatrove"]  # datatrove: the R
 # Its own work folder: data_pipeline.py keeps the corpus and the packing tokenizer there for the next run.
 DATA_QUICK = ["--mb", "40", "--files", "4", "--work", "/tmp/xiaolm-databench-quick"]
 
-# name: (script, quick arguments, --full arguments). Five scripts have a --quick flag; the scripts' defaults are the
+# name: (script, quick arguments, --full arguments). Six scripts have a --quick flag; the scripts' defaults are the
 # full sizes. memory_budget.py without --config runs its built-in recipes, those of RESULTS.md (--quick: the 100M
 # model with activation checkpointing). Left out: clean_chats.py measures chat record files that the user brings
 # (there is no corpus to run it on), chat_mix.py starts from a finished `xiaolm demo` run (~15 minutes alone), and
@@ -59,6 +59,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     # full: the README's 2 GB through clean, dedup and pack (the defaults are 1,000 MB in 16 files, 1 process)
     "data_pipeline_end_to_end": ("benchmarks/data_pipeline.py", ["end-to-end", *DATA_QUICK, "--workers", "2"],
                                  ["end-to-end", "--mb", "2000", "--files", "32", "--workers", "2"]),
+    "eval_choice": ("benchmarks/eval_choice.py", ["--quick"], []),
 }
 
 

@@ -24,6 +24,9 @@ class CharTokenizer:
     def __call__(self, texts, add_special_tokens=False):
         return {"input_ids": [[ord(c) % (VOCAB - 1) + 1 for c in t] for t in texts]}
 
+    def decode(self, ids):
+        return "".join("x" if i else "" for i in ids)  # one character a non-EOS token
+
 
 def make_model(vocab: int = VOCAB, seed: int = 0) -> Llama:
     """Random weights at a large scale, so attention's reach changes the losses visibly."""
@@ -44,29 +47,43 @@ def test_doc_mask_changes_perplexity_on_several_documents():
     masked = perplexity(model, tok, DOCS, seq_len=20)
     plain = perplexity(model, tok, DOCS, seq_len=20, doc_mask=False)
     assert abs(masked["loss"] - plain["loss"]) > 1e-3
-    assert plain["tokens"] == 20  # one window of 20 targets; masked drops the 2 that start a new document
-    assert masked["tokens"] == 18
+    assert plain["tokens"] == 39  # one stream of 40 tokens, every target scored once by sliding windows
+    assert masked["tokens"] == 35  # each document alone: its first token is not scored
+    assert plain["characters"] == 34 and masked["characters"] == 30  # the unscored first tokens' characters left out
+    assert plain["bits_per_char"] == pytest.approx(plain["loss"] * 39 / math.log(2) / 34)
 
 
-def test_doc_mask_scores_each_document_as_if_alone_when_windows_align():
+def test_doc_mask_scores_each_document_as_if_alone():
     model, tok = make_model(), CharTokenizer()
-    # 2 windows of 16 tokens hold documents 0–3 whole; the 5th document gives only the last window's last
-    # target, its first token, which a document's own context cannot predict and so is not scored
     together = perplexity(model, tok, DOCS, seq_len=16)
-    alone = [perplexity(model, tok, [d], seq_len=16) for d in DOCS[:4]]
-    assert together["tokens"] == sum(a["tokens"] for a in alone) == 4 * 7
+    alone = [perplexity(model, tok, [d], seq_len=16) for d in DOCS]
+    assert together["tokens"] == sum(a["tokens"] for a in alone) == 5 * 7
     mean_alone = sum(a["loss"] * a["tokens"] for a in alone) / together["tokens"]
     assert together["loss"] == pytest.approx(mean_alone, rel=1e-5)
+
+
+def test_every_stride_scores_every_target_once_and_a_full_window_stride_is_non_overlapping():
+    from xiaolm.eval.perplexity import sliding_windows
+
+    ids = list(range(40))
+    for stride in (1, 5, 16):
+        windows = sliding_windows(ids, 16, stride)
+        assert sum(new for _, new in windows) == 39 and all(len(w) <= 17 for w, _ in windows)
+    assert [w[0] for w, _ in sliding_windows(ids, 16, 16)] == [0, 16, 32]
 
 
 def test_perplexity_reports_each_source_and_the_whole():
     model, tok = make_model(), CharTokenizer()
     records = [{"text": d, "source": "poems" if i % 2 else "wiki"} for i, d in enumerate(DOCS)]
     result = perplexity_by_source(model, tok, records, seq_len=16)
-    assert result["loss"] == perplexity(model, tok, DOCS, seq_len=16)["loss"]
+    assert result["loss"] == pytest.approx(perplexity(model, tok, DOCS, seq_len=16)["loss"], rel=1e-6)
     assert set(result["by_source"]) == {"wiki", "poems"}
     wiki = perplexity(model, tok, [d for i, d in enumerate(DOCS) if i % 2 == 0], seq_len=16)
-    assert result["by_source"]["wiki"] == wiki
+    assert result["by_source"]["wiki"]["loss"] == pytest.approx(wiki["loss"], rel=1e-6)
+    assert result["by_source"]["wiki"]["tokens"] == wiki["tokens"]
+    plain = perplexity_by_source(model, tok, records, seq_len=16, doc_mask=False)
+    assert plain["by_source"]["wiki"]["loss"] == pytest.approx(
+        perplexity(model, tok, [d for i, d in enumerate(DOCS) if i % 2 == 0], seq_len=16, doc_mask=False)["loss"])
     assert perplexity_by_source(model, tok, [{"text": d} for d in DOCS], seq_len=16)["by_source"] == {}
 
 
@@ -85,18 +102,26 @@ def test_exact_match_chance_is_per_kind_not_the_last_item(tiny_tokenizer_dir):
     assert result["b"]["chance"] == 0.5 and result["c"]["chance"] == 0.0
 
 
-def test_choice_takes_each_items_own_options(tiny_tokenizer_dir, monkeypatch):
+def test_choice_takes_each_items_own_options(tiny_tokenizer_dir):
     from xiaolm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_tokenizer_dir)
-    right = tok.encode("对", add_special_tokens=False)
-    monkeypatch.setattr(qa, "option_logprob", lambda model, prompt, option: float(option[:-1] == right))
     items = [{"question": "一", "A": "对", "B": "错", "answer": "A"},
              {"question": "二", "A": "错", "B": "错", "C": "错", "D": "对", "answer": "D"},
              {"question": "三", "options": ["错", "对", "错"], "answer": "B"}]
     result = qa.choice_accuracy(make_model(len(tok)), tok, items)
-    assert result["accuracy"] == 1.0
+    assert result["n"] == 3 and [e["pick"] in "ABCD" for e in result["examples"]] == [True] * 3
     assert result["chance"] == pytest.approx((1 / 2 + 1 / 4 + 1 / 3) / 3)
+
+
+def test_exact_match_chance_of_an_item_with_options_is_one_over_its_own_options(tiny_tokenizer_dir):
+    from xiaolm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    ask = [{"role": "user", "content": "你好"}]
+    items = [{"messages": ask, "answer": "A", "kind": "k", "A": "甲", "B": "乙"},
+             {"messages": ask, "answer": "C", "kind": "k", "options": ["甲", "乙", "丙", "丁"]}]
+    assert qa.exact_match(make_model(len(tok)), tok, items, max_new_tokens=1)["k"]["chance"] == pytest.approx(3 / 8)
 
 
 def test_choice_item_without_options_is_a_clear_error(tiny_tokenizer_dir):
@@ -134,22 +159,22 @@ def test_eval_loads_the_model_on_the_chosen_device(model_dir, val_file, tmp_path
     seen, real = [], tasks.load_model
     monkeypatch.setattr(tasks, "load_model", lambda path, device="cpu", **kw: seen.append(device)
                         or real(path, device=device, **kw))
-    out = tmp_path / "ppl.json"
+    out = tmp_path / "ppl"
     with pytest.raises(SystemExit) as e:
         main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--device", "cpu", "--out", str(out)])
     assert e.value.code == 0
     assert seen == [torch.device("cpu")]
-    result = json.loads(out.read_text(encoding="utf-8"))
+    result = json.loads((out / "result.json").read_text(encoding="utf-8"))
     assert set(result["by_source"]) == {"chat", "poems"} and math.isfinite(result["ppl"])
 
 
 def test_eval_no_doc_mask_changes_the_perplexity(model_dir, val_file, tmp_path):
     losses = []
     for flags in ([], ["--no-doc-mask"]):
-        out = tmp_path / "ppl.json"
+        out = tmp_path / "ppl"
         with pytest.raises(SystemExit):
             main(["eval", str(model_dir), "--task", "ppl", "--data", str(val_file), "--out", str(out), *flags])
-        losses.append(json.loads(out.read_text(encoding="utf-8"))["loss"])
+        losses.append(json.loads((out / "result.json").read_text(encoding="utf-8"))["loss"])
     assert losses[0] != losses[1]
 
 
@@ -198,9 +223,9 @@ def test_a_preference_record_with_equal_answers_is_named(model_dir, tmp_path, ca
 
 
 def evaluate_preference(model_dir, tmp_path, records) -> dict:
-    path, out = tmp_path / "pairs.jsonl", tmp_path / "preference.json"
+    path, out = tmp_path / "pairs.jsonl", tmp_path / "preference"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     with pytest.raises(SystemExit) as e:
         main(["eval", str(model_dir), "--task", "preference", "--data", str(path), "--out", str(out)])
     assert e.value.code == 0
-    return json.loads(out.read_text(encoding="utf-8"))
+    return json.loads((out / "result.json").read_text(encoding="utf-8"))

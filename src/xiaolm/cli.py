@@ -22,6 +22,8 @@ from typing import TypeVar
 
 from xiaolm.config import load_config
 from xiaolm.errors import XiaolmError
+from xiaolm.eval.command import EXAMPLES as EVAL_EXAMPLES
+from xiaolm.eval.command import cmd_eval, eval_arguments
 from xiaolm.infer import serve_command
 
 log = logging.getLogger("xiaolm")
@@ -264,33 +266,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_chat(args.model, gen, system=args.system)
 
 
-def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--task", required=True, choices=["ppl", "exact", "choice", "extraction", "preference"])
-    p.add_argument("--data", required=True)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N items")
-    p.add_argument("--out", help="write the result as JSON here")
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|mps",
-                   help="where the model runs (default auto: cuda, then mps, then cpu)")
-    p.add_argument("--no-doc-mask", dest="doc_mask", action="store_false",
-                   help="ppl: let attention cross document boundaries (for models pretrained with "
-                        "data.doc_mask=false)")
-
-
-def cmd_eval(args: argparse.Namespace) -> dict:
-    """`xiaolm eval`."""
-    from xiaolm.eval.tasks import evaluate
-    from xiaolm.io import atomic_write_text
-
-    result = evaluate(args.model, args.task, args.data, limit=args.limit, device=args.device,
-                      doc_mask=args.doc_mask)
-    text = json.dumps(result, ensure_ascii=False, indent=2)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    return result
-
-
 # Every subcommand, in the order `xiaolm --help` lists them; a two-word path sits under its group.
 COMMANDS: dict[tuple[str, ...], Command] = {
     ("demo",): Command(
@@ -356,13 +331,8 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         "    -d '{\"model\": \"model\", \"messages\": [{\"role\": \"user\", \"content\": \"你好\"}]}'",
         serve_command.add_arguments, serve_command.run_serve),
-    ("eval",): Command(
-        "evaluate a model: perplexity, exact match, multiple choice",
-        "examples:\n  xiaolm eval runs/demo/model --task ppl --data runs/demo/corpus/eval/val_text.jsonl\n"
-        "  xiaolm eval runs/demo/model --task exact --data runs/demo/corpus/eval/heldout_qa.jsonl\n"
-        "  xiaolm eval runs/demo/model --task choice --data runs/demo/corpus/eval/choice.jsonl\n"
-        "  xiaolm eval runs/demo/model --task preference --data runs/demo/corpus/eval/preference.jsonl",
-        _eval_arguments, cmd_eval),
+    ("eval",): Command("evaluate a model: perplexity, BLEU/ROUGE, multiple choice (C-Eval, CMMLU), exact match, "
+                       "triplet F1, preference accuracy", EVAL_EXAMPLES, eval_arguments, cmd_eval),
 }
 GROUPS = {"data": "data stages", "tokenizer": "tokenizer stages"}
 

@@ -6,8 +6,6 @@ import re
 import string
 from collections import defaultdict
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.errors import XiaolmError
@@ -26,8 +24,9 @@ def exact_match(model: nn.Module, tokenizer, items: list[dict], max_new_tokens: 
                 batch_size: int = 32) -> dict:
     """Greedy answers to `{"messages", "answer", "kind", "chance"}` items; accuracy per kind with examples.
 
-    A kind's chance is the mean of its items' `chance` (a blind guess's expected accuracy over the kind); items
-    without one are left out of that mean, and a kind where none has one reports 0.
+    A kind's chance is the mean of its items' chance (a blind guess's expected accuracy over the kind): an item's
+    `chance` field, else one over its own options (`A`, `B`, … fields or `options`); items with neither are left
+    out of that mean, and a kind where none has one reports 0.
     """
     stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop)
@@ -43,8 +42,9 @@ def exact_match(model: nn.Module, tokenizer, items: list[dict], max_new_tokens: 
         kind = by_kind[item.get("kind", "all")]
         kind["n"] += 1
         kind["correct"] += int(ok)
-        if "chance" in item:
-            chances[item.get("kind", "all")].append(float(item["chance"]))
+        chance = item.get("chance", 1 / len(choice_options(item)) if choice_options(item) else None)
+        if chance is not None:  # its own chance, or one over its own options (letters per item)
+            chances[item.get("kind", "all")].append(float(chance))
         if len(kind["examples"]) < 3:
             kind["examples"].append({"question": item["messages"][-1]["content"], "answer": item["answer"],
                                      "reply": reply, "correct": ok})
@@ -53,19 +53,6 @@ def exact_match(model: nn.Module, tokenizer, items: list[dict], max_new_tokens: 
         if chances[name]:
             kind["chance"] = sum(chances[name]) / len(chances[name])
     return dict(by_kind)
-
-
-@torch.no_grad()
-def option_logprob(model: nn.Module, prompt: list[int], option: list[int]) -> float:
-    """Mean log-probability per token of `option` following `prompt`."""
-    device = next(model.parameters()).device
-    ids = (prompt + option)[-model.cfg.max_seq_len:]
-    n_opt = min(len(option), len(ids) - 1)
-    x = torch.tensor([ids[:-1]], device=device)
-    logits, _ = model(x)
-    logp = F.log_softmax(logits[0, -n_opt:].float(), dim=-1)
-    targets = torch.tensor(ids[-n_opt:], device=device)
-    return float(logp.gather(1, targets[:, None]).mean())
 
 
 def choice_options(item: dict) -> dict[str, str]:
@@ -79,26 +66,22 @@ def choice_options(item: dict) -> dict[str, str]:
 
 
 def choice_accuracy(model: nn.Module, tokenizer, items: list[dict]) -> dict:
-    """Pick the option whose text the model finds most likely as the answer to the question.
+    """Pick the option whose text the model finds most likely as the answer to the question (the demo's check).
 
     Each item has its own options (A–J fields or an `options` list); chance is the mean of 1 / options per item.
     """
-    model.eval()
-    end = tokenizer.convert_tokens_to_ids(IM_END)
-    correct, chance, examples = 0, 0.0, []
+    from xiaolm.eval.choice import choice_scores
+    from xiaolm.eval.choice_data import ChoiceItem
+
+    parsed = []
     for i, item in enumerate(items):
         options = choice_options(item)
         if not options:
             raise XiaolmError(f"item {i + 1} has no options", where="eval choice",
                               hint='give each item "A", "B", … fields or an "options" list')
-        prompt = encode_prompt(tokenizer, [{"role": "user", "content": item["question"]}])
-        scores = {k: option_logprob(model, prompt, tokenizer.encode(text, add_special_tokens=False) + [end])
-                  for k, text in options.items()}
-        pick = max(scores, key=scores.get)
-        correct += int(pick == item["answer"])
-        chance += 1 / len(options)
-        if len(examples) < 3:
-            examples.append({"question": item["question"], "answer": item["answer"], "pick": pick})
-    n = len(items)
-    return {"n": n, "correct": correct, "accuracy": correct / max(1, n), "chance": chance / max(1, n),
-            "examples": examples}
+        parsed.append(ChoiceItem(item["question"], options, str(item["answer"]), where=f"item {i + 1}"))
+    result, predictions = choice_scores(model, tokenizer, parsed)
+    correct = sum(p["text"] == p["answer"] for p in predictions)
+    return {"n": len(items), "correct": correct, "accuracy": result["accuracy"], "chance": result["chance"],
+            "examples": [{"question": item.question, "answer": item.answer, "pick": p["text"]}
+                         for item, p in zip(parsed[:3], predictions, strict=False)]}
