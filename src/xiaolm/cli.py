@@ -24,7 +24,7 @@ from xiaolm.config import load_config
 from xiaolm.errors import XiaolmError
 from xiaolm.eval.command import EXAMPLES as EVAL_EXAMPLES
 from xiaolm.eval.command import cmd_eval, eval_arguments
-from xiaolm.infer import serve_command
+from xiaolm.infer import pairs, serve_command
 
 log = logging.getLogger("xiaolm")
 _SETTING = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -293,6 +293,10 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "  xiaolm data dedup data/clean --out data/dedup --executor ray  # Ray cluster (RAY_ADDRESS)\n"
         "  xiaolm data dedup raw/ ngram=7 partition_mb=64 --out data/dedup",
         _dedup_arguments, cmd_dedup),
+    ("data", "pairs"): Command(
+        "reward-model pairs: the reference answer chosen, the SFT model's own sampled answer rejected",
+        "examples:\n  xiaolm data pairs runs/demo/corpus/sft.jsonl --from-sft runs/demo/sft --out runs/pairs",
+        pairs.add_arguments, pairs.run_pairs),
     ("data", "pack"): Command(
         "tokenize records into train.bin / val.bin + meta.json",
         "examples:\n  xiaolm data pack data/clean --tokenizer tok --out data/packed\n"
