@@ -94,7 +94,7 @@ def _shared_prefix_batch(model: nn.Module, prompts: list[list[int]], options: li
     for layer in range(len(rows.k)):
         rows.k[layer][:, :, :width] = cache.k[layer][row_item]
         rows.v[layer][:, :, :width] = cache.v[layer][row_item]
-    rows.length = width
+    rows.set_length(width)
     seen = torch.ones(opt_len, opt_len, dtype=torch.bool, device=device).tril()
     opt_mask = torch.cat([valid[row_item][:, None, :].expand(r, opt_len, width),
                           seen[None].expand(r, opt_len, opt_len)], dim=-1)

@@ -33,6 +33,11 @@ class KVCache:
         """Positions filled in the longest row (all rows when they advance together)."""
         return self.end
 
+    def set_length(self, n: int) -> None:
+        """Mark the first n positions of every row as filled (keys/values copied into k and v directly)."""
+        self.lengths.fill_(n)
+        self.end = n
+
     def view(self, rows: slice | torch.Tensor, end: int, ragged: bool) -> KVCache:
         """The same storage, a forward reading and writing only `rows` (none longer than `end`)."""
         sub = copy.copy(self)
