@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from tests.test_dpo import VOCAB, dpo_cfg, hf_dir, log_rows, make_pairs, write_jsonl
 from tests.test_export import make_model
 from xiaolm.errors import XiaolmError
-from xiaolm.model.export import export_hf, load_model
-from xiaolm.model.reward import RewardModel, load_reward_model
+from xiaolm.model.export import export_hf, load_model, load_reward_model
+from xiaolm.model.reward import RewardModel
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import encode_pair
 from xiaolm.train import reward

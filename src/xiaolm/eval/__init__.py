@@ -1,1 +1,3 @@
 """xiaolm.eval."""
+
+TASKS = ("ppl", "bleu", "rouge", "choice", "exact", "extraction", "preference")  # `xiaolm eval --task`

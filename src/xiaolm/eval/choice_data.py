@@ -43,6 +43,16 @@ class ChoiceItem:
         return subject_info(self.benchmark, self.subject)[1] if self.subject else "Other"
 
 
+def choice_options(item: dict) -> dict[str, str]:
+    """An item's options by letter: its `A`, `B`, … fields, or its `options` (a list, or a dict by letter)."""
+    options = item.get("options")
+    if isinstance(options, list):
+        return {letter: str(text) for letter, text in zip(string.ascii_uppercase, options, strict=False)}
+    if isinstance(options, dict):
+        return {str(letter): str(text) for letter, text in options.items()}
+    return {k: str(item[k]) for k in string.ascii_uppercase[:10] if k in item}
+
+
 def subject_of(path: Path) -> str:
     """`accountant_val.csv` → accountant (C-Eval), `agronomy.csv` → agronomy (CMMLU)."""
     stem = path.stem
@@ -95,7 +105,6 @@ def _answer_hint(path: Path, hint: str) -> str:
 
 def read_choice_jsonl(path: Path) -> list[ChoiceItem]:
     """Our JSONL items: question, options (A…/options), answer letter; wrong kinds are named by line."""
-    from xiaolm.eval.qa import choice_options
 
     items = []
     for record, where in read_records([path]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TASKS = ("ppl", "bleu", "rouge", "choice", "exact", "extraction", "preference")
+from xiaolm.eval import TASKS
 
 EXAMPLES = """examples:
   xiaolm eval runs/demo/model --task ppl --data runs/demo/corpus/eval/val_text.jsonl --out runs/eval/ppl

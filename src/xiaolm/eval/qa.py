@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import string
 from collections import defaultdict
 
 from torch import nn
 
 from xiaolm.errors import XiaolmError
+from xiaolm.eval.choice_data import choice_options
 from xiaolm.infer.generate import GenerationConfig, generate_batch
 from xiaolm.tokenizer import IM_END, encode_prompt
 
@@ -53,16 +53,6 @@ def exact_match(model: nn.Module, tokenizer, items: list[dict], max_new_tokens: 
         if chances[name]:
             kind["chance"] = sum(chances[name]) / len(chances[name])
     return dict(by_kind)
-
-
-def choice_options(item: dict) -> dict[str, str]:
-    """An item's options by letter: its `A`, `B`, … fields, or its `options` (a list, or a dict by letter)."""
-    options = item.get("options")
-    if isinstance(options, list):
-        return {letter: str(text) for letter, text in zip(string.ascii_uppercase, options, strict=False)}
-    if isinstance(options, dict):
-        return {str(letter): str(text) for letter, text in options.items()}
-    return {k: str(item[k]) for k in string.ascii_uppercase[:10] if k in item}
 
 
 def choice_accuracy(model: nn.Module, tokenizer, items: list[dict]) -> dict:

@@ -8,7 +8,7 @@ import torch
 
 from xiaolm.device import resolve_device
 from xiaolm.errors import XiaolmError
-from xiaolm.eval.command import TASKS
+from xiaolm.eval import TASKS
 from xiaolm.model.export import load_model
 from xiaolm.records.read import read_records
 from xiaolm.records.rejects import RejectLog

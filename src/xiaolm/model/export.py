@@ -22,7 +22,7 @@ from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json
 from xiaolm.model.adapters import ADAPTER_CONFIG, load_adapter, merge_lora
 from xiaolm.model.registry import build_model_from_config, config_from_hf
-from xiaolm.model.reward import is_reward_dir, load_reward_model, save_reward_model
+from xiaolm.model.reward import HEADS, SCORE, RewardModel, is_reward_dir, save_reward_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -218,3 +218,40 @@ def _copy_adapter(src: Path, dst: Path, base: Path) -> None:
     shutil.copy2(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
     cfg = json.loads((src / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     atomic_write_json(dst / ADAPTER_CONFIG, {**cfg, "base_model_name_or_path": str(base)})
+
+
+def load_reward_head(weights_dir: Path) -> tuple[nn.Module, torch.Tensor]:
+    """(backbone, score weight [1, dim]) of a reward checkpoint or of an HF sequence-classification dir."""
+    if (weights_dir / HEADS).is_file():
+        lm, _ = load_model(weights_dir, with_tokenizer=False)
+        return lm, load_file(str(weights_dir / HEADS))[SCORE]
+    hf = json.loads((weights_dir / "config.json").read_text(encoding="utf-8"))
+    if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
+        raise XiaolmError("a reward model has one output, this classifier has more", where=str(weights_dir),
+                          hint="train it with `xiaolm reward` or export with num_labels=1")
+    state = load_file(str(weights_dir / "model.safetensors"))
+    if SCORE not in state:
+        raise XiaolmError(f"no {SCORE} in model.safetensors", where=str(weights_dir))
+    score = state.pop(SCORE)
+    cfg = config_from_hf(hf, where=str(weights_dir / "config.json"))
+    lm = build_model_from_config(cfg)
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # the head of a reward model is `score`
+    if missing or unexpected:
+        raise XiaolmError(f"weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                          where=str(weights_dir))
+    return lm, score
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
+    """(reward model in eval mode, tokenizer or None) from a `xiaolm reward` run dir or an exported one."""
+    weights_dir, tok_dir = resolve_model_dir(path)
+    if not is_reward_dir(weights_dir):
+        raise XiaolmError("not a reward model (no score head)", where=str(path),
+                          hint="pass a `xiaolm reward` run dir or an AutoModelForSequenceClassification dir")
+    lm, score = load_reward_head(weights_dir)
+    model = RewardModel(lm)
+    with torch.no_grad():
+        model.score.weight.copy_(score)
+    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
+    return model.to(device).eval(), tokenizer

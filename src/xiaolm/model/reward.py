@@ -3,7 +3,7 @@
 The exported directory is what `transformers.AutoModelForSequenceClassification` (num_labels=1) loads without
 remote code: the backbone's weights under `model.`, the head as `score.weight`, no `lm_head`. transformers scores
 the rightmost token that is not padding, so sequences end at the answer's last token (`<|im_end|>`) and are
-right-padded: ours reads the same position.
+right-padded: ours reads the same position. Loading one back: model/export.py's load_reward_model.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_open, atomic_write_json
-from xiaolm.model.registry import base_model, build_model_from_config, config_from_hf
+from xiaolm.model.registry import base_model
 
 HEADS = "heads.safetensors"  # a training checkpoint's own modules beside the model (value or reward head)
 SCORE = "score.weight"
@@ -68,45 +67,3 @@ def is_reward_dir(weights_dir: Path) -> bool:
         return False
     archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
-
-
-def load_reward_head(weights_dir: Path) -> tuple[nn.Module, torch.Tensor]:
-    """(backbone, score weight [1, dim]) of a reward checkpoint or of an HF sequence-classification dir."""
-    from xiaolm.model.export import load_model
-
-    if (weights_dir / HEADS).is_file():
-        lm, _ = load_model(weights_dir, with_tokenizer=False)
-        return lm, load_file(str(weights_dir / HEADS))[SCORE]
-    hf = json.loads((weights_dir / "config.json").read_text(encoding="utf-8"))
-    if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
-        raise XiaolmError("a reward model has one output, this classifier has more", where=str(weights_dir),
-                          hint="train it with `xiaolm reward` or export with num_labels=1")
-    state = load_file(str(weights_dir / "model.safetensors"))
-    if SCORE not in state:
-        raise XiaolmError(f"no {SCORE} in model.safetensors", where=str(weights_dir))
-    score = state.pop(SCORE)
-    cfg = config_from_hf(hf, where=str(weights_dir / "config.json"))
-    lm = build_model_from_config(cfg)
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # the head of a reward model is `score`
-    if missing or unexpected:
-        raise XiaolmError(f"weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
-                          where=str(weights_dir))
-    return lm, score
-
-
-def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
-    """(reward model in eval mode, tokenizer or None) from a `xiaolm reward` run dir or an exported one."""
-    from xiaolm.chat_format import load_tokenizer
-    from xiaolm.model.export import resolve_model_dir
-
-    weights_dir, tok_dir = resolve_model_dir(path)
-    if not is_reward_dir(weights_dir):
-        raise XiaolmError("not a reward model (no score head)", where=str(path),
-                          hint="pass a `xiaolm reward` run dir or an AutoModelForSequenceClassification dir")
-    lm, score = load_reward_head(weights_dir)
-    model = RewardModel(lm)
-    with torch.no_grad():
-        model.score.weight.copy_(score)
-    tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
-    return model.to(device).eval(), tokenizer
