@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 from tests.test_dpo import VOCAB, dpo_cfg, hf_dir, log_rows, make_pairs, write_jsonl
 from tests.test_export import make_model
 from xiaolm.errors import XiaolmError
+from xiaolm.eval.tasks import evaluate
 from xiaolm.model.export import export_hf, load_model, load_reward_model
-from xiaolm.model.reward import RewardModel
+from xiaolm.model.reward import RewardModel, answer_end, reward_batch
 from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import encode_pair
 from xiaolm.train import reward
-from xiaolm.train.reward import answer_end, bradley_terry, reward_batch
+from xiaolm.train.reward import bradley_terry
 
 
 @pytest.fixture
@@ -57,6 +58,8 @@ def test_reward_model_learns_the_preference_and_best_keeps_the_highest_accuracy(
     untrained = RewardModel(load_model(tmp / "base")[0]).eval()
     assert accuracy(untrained) < 0.8  # about chance (0.5) before training
     assert accuracy(load_reward_model(tmp / "rm" / "best")[0]) == evals[-1]["val_accuracy"] >= 0.9
+    result, _ = evaluate(str(tmp / "rm" / "best"), "preference", str(val), device="cpu", seq_len=64)
+    assert result["accuracy"] == evals[-1]["val_accuracy"] and result["score"].startswith("reward model")
     best = json.loads((tmp / "rm" / "best" / "best.json").read_text())
     assert best["val_accuracy"] == max(r["val_accuracy"] for r in evals)
     assert (tmp / "rm" / "best" / "heads.safetensors").is_file()

@@ -40,6 +40,36 @@ def preference_accuracy(model: nn.Module, tokenizer, records: list[dict], seq_le
     of the chosen answer above the rejected's; the margin is that reward difference. Records with a `kind` field
     are also scored per kind (`by_kind`).
     """
+    pairs = encode_pairs(tokenizer, records, seq_len)
+    logps = pair_logps(model, tokenizer.pad_token_id, pairs, batch_size)
+    if reference is None:
+        margins = [c - r for c, r in logps]
+    else:
+        ref = pair_logps(reference, tokenizer.pad_token_id, pairs, batch_size)
+        margins = [beta * ((c - rc) - (r - rr)) for (c, r), (rc, rr) in zip(logps, ref, strict=True)]
+    return _by_kind(margins, records, "own log-prob margin (nats)" if reference is None else
+                    f"implicit DPO reward margin, beta {beta}: beta·(log π − log π_ref), chosen − rejected")
+
+
+@torch.no_grad()
+def reward_accuracy(reward_model: nn.Module, tokenizer, records: list[dict], seq_len: int = 256,
+                    batch_size: int = 16) -> dict:
+    """Share of preference records a reward model scores chosen above rejected (chance 50%), by kind too."""
+    from xiaolm.model.reward import reward_batch
+
+    pairs = encode_pairs(tokenizer, records, seq_len)
+    device = next(reward_model.parameters()).device
+    margins: list[float] = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        batch = reward_batch([c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id)
+        chosen, rejected = reward_model(batch["x"].to(device), batch["last"].to(device)).cpu().chunk(2)
+        margins += (chosen - rejected).tolist()
+    return _by_kind(margins, records, "reward model margin, chosen − rejected")
+
+
+def encode_pairs(tokenizer, records: list[dict], seq_len: int) -> list:
+    """Encoded (chosen, rejected) examples of preference records; a bad record is an error naming it."""
     pairs = []
     for i, record in enumerate(records):
         try:
@@ -48,17 +78,14 @@ def preference_accuracy(model: nn.Module, tokenizer, records: list[dict], seq_le
             where = record.get("_where", f"record {i + 1}") if isinstance(record, dict) else f"record {i + 1}"
             raise XiaolmError(f"record {i + 1}: {e.detail} ({e.reason})", where=f"eval preference: {where}",
                               hint='records must be {"prompt", "chosen", "rejected"} with different answers') from None
-    logps = pair_logps(model, tokenizer.pad_token_id, pairs, batch_size)
-    if reference is None:
-        margins = [c - r for c, r in logps]
-    else:
-        ref = pair_logps(reference, tokenizer.pad_token_id, pairs, batch_size)
-        margins = [beta * ((c - rc) - (r - rr)) for (c, r), (rc, rr) in zip(logps, ref, strict=True)]
-    result = _scores(margins)
-    result["score"] = "own log-prob margin (nats)" if reference is None else \
-        f"implicit DPO reward margin, beta {beta}: beta·(log π − log π_ref), chosen − rejected"
+    return pairs
+
+
+def _by_kind(margins: list[float], records: list[dict], score: str) -> dict:
+    """Accuracy and mean margin overall and, for records that name their `kind`, per kind."""
+    result = {**_scores(margins), "score": score}
     kinds = sorted({str(r["kind"]) for r in records if "kind" in r})
-    if kinds:  # records that name their kind are also scored by kind
+    if kinds:
         result["by_kind"] = {k: _scores([m for m, r in zip(margins, records, strict=True) if r.get("kind") == k])
                              for k in kinds}
     return result

@@ -9,7 +9,8 @@ import torch
 from xiaolm.device import resolve_device
 from xiaolm.errors import XiaolmError
 from xiaolm.eval import TASKS
-from xiaolm.model.export import load_model
+from xiaolm.model.export import load_model, load_reward_model, resolve_model_dir
+from xiaolm.model.reward import is_reward_dir
 from xiaolm.records.read import read_records
 from xiaolm.records.rejects import RejectLog
 
@@ -83,6 +84,16 @@ def evaluate(model_path: str, task: str, data: list[str] | str, limit: int = 0, 
         raise XiaolmError(f"unknown task {task!r}", where="--task", hint=f"use one of {', '.join(TASKS)}")
     data = [data] if isinstance(data, str) else list(data)
     where = resolve_device(device)
+    if task == "preference" and is_reward_dir(resolve_model_dir(model_path)[0]):  # a reward model's own ranking
+        from xiaolm.eval.preference import reward_accuracy
+
+        reward_model, tokenizer = load_reward_model(model_path, where)
+        if tokenizer is None:
+            raise XiaolmError("reward model has no tokenizer files (tokenizer.json)", where=model_path,
+                              hint="evaluate the `xiaolm reward` run dir or its export")
+        items = check_kind(task, preference_records(read_eval_records(data, limit)))
+        return {"task": task, "model": model_path, "data": data, **reward_accuracy(reward_model, tokenizer, items,
+                                                                                   seq_len, batch_size)}, []
     model, tokenizer = load_for_eval(model_path, where, dtype)
     result: dict = {"task": task, "model": model_path, "data": data}
     if task == "choice":
@@ -99,10 +110,8 @@ def evaluate(model_path: str, task: str, data: list[str] | str, limit: int = 0, 
         scores, predictions = generation_scores(model, tokenizer, records, words, max_new_tokens or 128,
                                                         batch_size)
         return {**result, **scores}, predictions
-    if task == "preference":  # MedicalGPT's reward layout, as published: question, response_chosen/rejected
-        records = [({"prompt": r["question"], "chosen": r["response_chosen"], "rejected": r["response_rejected"]}
-                    if {"question", "response_chosen", "response_rejected"} <= set(r) else r, where)
-                   for r, where in records]
+    if task == "preference":
+        records = preference_records(records)
     items = check_kind(task, records)
     if task == "ppl":
         from xiaolm.eval.perplexity import perplexity_by_source
@@ -126,6 +135,13 @@ def evaluate(model_path: str, task: str, data: list[str] | str, limit: int = 0, 
             raise XiaolmError(f"vocabulary {reference.cfg.vocab_size} differs from the model's "
                               f"{model.cfg.vocab_size}", where=ref, hint="--ref is the policy's reference model")
     return {**result, **preference_accuracy(model, tokenizer, items, seq_len, batch_size, reference, beta)}, []
+
+
+def preference_records(records: list[tuple[dict, str]]) -> list[tuple[dict, str]]:
+    """(record, where) pairs with MedicalGPT's published reward layout (question, response_chosen/rejected) read
+    as preference records."""
+    return [({"prompt": r["question"], "chosen": r["response_chosen"], "rejected": r["response_rejected"]}
+             if {"question", "response_chosen", "response_rejected"} <= set(r) else r, where) for r, where in records]
 
 
 def exact_summary(by_kind: dict) -> dict:

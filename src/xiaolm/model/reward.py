@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from xiaolm.io import atomic_open, atomic_write_json
+from xiaolm.model.loss import IGNORE
 from xiaolm.model.registry import base_model
 
 HEADS = "heads.safetensors"  # a training checkpoint's own modules beside the model (value or reward head)
@@ -38,6 +40,23 @@ class RewardModel(nn.Module):
         hidden = self.lm(input_ids, output="hidden")
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return self.score(hidden[rows, last]).squeeze(-1).float()
+
+
+def answer_end(example: tuple[np.ndarray, np.ndarray]) -> int:
+    """Index of the (input_ids, labels) example's last answer token (the position the reward head reads)."""
+    labelled = (example[1] != IGNORE).nonzero()[0]
+    return int(labelled[-1]) if len(labelled) else len(example[0]) - 1
+
+
+def reward_batch(examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids [B,T] of each example up to its answer's end, and that end's index `last` [B]."""
+    ends = [answer_end(e) for e in examples]
+    x = torch.full((len(examples), max(ends) + 1), pad_id, dtype=torch.long)
+    for i, ((ids, _), end) in enumerate(zip(examples, ends, strict=True)):
+        x[i, :end + 1] = torch.as_tensor(ids[:end + 1])
+    last = torch.tensor(ends)
+    mask = torch.arange(x.shape[1])[None, :] <= last[:, None]
+    return {"x": x, "last": last, "mask": mask}
 
 
 def seq_cls_config(lm_config: dict[str, Any]) -> dict[str, Any]:

@@ -13,30 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xiaolm.model.reward import RewardModel
-from xiaolm.tokenizer.chat import IGNORE, Example, Pair
+from xiaolm.model.reward import RewardModel, reward_batch
+from xiaolm.tokenizer.chat import Pair
 from xiaolm.train.config import TrainConfig
 from xiaolm.train.dpo import evaluate_pairs, preference_splits
 from xiaolm.train.objective import Metrics, Objective, RunContext
 from xiaolm.train.sft import shuffled_index
 from xiaolm.train.stage import run_stage
-
-
-def answer_end(example: Example) -> int:
-    """Index of the example's last answer token (the position the reward head reads)."""
-    labelled = (example[1] != IGNORE).nonzero()[0]
-    return int(labelled[-1]) if len(labelled) else len(example[0]) - 1
-
-
-def reward_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids [B,T] of each example up to its answer's end, and that end's index `last` [B]."""
-    ends = [answer_end(e) for e in examples]
-    x = torch.full((len(examples), max(ends) + 1), pad_id, dtype=torch.long)
-    for i, ((ids, _), end) in enumerate(zip(examples, ends, strict=True)):
-        x[i, :end + 1] = torch.as_tensor(ids[:end + 1])
-    last = torch.tensor(ends)
-    mask = torch.arange(x.shape[1])[None, :] <= last[:, None]
-    return {"x": x, "last": last, "mask": mask}
 
 
 def bradley_terry(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
