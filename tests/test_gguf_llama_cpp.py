@@ -6,7 +6,6 @@ these; `make test` deselects them by their marker, so a missing llama_cpp is nev
 
 import json
 
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -31,7 +30,9 @@ def run_dir(request, tmp_path_factory):
     return make_run_dir(root, make_model(len(load_tokenizer(tok_dir)), tie=True), tok_dir)
 
 
-def llama(path, **kw) -> llama_cpp.Llama:
+def llama(path, **kw):
+    import llama_cpp  # imported here: `make test` collects this file without the llama-cpp extra, then deselects it
+
     return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, **kw)
 
 
