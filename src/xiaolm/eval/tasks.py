@@ -9,12 +9,11 @@ import torch
 from xiaolm.device import resolve_device
 from xiaolm.errors import XiaolmError
 from xiaolm.eval import TASKS
-from xiaolm.model.export import load_model, load_reward_model, resolve_model_dir
+from xiaolm.model.export import DTYPES, load_model, load_reward_model, resolve_model_dir
 from xiaolm.model.reward import is_reward_dir
 from xiaolm.records.read import read_records
 from xiaolm.records.rejects import RejectLog
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what each record-based task needs of a record, and how to say it
 NEEDS = {"ppl": (lambda r: isinstance(r.get("text"), str), 'ppl needs {"text": ...} records'),
          "exact": (lambda r: isinstance(r.get("messages"), list) and "answer" in r,
@@ -66,9 +65,13 @@ def trained_with_doc_mask(model_path: str) -> bool:
     return True
 
 
-def load_for_eval(model_path: str, device: torch.device, dtype: str) -> tuple:
-    """(model, tokenizer); a model without tokenizer files is an error naming its folder."""
-    model, tokenizer = load_model(model_path, device=device, dtype=DTYPES[dtype])
+def load_for_eval(model_path: str, device: torch.device, dtype: str, reward: bool = False) -> tuple:
+    """(model, tokenizer): the causal LM, or with `reward` the reward model (fp32); a model without tokenizer
+    files is an error naming its folder."""
+    if reward:
+        model, tokenizer = load_reward_model(model_path, device)
+    else:
+        model, tokenizer = load_model(model_path, device=device, dtype=DTYPES[dtype])
     if tokenizer is None:
         raise XiaolmError("model has no tokenizer files (tokenizer.json)", where=model_path,
                           hint="export it with `xiaolm export`, or copy the tokenizer dir's files beside its weights")
@@ -84,17 +87,9 @@ def evaluate(model_path: str, task: str, data: list[str] | str, limit: int = 0, 
         raise XiaolmError(f"unknown task {task!r}", where="--task", hint=f"use one of {', '.join(TASKS)}")
     data = [data] if isinstance(data, str) else list(data)
     where = resolve_device(device)
-    if task == "preference" and is_reward_dir(resolve_model_dir(model_path)[0]):  # a reward model's own ranking
-        from xiaolm.eval.preference import reward_accuracy
-
-        reward_model, tokenizer = load_reward_model(model_path, where)
-        if tokenizer is None:
-            raise XiaolmError("reward model has no tokenizer files (tokenizer.json)", where=model_path,
-                              hint="evaluate the `xiaolm reward` run dir or its export")
-        items = check_kind(task, preference_records(read_eval_records(data, limit)))
-        return {"task": task, "model": model_path, "data": data, **reward_accuracy(reward_model, tokenizer, items,
-                                                                                   seq_len, batch_size)}, []
-    model, tokenizer = load_for_eval(model_path, where, dtype)
+    # a reward model ranks preference pairs by its own scores
+    reward = task == "preference" and is_reward_dir(resolve_model_dir(model_path)[0])
+    model, tokenizer = load_for_eval(model_path, where, dtype, reward)
     result: dict = {"task": task, "model": model_path, "data": data}
     if task == "choice":
         from xiaolm.eval.choice import choice_scores
@@ -126,8 +121,10 @@ def evaluate(model_path: str, task: str, data: list[str] | str, limit: int = 0, 
         from xiaolm.eval.extraction import extraction_f1
 
         return {**result, **extraction_f1(model, tokenizer, items, max_new_tokens or 128, batch_size)}, []
-    from xiaolm.eval.preference import preference_accuracy
+    from xiaolm.eval.preference import preference_accuracy, reward_accuracy
 
+    if reward:
+        return {**result, **reward_accuracy(model, tokenizer, items, seq_len, batch_size)}, []
     reference = None
     if ref:
         reference, _ = load_model(ref, device=where, dtype=DTYPES[dtype], with_tokenizer=False)
