@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -80,7 +80,8 @@ def save_reward_model(lm_state: dict[str, torch.Tensor], score: torch.Tensor, cf
 def is_reward_dir(weights_dir: Path) -> bool:
     """Whether a weights dir holds a reward model: a checkpoint with a score head, or a seq-cls export."""
     if (weights_dir / HEADS).is_file():
-        return SCORE in load_file(str(weights_dir / HEADS))
+        with safe_open(str(weights_dir / HEADS), "pt") as heads:  # the header's names only, no tensor read
+            return SCORE in heads.keys()
     config = weights_dir / "config.json"
     if not config.is_file():
         return False
