@@ -192,7 +192,7 @@ def test_lora_dpo_uses_the_adapter_free_base_as_reference_not_a_copy(setup, monk
     made = capture_objectives(monkeypatch)
     summary = dpo.run_dpo(dpo_cfg(tmp, "lora", data, lora=LoraSettings(r=4, alpha=8), lr=1e-2))
     objective = made[0]
-    assert objective.ref_mode == "adapter" and objective.ref is None and not objective.cached
+    assert objective.ref_mode == "adapter" and objective.reference.copy is None and not objective.cached
     assert not [v for v in vars(objective).values() if isinstance(v, nn.Module)]  # no second model held
     assert 0 < summary["trainable_params"] < summary["params"] / 5
     rows = log_rows(tmp / "lora")
@@ -205,7 +205,7 @@ def test_precomputed_reference_matches_a_copy_and_its_cache_is_reused_on_resume(
     kw = dict(max_steps=6, save_every=2, eval_every=3, dpo=DPOSettings(ref="precompute"))
     made = capture_objectives(monkeypatch)
     dpo.run_dpo(dpo_cfg(tmp, "pre", data, **kw))
-    assert made[0].ref is None
+    assert made[0].reference is None
     dpo.run_dpo(dpo_cfg(tmp, "copy", data, max_steps=6, save_every=2, eval_every=3))
     for a, b in zip(log_rows(tmp / "pre"), log_rows(tmp / "copy"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

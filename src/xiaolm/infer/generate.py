@@ -103,6 +103,7 @@ class Event:
     token: int | None
     text: str = ""
     finish: str | None = None  # "stop" (stop id or string), "length" (budget or context), None (goes on)
+    stop_id: int | None = None  # the stop id that ended the slot (not part of its text)
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Engine:
             if row.budget <= 0:
                 events.append(Event(slot, None, "", "length"))
             elif token in row.stops:
-                events.append(Event(slot, None, row.text.finish() if row.text else "", "stop"))
+                events.append(Event(slot, None, row.text.finish() if row.text else "", "stop", token))
             else:
                 row.tokens.append(token)
                 text = row.text.push(token) if row.text else ""

@@ -75,7 +75,7 @@ def _answer(record: dict, key: str) -> str:
     return value
 
 
-def _prompt(record: dict) -> list[dict]:
+def prompt_messages(record: dict) -> list[dict]:
     """The conversation before the answer (`messages`, a `prompt` string or TRL's list), ending with a user turn."""
     messages = record.get("messages", record.get("prompt"))
     messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
@@ -114,7 +114,7 @@ def encode_pair(tokenizer: Any, record: dict, seq_len: int) -> Pair:
     chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
     if chosen.strip() == rejected.strip():
         raise Unusable("same_answers", "chosen and rejected are the same answer")
-    prompt = _prompt(record)
+    prompt = prompt_messages(record)
     return _encode_side(tokenizer, prompt, chosen, seq_len), _encode_side(tokenizer, prompt, rejected, seq_len)
 
 

@@ -14,7 +14,6 @@ is rejected (`prompt_too_long`), so no pair trains on a stub of an answer.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import os
@@ -29,7 +28,6 @@ from torch import nn
 from xiaolm.errors import XiaolmError
 from xiaolm.eval.preference import sequence_logps
 from xiaolm.io import atomic_open
-from xiaolm.model.adapters import is_lora
 from xiaolm.records.read import convert_records
 from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
@@ -37,6 +35,7 @@ from xiaolm.tokenizer.chat import IGNORE, Pair, collate, encode_pair
 from xiaolm.train.config import DPOSettings, TrainConfig
 from xiaolm.train.objective import Metrics, Objective, RunContext, eval_mode, to_device
 from xiaolm.train.pretrain import split_paths
+from xiaolm.train.reference import Reference, peft_inside
 from xiaolm.train.sft import pad_token_id, resolve_tokenizer_dir, shuffled_index, split_held_out
 from xiaolm.train.stage import run_stage
 
@@ -70,14 +69,6 @@ def dpo_loss(token_logps: torch.Tensor, ref_logps: torch.Tensor, answer: torch.T
                   "accuracy": (chosen_reward > rejected_reward).float().mean()}
 
 
-def _peft_model(module: nn.Module) -> nn.Module:
-    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-    if not is_lora(inner):
-        raise XiaolmError("dpo.ref=adapter needs LoRA adapters", where="dpo.ref",
-                          hint="set lora.r > 0, or dpo.ref=copy / precompute")
-    return inner
-
-
 class DPOObjective(Objective):
     """Shuffled epochs over preference pairs (rows are pairs); best/ is the lowest held-out DPO loss."""
 
@@ -89,23 +80,17 @@ class DPOObjective(Objective):
             raise XiaolmError(f"dpo.beta={settings.beta} must be positive", where="dpo.beta")
         self.train, self.val = train, val[:eval_batches * batch_size]
         self.settings, self.batch_size, self.seed, self.pad_id = settings, batch_size, seed, pad_id
-        self.ref: nn.Module | None = None  # the frozen copy (ref=copy)
         self.ref_mode = settings.ref
+        self.reference: Reference | None = None  # ref=copy / adapter
         self.cached: dict[str, torch.Tensor] = {}  # ref=precompute: "train" / "val" → [pairs, 2] log-probs
 
     def setup(self, model: nn.Module, run: RunContext) -> nn.Module:
         """Build the reference: a frozen copy, nothing (adapters off), or cached log-probs."""
-        if self.ref_mode == "auto":
-            self.ref_mode = "adapter" if is_lora(model) else "copy"
-        if self.ref_mode == "copy":
-            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
-        elif self.ref_mode == "adapter":
-            _peft_model(model)
-        elif self.ref_mode == "precompute":
+        if self.ref_mode == "precompute":
             self._precompute(model, run)
         else:
-            raise XiaolmError(f"dpo.ref={self.ref_mode!r}", where="dpo.ref",
-                              hint="use auto, copy, adapter or precompute")
+            self.reference = Reference(self.ref_mode, "dpo.ref")
+            self.ref_mode = self.reference.setup(model)
         log.info("dpo: reference = %s", self.ref_mode)
         return model
 
@@ -124,7 +109,8 @@ class DPOObjective(Objective):
             self.cached = load_file(str(path))
             log.info("dpo: reference log-probs reused from %s", path)
             return
-        adapters_off = _peft_model(model).disable_adapter() if is_lora(model) else contextlib.nullcontext()
+        peft = peft_inside(model)
+        adapters_off = peft.disable_adapter() if peft is not None else contextlib.nullcontext()
         with torch.no_grad(), eval_mode(model), run.autocast(), adapters_off:
             for name, pairs in (("train", self.train), ("val", self.val)):
                 logps = [sequence_logps(model, to_device(batch, run.device)).float().cpu()
@@ -161,12 +147,7 @@ class DPOObjective(Objective):
         """The reference model's sequence log-probs for the batch's rows [2B]."""
         if "ref" in batch:
             return batch["ref"]
-        with torch.no_grad():
-            if self.ref is not None:
-                return sequence_logps(self.ref, batch)
-            peft = _peft_model(module)
-            with peft.disable_adapter():
-                return sequence_logps(peft, batch)
+        return self.reference.logprobs(module, batch["x"], batch["y"]).sum(-1)
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         ref = self.reference_logps(module, batch)
