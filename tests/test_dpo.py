@@ -177,13 +177,14 @@ def test_resume_after_interruption_is_bitwise(setup):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def capture_objectives(monkeypatch) -> list:
-    made, run_stage = [], dpo.run_stage
+def capture_objectives(monkeypatch, module=dpo) -> list:
+    """The objectives that `module`'s run function builds, appended as they are made."""
+    made, run_stage = [], module.run_stage
 
     def spy(cfg, stage, tok, vocab, make, resume=False):
         return run_stage(cfg, stage, tok, vocab, lambda c, ctx: made.append(make(c, ctx)) or made[-1], resume)
 
-    monkeypatch.setattr(dpo, "run_stage", spy)
+    monkeypatch.setattr(module, "run_stage", spy)
     return made
 
 

@@ -44,6 +44,8 @@ TRAIN_STAGES = {
     "sft": ("supervised fine-tuning on chat records (loss on assistant tokens)", "xiaolm.train.sft:run_sft"),
     "dpo": ("direct preference optimization on {prompt, chosen, rejected} records", "xiaolm.train.dpo:run_dpo"),
     "reward": ("Bradley-Terry reward model (scalar head) on preference records", "xiaolm.train.reward:run_reward"),
+    "grpo": ("GRPO: G sampled answers per prompt, group-relative advantages, verifiable rewards",
+             "xiaolm.train.grpo:run_grpo"),
     "finetune": ("fine-tune for triplet extraction, scored by triplet F1, chat ability kept",
                  "xiaolm.train.finetune:run_finetune"),
 }

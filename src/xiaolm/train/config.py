@@ -50,6 +50,49 @@ class DPOSettings:
 
 
 @dataclass
+class RLSettings:
+    """Rollouts, rewards and the guard of the RL stages (`xiaolm grpo`, `xiaolm ppo`)."""
+
+    max_new_tokens: int = 64  # answer budget of each sampled reply
+    temperature: float = 1.0  # sampling of the rollouts (evaluation answers greedily)
+    top_p: float = 1.0
+    top_k: int = 0
+    rewards: list[str] = field(default_factory=lambda: ["exact"])  # exact | format | module:function
+    reward_weights: list[float] = field(default_factory=list)  # one per rewards entry; empty → all 1
+    reward_model: str = ""  # a `xiaolm reward` run dir or HF sequence-classification dir, added to the rewards
+    reward_model_weight: float = 1.0
+    ref: Literal["auto", "copy", "adapter"] = "auto"  # reference policy (KL): auto → adapter under LoRA, else copy
+    clip: float = 0.2  # PPO-style ratio clip ε
+    epochs: int = 1  # optimizer steps on each batch of rollouts (PPO epochs, GRPO's μ); > 1 makes the clip act
+    kl_stop: float = 0.0  # > 0: the KL guard, when the mean per-token KL to the reference passes this
+    kl_guard: Literal["stop", "rollback"] = "stop"  # stop there, or stop and put back the best/ weights
+    eval_prompts: int = 64  # held-out prompts answered greedily at each evaluation (val_reward picks best/)
+
+
+@dataclass
+class GRPOSettings:
+    """`xiaolm grpo`: group-relative advantages over G samples of each prompt."""
+
+    group_size: int = 8  # G samples per prompt; batch_size × grad_accum rows per process must be a multiple
+    scale_rewards: bool = True  # divide the advantages by the group's reward std (false: Dr. GRPO)
+    loss: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # token-loss aggregation (TRL's default dapo)
+    beta: float = 0.0  # KL to the reference in the loss (k3 estimator); 0: off, as TRL
+    clip_high: float = 0.0  # upper ratio clip ε_high (DAPO's clip-higher, e.g. 0.28); 0 → rl.clip
+
+
+@dataclass
+class PPOSettings:
+    """`xiaolm ppo`: a value head, per-token KL penalty in the reward, GAE, clipped policy and value losses."""
+
+    kl_coef: float = 0.05  # per-token KL penalty to the reference, subtracted from the reward
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE λ
+    vf_coef: float = 0.1  # weight of the value loss
+    value_clip: float = 0.2  # clip of the value update around the rollout's values
+    whiten: bool = True  # normalize the advantages over the batch of rollouts
+
+
+@dataclass
 class TrainConfig:
     """Keys every training stage understands."""
 
@@ -88,3 +131,6 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)  # `xiaolm finetune` only
+    rl: RLSettings = field(default_factory=RLSettings)  # `xiaolm grpo` and `xiaolm ppo`
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    ppo: PPOSettings = field(default_factory=PPOSettings)

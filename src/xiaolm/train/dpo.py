@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,12 @@ from xiaolm.eval.preference import sequence_logps
 from xiaolm.io import atomic_open
 from xiaolm.records.read import convert_records
 from xiaolm.records.rejects import RejectLog
-from xiaolm.tokenizer import load_tokenizer
 from xiaolm.tokenizer.chat import IGNORE, Pair, collate, encode_pair
 from xiaolm.train.config import DPOSettings, TrainConfig
 from xiaolm.train.objective import Metrics, Objective, RunContext, eval_mode, to_device
-from xiaolm.train.pretrain import split_paths
 from xiaolm.train.reference import Reference, peft_inside
-from xiaolm.train.sft import pad_token_id, resolve_tokenizer_dir, shuffled_index, split_held_out
-from xiaolm.train.stage import run_stage
+from xiaolm.train.sft import pad_token_id, shuffled_index
+from xiaolm.train.stage import record_splits, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -179,31 +176,9 @@ def evaluate_pairs(objective: Objective, module: nn.Module, run: RunContext) -> 
 def preference_splits(cfg: TrainConfig, stage: str) -> tuple[str | Path, int, list[Pair], list[Pair], int]:
     """(tokenizer dir, vocabulary size, training pairs, validation pairs, pad id) of a stage on preference
     records; bad records go to the run's rejects.jsonl."""
-    if not cfg.init_from:
-        raise XiaolmError(f"{stage} starts from a trained model, but init_from is empty", where="init_from",
-                          hint="set init_from to an SFT run dir or an HF causal-LM dir")
-    if not cfg.data.path:
-        raise XiaolmError("data.path is empty", where="config",
-                          hint='set data.path to preference JSONL: {"prompt", "chosen", "rejected"}')
-    tokenizer_dir = resolve_tokenizer_dir(cfg)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    main = int(os.environ.get("RANK", "0")) == 0
-    with RejectLog(out / "rejects.jsonl" if main else None) as rejects:
-        pairs = load_pairs(split_paths(cfg.data.path), tokenizer, cfg.data.seq_len, rejects)
-        if cfg.data.val_path:
-            train_set, val = pairs, load_pairs(split_paths(cfg.data.val_path), tokenizer, cfg.data.seq_len, rejects)
-        else:
-            train_set, val = split_held_out(pairs, cfg.data.val_fraction, cfg.seed)
-    if rejects.total:
-        log.warning("%s: %d records rejected (%s) — see %s", stage, rejects.total, rejects.summary(),
-                    out / "rejects.jsonl")
-    if not train_set or not val:
-        raise XiaolmError(f"need training and validation pairs, got {len(train_set)} and {len(val)}",
-                          where=cfg.data.path, hint='records must be {"prompt", "chosen", "rejected"}; '
-                                                     f"see {out / 'rejects.jsonl'}")
-    log.info("%s: %d training pairs, %d validation pairs", stage, len(train_set), len(val))
+    tokenizer_dir, tokenizer, train_set, val = record_splits(
+        cfg, stage, "pair", '{"prompt", "chosen", "rejected"}', "an SFT",
+        lambda tokenizer, record: encode_pair(tokenizer, record, cfg.data.seq_len))
     return tokenizer_dir, len(tokenizer), train_set, val, pad_token_id(tokenizer, tokenizer_dir)
 
 

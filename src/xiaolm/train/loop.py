@@ -222,6 +222,7 @@ def train(cfg: TrainConfig, objective: Objective, model: nn.Module, tokenizer_di
     last: float | None = None
     ema_loss: float | None = None
     step = start_step
+    stopped: str | None = None
 
     def checkpoint(step: int) -> None:
         state = {"scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "tokens_seen": tokens_seen,
@@ -312,8 +313,14 @@ def train(cfg: TrainConfig, objective: Objective, model: nn.Module, tokenizer_di
                         if objective.val_loss_is_perplexity and "val_loss" in results else ""
                     bar.write(f"{stage} step {step}: {shown}{ppl}")
             bar.update(1)
-            if step % cfg.save_every == 0 or step == cfg.max_steps or flag.stop:
+            stopped = objective.should_stop(step_metrics)
+            if stopped:
+                stopped = _stop_early(stopped, step, run_dir, module, objective.rollback_on_stop, logf)
+                bar.write(f"{stage} step {step}: {stopped}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps or flag.stop or stopped:
                 checkpoint(step)
+            if stopped:
+                break
             if flag.stop:
                 raise XiaolmError(f"interrupted at step {step}; checkpoint saved", where=str(run_dir),
                                   hint="rerun the same command to continue "
@@ -323,9 +330,26 @@ def train(cfg: TrainConfig, objective: Objective, model: nn.Module, tokenizer_di
     summary = {"stage": stage, "steps": step, metric: last, f"best_{metric}": best, "params": n_params,
                "trainable_params": n_train, "tokens_seen": tokens_seen,
                "peak_mem_mb": round(peak_memory_mb(device), 1)}
+    if stopped:
+        summary["stopped"] = stopped
     if main:
         atomic_write_json(run_dir / "done.json", summary)
     return summary
+
+
+def _stop_early(reason: str, step: int, run_dir: Path, module: nn.Module, rollback: bool, logf: Any) -> str:
+    """An objective's guard ended the run after `step`: with rollback, the best/ weights go back into the module
+    (so the last checkpoint and `latest` hold them); the reason is logged and returned."""
+    if rollback and (run_dir / "best").is_dir():
+        load_model_parts(module, run_dir / "best")
+        step_of_best = json.loads((run_dir / "best" / "best.json").read_text(encoding="utf-8"))["step"]
+        reason += f"; rolled back to best/ (step {step_of_best})"
+    elif rollback:
+        reason += "; no best/ yet to roll back to"
+    log.warning("stopped at step %d: %s", step, reason)
+    logf.write(json.dumps({"step": step, "stopped": reason}) + "\n")
+    logf.flush()
+    return reason
 
 
 def _save_best(run_dir: Path, module: nn.Module, step: int, metric: str, value: float, ctx: DistContext,

@@ -3,7 +3,8 @@
 An objective gives deterministic batches by position, a loss with metrics, the real tokens of a batch, an
 evaluation with the metric that picks `best/`, and hooks: `setup` builds what the method needs (a frozen
 reference, a head, …) and returns the module to train; `before_step` runs once per optimizer step before the
-micro-batches (rollouts). The loop owns precision, accumulation, clipping, schedule, checkpoints and logs.
+micro-batches (rollouts); `should_stop` may end the run early after a step (a guard), saying why. The loop
+owns precision, accumulation, clipping, schedule, checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class Objective:
             with run.autocast():
                 losses.append(float(self.loss(module, batch)[0]))
         return {"val_loss": sum(losses) / max(1, len(losses))}
+
+    def should_stop(self, step_metrics: Metrics) -> str | None:
+        """After each step, given its metrics (the same on every process): why the run must stop now, or None."""
+        return None
+
+    rollback_on_stop = False  # when should_stop stops the run: put the best/ weights back into the last checkpoint
 
     def state_dict(self) -> dict[str, Any] | None:
         """A streaming objective's data position (saved per process in each checkpoint); None when stateless."""
