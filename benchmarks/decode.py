@@ -1,19 +1,27 @@
 """Single-stream greedy decoding: xiaolm's engine vs transformers' `generate` on the same exported model.
 
     python benchmarks/decode.py [--quick] [--shapes demo,26m] [--new-tokens 256] [--rounds 7] [--threads 1]
-                                [--model DIR] [--profile]
+                                [--device cpu|cuda] [--dtype fp32|bf16] [--compile] [--model DIR] [--profile]
 
-Each shape gets random weights (speed does not depend on them), is written with `save_model_weights` (the
-exported safetensors + config.json) and loaded back by `LlamaForCausalLM.from_pretrained`, so both sides run the
-same weights in fp32 on the CPU, batch 1, from the same 16-token prompt, greedy, no stop token: exactly
---new-tokens new tokens each. transformers gets its best settings: use_cache, do_sample=False, and whichever of
-eager and sdpa attention was faster in a warm-up (printed). `--model DIR` adds an exported model dir (e.g. the
-demo's), its new tokens capped by its context. Shapes: demo = the demo model (vocab 4096, d256, 4 layers, 4 heads,
-2 kv heads, 4.0M parameters); 26m = configs/llama-26m.yaml (vocab 8192, d512, 8 layers, 8 heads, 2 kv heads).
-Each round times ours then theirs (the order alternates between rounds) and gives one ratio; printed: the median
-tokens/s per side and the median ratio with its min–max over rounds, and whether both produced the same tokens.
-`--profile`: where our decode step spends its time (torch.profiler, top operators). Full: 7 rounds (~4 minutes on
-2 idle cores, an estimate); --quick: 3 rounds (~2 minutes).
+Each shape gets random weights (speed does not depend on them), is written with `save_model_weights` in --dtype
+(the exported safetensors + config.json) and loaded back by xiaolm's `load_model` and by transformers'
+`LlamaForCausalLM.from_pretrained` in that dtype onto --device, so both sides run the same weights, batch 1, from
+the same 16-token prompt, greedy, no stop token: exactly --new-tokens new tokens each. transformers gets its best
+settings: use_cache, do_sample=False, and whichever of eager and sdpa attention was faster in a warm-up (printed).
+`--model DIR` adds an exported model dir (e.g. the demo's), its new tokens capped by its context. Shapes: demo =
+the demo model (vocab 4096, d256, 4 layers, 4 heads, 2 kv heads, 4.0M parameters); 26m = configs/llama-26m.yaml
+(vocab 8192, d512, 8 layers, 8 heads, 2 kv heads); 100m = configs/llama-100m.yaml (vocab 32000, d768, 12 layers,
+12 heads, 4 kv heads, 100.1M parameters).
+Each round times each side once, ours first, transformers last (the order reverses between rounds), and gives one
+ratio per xiaolm row; printed: the median tokens/s per side and the median ratio with its min–max over rounds, and
+whether ours produced transformers' tokens (else how many leading tokens agreed in every round: bf16 kernels round
+differently, so greedy paths may part).
+On CUDA every timed call is bracketed by torch.cuda.synchronize(). `--compile`: a second xiaolm row, the engine
+with its decode step under torch.compile (`Engine(compile=True)`, dynamic shapes; one engine reused, so the compile
+happens once, in an untimed warm-up whose time is printed). `--profile`: where our decode step spends its time
+(torch.profiler, top operators). Full: 7 rounds (~4 minutes on 2 idle cores, an estimate); --quick: 3 rounds
+(~2 minutes). On an H200, `--device cuda --dtype bf16 --shapes 100m,26m --rounds 5`: about 1–1.5 minutes (an
+estimate); --compile adds its compile time (~1 minute per shape, an estimate).
 """
 
 from __future__ import annotations
@@ -24,33 +32,51 @@ import time
 from pathlib import Path
 
 import torch
-from harness import argument_parser, markdown_table, parse_args, print_header, spread
+from harness import SHAPES, argument_parser, markdown_table, model_shape, parse_args, print_header, spread
 
-from xiaolm.infer.generate import GenerationConfig, generate
-from xiaolm.model.export import load_model, save_model_weights
+from xiaolm.infer.generate import Engine, GenerationConfig, generate
+from xiaolm.model.export import DTYPES, load_model, save_model_weights
 from xiaolm.model.llama import Llama, LlamaConfig
 
-SHAPES = {
-    "demo": dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=2),
-    "26m": dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=2),
-}
 QUICK = {"rounds": 3}
 
 
-def timed(fn) -> tuple[float, list[int]]:
+def timed(fn, device: torch.device) -> tuple[float, list[int]]:
+    """(seconds, tokens) of one call; on CUDA the queued work before and inside it is waited for."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, out
 
 
-def compare(name: str, model_dir: Path, prompt: list[int], new: int, rounds: int, profile: bool) -> list[str]:
-    """Time both sides on one exported model; returns a table row."""
+def engine_fn(engine: Engine, prompt: list[int], cfg: GenerationConfig):
+    """What generate() does, on one engine kept across calls (its compiled decode step with it)."""
+    def run() -> list[int]:
+        engine.add([prompt], [cfg])
+        out: list[int] = []
+        while engine.rows:
+            out += [e.token for e in engine.step() if e.token is not None]
+        return out
+    return run
+
+
+def leading_same(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two outputs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def compare(name: str, model_dir: Path, prompt: list[int], new: int, a) -> list[list[str]]:
+    """Time both sides (and ours compiled, with --compile) on one exported model; returns table rows."""
     from transformers import LlamaForCausalLM
 
-    ours, _ = load_model(model_dir, with_tokenizer=False)
+    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    ours, _ = load_model(model_dir, device=device, dtype=dtype, with_tokenizer=False)
     new = min(new, ours.cfg.max_seq_len - len(prompt))
     cfg = GenerationConfig(max_new_tokens=new, temperature=0.0)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=device)
 
     def theirs_fn(model):
         def run() -> list[int]:
@@ -61,59 +87,76 @@ def compare(name: str, model_dir: Path, prompt: list[int], new: int, rounds: int
             return out[0, len(prompt):].tolist()
         return run
 
-    hf = {impl: LlamaForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval()
+    hf = {impl: LlamaForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=dtype).to(device).eval()
           for impl in ("sdpa", "eager")}
-    warm = {impl: min(timed(theirs_fn(m))[0] for _ in range(2)) for impl, m in hf.items()}
+    warm = {impl: min(timed(theirs_fn(m), device)[0] for _ in range(2)) for impl, m in hf.items()}
     impl = min(warm, key=warm.get)
-    theirs = theirs_fn(hf[impl])
-    ours_fn = lambda: generate(ours, prompt, cfg)  # noqa: E731
-    ours_fn()
-    print(f"{name}: {ours.num_params() / 1e6:.1f}M parameters, {new} new tokens; transformers warm-up "
-          + ", ".join(f"{k} {new / v:,.0f} tok/s" for k, v in warm.items()) + f" → {impl}", flush=True)
-    ours_tps, theirs_tps, ratios, same = [], [], [], True
-    for r in range(rounds):
-        sides = [("ours", ours_fn), ("theirs", theirs)]
-        results = dict((side, timed(fn)) for side, fn in (sides if r % 2 == 0 else sides[::-1]))
-        (t_ours, a), (t_theirs, b) = results["ours"], results["theirs"]
-        same &= a == b
-        ours_tps.append(new / t_ours)
-        theirs_tps.append(new / t_theirs)
-        ratios.append(t_theirs / t_ours)
-        print(f"  round {r + 1}: ours {ours_tps[-1]:,.0f} tok/s, transformers {theirs_tps[-1]:,.0f} tok/s, "
-              f"ratio {ratios[-1]:.2f}x", flush=True)
-    if profile:
+    sides = {"ours": lambda: generate(ours, prompt, cfg)}
+    sides["ours"]()
+    note = ""
+    if a.compile:
+        sides["ours, torch.compile"] = engine_fn(Engine(ours, 1, len(prompt) + new, compile=True), prompt, cfg)
+        note = f"; torch.compile warm-up (compiles) {timed(sides['ours, torch.compile'], device)[0]:.1f} s"
+    sides["transformers"] = theirs_fn(hf[impl])
+    print(f"{name}: {ours.num_params() / 1e6:.1f}M parameters, {new} new tokens, {a.device} {a.dtype}; "
+          "transformers warm-up " + ", ".join(f"{k} {new / v:,.0f} tok/s" for k, v in warm.items())
+          + f" → {impl}{note}", flush=True)
+    tps: dict[str, list[float]] = {side: [] for side in sides}
+    same: dict[str, int] = {side: new for side in sides}
+    for r in range(a.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        results = {side: timed(sides[side], device) for side in order}
+        for side, (seconds, tokens) in results.items():
+            tps[side].append(new / seconds)
+            same[side] = min(same[side], leading_same(tokens, results["transformers"][1]))
+        print(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{side} {tps[side][-1]:,.0f} tok/s" for side in sides)
+              + ", ratio " + ", ".join(f"{tps[side][-1] / tps['transformers'][-1]:.2f}x" for side in sides
+                                       if side != "transformers"), flush=True)
+    if a.profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
             generate(ours, prompt, GenerationConfig(max_new_tokens=min(64, new), temperature=0.0))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    return [name, f"{ours.num_params() / 1e6:.1f}M", str(new), f"{statistics.median(ours_tps):,.0f}",
-            f"{statistics.median(theirs_tps):,.0f} ({impl})", spread(ratios, "{:.2f}x"), "yes" if same else "NO"]
+    rows = []
+    for side in (s for s in sides if s != "transformers"):
+        ratios = [o / t for o, t in zip(tps[side], tps["transformers"], strict=True)]
+        rows.append([name + ("" if side == "ours" else ", torch.compile"), f"{ours.num_params() / 1e6:.1f}M",
+                     str(new), f"{statistics.median(tps[side]):,.0f}",
+                     f"{statistics.median(tps['transformers']):,.0f} ({impl})", spread(ratios, "{:.2f}x"),
+                     "yes" if same[side] == new else f"NO: the first {same[side]}"])
+    return rows
 
 
 def main() -> None:
     p = argument_parser(__doc__)
-    p.add_argument("--shapes", default="demo,26m")
+    p.add_argument("--shapes", default="demo,26m", help=f"comma-separated, of {', '.join(SHAPES)}")
     p.add_argument("--model", action="append", default=[], help="also an exported model dir (repeatable)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="both sides")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the weights, both sides")
+    p.add_argument("--compile", action="store_true", help="also ours with the decode step under torch.compile")
     p.add_argument("--profile", action="store_true")
     a = parse_args(p, QUICK, "~2 minutes")
+    shapes = [s for s in a.shapes.split(",") if s]
+    if unknown := set(shapes) - set(SHAPES):
+        p.error(f"--shapes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SHAPES)}")
     torch.set_num_threads(a.threads)
     print_header()
     prompt = [(i * 37 + 11) % 4000 + 10 for i in range(16)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in filter(None, a.shapes.split(",")):
+        for shape in shapes:
             torch.manual_seed(0)
-            model = Llama(LlamaConfig(**SHAPES[shape], max_seq_len=len(prompt) + a.new_tokens))
-            save_model_weights(model, Path(tmp) / shape)
-            rows.append(compare(f"{shape} shape (random weights)", Path(tmp) / shape, prompt, a.new_tokens,
-                                a.rounds, a.profile))
+            model = Llama(LlamaConfig(**{**model_shape(shape), "max_seq_len": len(prompt) + a.new_tokens}))
+            save_model_weights(model, Path(tmp) / shape, DTYPES[a.dtype])
+            rows += compare(f"{shape} shape (random weights)", Path(tmp) / shape, prompt, a.new_tokens, a)
         for model_dir in a.model:
-            rows.append(compare(str(model_dir), Path(model_dir), prompt, a.new_tokens, a.rounds, a.profile))
+            rows += compare(str(model_dir), Path(model_dir), prompt, a.new_tokens, a)
     print()
     print(markdown_table(["model", "params", "new tokens", "ours tok/s", "transformers tok/s",
                           "ratio (median, min–max)", "same tokens"], rows))

@@ -1,18 +1,20 @@
 """DPO with LoRA vs full DPO, and the reference as a frozen copy, the adapter-free base or precomputed log-probs:
 peak memory and step time of `xiaolm dpo`, same machine, same run.
 
-    python benchmarks/dpo_memory.py [--size 26m|toy] [--rounds 3] [--steps 6] [--batch-size 8] [--lora-r 16]
+    python benchmarks/dpo_memory.py [--size 26m|100m|toy] [--rounds 3] [--steps 6] [--batch-size 8] [--lora-r 16]
                                     [--device cpu|cuda]
 
 Variants: full+copy (a full run's default), full+precompute, lora+adapter (the default with lora.r > 0) and
 lora+precompute (LoRA on the architecture's default projections). Each run is a real `run_dpo` (configs/dpo.yaml,
 the one training loop) from the same init_from model: --size 26m is configs/llama-26m.yaml's shape with its
-vocabulary of 8,192 (26.7M parameters); toy, a d64 2-layer model, checks the script. The tokenizer (1,200 tokens)
-is trained on tests/fixtures/corpus_zh.jsonl and the pairs are spans of that corpus: prompts of 40 tokens, answers
-of 30–60; batch_size × steps training pairs (one epoch: precompute makes one reference forward per training pair)
-and batch_size validation pairs, the same for every variant. fp32 on CPU, bf16 autocast on CUDA; torch.compile off
-(every batch has its own width). Every run is a fresh subprocess that first makes a 1-step run of its variant on a
-tiny model (imports, TensorBoard, the fused optimizer's first step); the variants alternate over --rounds rounds.
+vocabulary of 8,192 (26.7M parameters); 100m, configs/llama-100m.yaml's with its 32,000 (100.1M: d768, 12 layers,
+12 heads, 4 KV heads), the size to measure on a GPU; toy, a d64 2-layer model, checks the script. The tokenizer
+(1,200 tokens) is trained on tests/fixtures/corpus_zh.jsonl and the pairs are spans of that corpus: prompts of 40
+tokens, answers of 30–60; batch_size × steps training pairs (one epoch: precompute makes one reference forward
+per training pair) and batch_size validation pairs, the same for every variant. fp32 on CPU, bf16 autocast on
+CUDA; torch.compile off (every batch has its own width). Every run is a fresh subprocess that first makes a 1-step
+run of its variant on a tiny model (imports, TensorBoard, the fused optimizer's first step); the variants alternate
+over --rounds rounds.
 Timing run (--steps steps): the step time from log.jsonl (tokens / tokens_per_s, logged every step; the first
 step left out), the set-up time between run_dpo's "training pairs" and "reference =" log lines (loading init_from,
 adding adapters, building the reference: the copy or the precompute pass), and the peak RSS as a user's process
@@ -27,6 +29,7 @@ full+copy. The estimate is arithmetic, not measured: trainable parameters × 16 
 AdamW's moments) + frozen × 4 + the reference copy (parameters × 4); no activations.
 Time, measured once with 1 torch thread on a loaded 2-core machine: --size toy --rounds 1, 1 minute; --quick
 (--size 26m --rounds 1 --steps 4), 4.5 minutes. The defaults: about 16 minutes (an estimate, not measured).
+--size 100m --device cuda --rounds 1 on an H200: about 1 minute, 4 runs of ~12 s, mostly start-up (an estimate).
 """
 
 from __future__ import annotations
@@ -43,7 +46,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from harness import argument_parser, load_average, markdown_table, parse_args, print_header, run_json, spread
+from harness import (
+    RECIPE_VOCAB,
+    argument_parser,
+    load_average,
+    markdown_table,
+    parse_args,
+    print_header,
+    recipe_shape,
+    run_json,
+    spread,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "fixtures" / "corpus_zh.jsonl"
@@ -72,12 +85,10 @@ def make_pairs(tokenizer, n: int, rng: random.Random) -> list[dict]:
 
 def prepare(work: Path, a: argparse.Namespace) -> dict:
     """Tokenizer, training and validation pairs, and the init_from models (the measured one, the warm-up one)."""
-    from xiaolm.config import load_config
     from xiaolm.model.export import save_model_weights
     from xiaolm.model.llama import Llama, LlamaConfig
     from xiaolm.tokenizer import load_tokenizer, train_tokenizer
     from xiaolm.tokenizer.chat import encode_pair
-    from xiaolm.train.config import TrainConfig
 
     tok_dir = train_tokenizer([str(CORPUS)], work / "tokenizer", vocab_size=1200, workers=1)
     tokenizer = load_tokenizer(tok_dir)
@@ -86,11 +97,9 @@ def prepare(work: Path, a: argparse.Namespace) -> dict:
     for name, records in (("train", pairs), ("val", make_pairs(tokenizer, a.batch_size, rng))):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                                             encoding="utf-8")
-    if a.size == "26m":
-        recipe = load_config(TrainConfig, REPO / "configs" / "llama-26m.yaml").model
-        shape = {k: getattr(recipe, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
-                                                 "tie_embeddings")}
-        vocab = 8192  # the recipe's tokenizer size: the embedding and the logits cost what they cost there
+    if a.size in RECIPE_VOCAB:
+        shape = recipe_shape(a.size)
+        vocab = shape.pop("vocab_size")
     else:
         shape, vocab = TOY, len(tokenizer)
     params = {}
@@ -202,7 +211,7 @@ def child_run(a: argparse.Namespace, work: str, name: str, steps: int, env: list
 def main() -> None:
     """Prepare once, run the variants alternately over the rounds, print every run, then a Markdown table."""
     p = argument_parser(__doc__)
-    p.add_argument("--size", choices=["26m", "toy"], default="26m", help="model shape of init_from")
+    p.add_argument("--size", choices=[*RECIPE_VOCAB, "toy"], default="26m", help="model shape of init_from")
     p.add_argument("--rounds", type=int, default=3, help="rounds of one run per variant, variants alternating")
     p.add_argument("--steps", type=int, default=6, help="training steps per timing run (the first is not timed)")
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (2 rows each)")

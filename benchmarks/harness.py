@@ -14,6 +14,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
+# The recipes' tokenizer sizes (configs/llama-*.yaml leave the vocabulary to the tokenizer): the embedding and the
+# logits cost what they cost there.
+RECIPE_VOCAB = {"26m": 8192, "100m": 32000}
+# `xiaolm demo`'s model (src/xiaolm/demo.py): 4.0M parameters
+DEMO_SHAPE = dict(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, tie_embeddings=True)
+SHAPES = ("demo", *RECIPE_VOCAB)
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows the module docstring as written and every option's default."""
@@ -32,6 +40,21 @@ def parse_args(parser: argparse.ArgumentParser, quick: dict[str, Any], duration:
     if parser.parse_known_args()[0].quick:
         parser.set_defaults(**quick)
     return parser.parse_args()
+
+
+def recipe_shape(size: str) -> dict[str, Any]:
+    """LlamaConfig fields of configs/llama-{size}.yaml's model (26m, 100m) with the recipe's vocabulary."""
+    from xiaolm.config import load_config
+    from xiaolm.train.config import TrainConfig
+
+    model = load_config(TrainConfig, REPO / "configs" / f"llama-{size}.yaml").model
+    fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "tie_embeddings")
+    return {"vocab_size": RECIPE_VOCAB[size], **{k: getattr(model, k) for k in fields}}
+
+
+def model_shape(name: str) -> dict[str, Any]:
+    """LlamaConfig fields of a shape of SHAPES: the demo's model or a recipe's."""
+    return dict(DEMO_SHAPE) if name == "demo" else recipe_shape(name)
 
 
 def run_json(argv: list[str]) -> dict[str, Any]:
