@@ -84,8 +84,8 @@ fi
 
 # --- the benchmarks, most important first --------------------------------------------------------------------
 
-# GRPO memory (added by the lead)
-# bench grpo_memory 90 60 python3 benchmarks/...
+# GRPO on the 100M recipe shape, G=8, 256 new tokens: LoRA + adapter-disabled reference vs a full reference copy
+bench grpo_memory 120 60 python3 benchmarks/grpo_memory.py --device cuda --size 100m
 
 # DPO: LoRA vs full, reference copy vs adapter-disabled base vs precomputed; CUDA peak memory and step time, bf16
 # autocast (4 runs of ~12 s, each a fresh process)
