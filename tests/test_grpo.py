@@ -155,3 +155,9 @@ def test_lora_grpo_uses_the_adapter_free_base_as_reference(setup, monkeypatch):
     assert rows[-1]["kl"] > 0
     assert made[0].reference.mode == "adapter" and made[0].reference.copy is None  # no second model held
     assert (tmp / "lora" / "best" / "adapter_config.json").is_file()
+
+
+def test_rollouts_run_under_bf16_autocast_with_fp32_weights(setup):
+    tmp, data = setup  # as on a GPU with dtype=bf16: the KV cache has the weights' dtype, k/v come in bf16
+    summary = run_grpo(grpo_cfg(tmp, "bf16", data, dtype="bf16", max_steps=2, eval_every=2))
+    assert summary["steps"] == 2 and log_rows(tmp / "bf16")[-1]["response_length"] > 0

@@ -62,6 +62,7 @@ class KVCache:
         """Write this forward's k/v [B,H,t,hd] for `layer` and return each row's keys/values [0, end + t)."""
         end = self.end + k.shape[2]
         kc, vc = self.k[layer], self.v[layer]
+        k, v = k.to(kc.dtype), v.to(vc.dtype)  # autocast makes half-precision k/v for a cache of the weights' dtype
         if isinstance(self.rows, torch.Tensor):  # scattered rows: index writes, gathered reads
             if self._write is None:
                 kc[self.rows, :, self.end:end] = k
