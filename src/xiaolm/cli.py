@@ -46,6 +46,8 @@ TRAIN_STAGES = {
     "reward": ("Bradley-Terry reward model (scalar head) on preference records", "xiaolm.train.reward:run_reward"),
     "grpo": ("GRPO: G sampled answers per prompt, group-relative advantages, verifiable rewards",
              "xiaolm.train.grpo:run_grpo"),
+    "ppo": ("PPO: value head, KL penalty to the reference, GAE, clipped losses, a KL guard",
+            "xiaolm.train.ppo:run_ppo"),
     "finetune": ("fine-tune for triplet extraction, scored by triplet F1, chat ability kept",
                  "xiaolm.train.finetune:run_finetune"),
 }

@@ -46,6 +46,7 @@ class RolloutObjective(Objective):
     higher_is_better = True
     val_loss_is_perplexity = False
     samples_per_prompt = 1
+    computes_old = False  # score_rollouts itself stores the rollout policy's log-probs as batch["old"]
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, train: list[RLPrompt], val: list[RLPrompt],
                  tokenizer: Any, pad_id: int, accum: int):
@@ -103,7 +104,7 @@ class RolloutObjective(Objective):
         rewards, metrics = self._score(prompts, completions)
         batch = completion_batch([p.ids for p in prompts], [c.tokens for c in completions], self.pad_id)
         rows = self.cfg.batch_size
-        if self.rl.epochs > 1:  # the sampling policy's log-probs: the ratio's denominator in later steps
+        if self.rl.epochs > 1 and not self.computes_old:  # the sampling policy's: the ratio's denominator later
             batch["old"] = forward_logprobs(module, batch, rows, run.device)
         if self.reference is not None:
             batch["ref"] = torch.cat([self.reference.logprobs(module, batch["x"][i:i + rows].to(run.device),
