@@ -33,8 +33,8 @@ from xiaolm.tokenizer.chat import IGNORE, Pair, collate, encode_pair
 from xiaolm.train.config import DPOSettings, TrainConfig
 from xiaolm.train.objective import Metrics, Objective, RunContext, eval_mode, to_device
 from xiaolm.train.reference import Reference, peft_inside
-from xiaolm.train.sft import pad_token_id, shuffled_index
-from xiaolm.train.stage import record_splits, run_stage
+from xiaolm.train.sft import pad_token_id, record_splits, shuffled_index
+from xiaolm.train.stage import run_stage
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from xiaolm.tokenizer import encode_prompt
 from xiaolm.tokenizer.chat import prompt_messages
 from xiaolm.train.config import TrainConfig
 from xiaolm.train.objective import eval_mode
-from xiaolm.train.stage import record_splits
+from xiaolm.train.sft import record_splits
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from xiaolm.train.pretrain import split_paths
 from xiaolm.train.stage import run_stage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def load_chat_examples(inputs: list[str], tokenizer, seq_len: int, rejects: RejectLog | None) -> list[Example]:
@@ -235,3 +236,38 @@ def pad_token_id(tokenizer: Any, where: str) -> int:
         raise XiaolmError("the tokenizer has no padding token", where=str(where),
                           hint="use a tokenizer trained by `xiaolm tokenizer train` (it pads with <|endoftext|>)")
     return tokenizer.pad_token_id
+
+
+def record_splits(cfg: TrainConfig, stage: str, kind: str, layout: str, start: str,
+                  convert: Callable[[Any, dict], T]) -> tuple[str, Any, list[T], list[T]]:
+    """(tokenizer dir, tokenizer, training items, validation items) of a stage that starts from init_from and reads
+    records of `kind` (their `layout` is said in errors): convert(tokenizer, record) makes each item or raises
+    Unusable; such records go to the run's rejects.jsonl. Validation: data.val_path, else a val_fraction split."""
+    if not cfg.init_from:
+        raise XiaolmError(f"{stage} starts from a trained model, but init_from is empty", where="init_from",
+                          hint=f"set init_from to {start} run dir or an HF causal-LM dir")
+    if not cfg.data.path:
+        raise XiaolmError("data.path is empty", where="config", hint=f"set data.path to {kind} JSONL: {layout}")
+    tokenizer_dir = resolve_tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    pad_token_id(tokenizer, tokenizer_dir)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    main = int(os.environ.get("RANK", "0")) == 0
+    with RejectLog(out / "rejects.jsonl" if main else None) as rejects:
+        def load(paths: str) -> list[T]:
+            return convert_records(split_paths(paths), lambda record: convert(tokenizer, record), rejects)
+
+        items = load(cfg.data.path)
+        if cfg.data.val_path:
+            train_set, val = items, load(cfg.data.val_path)
+        else:
+            train_set, val = split_held_out(items, cfg.data.val_fraction, cfg.seed)
+    if rejects.total:
+        log.warning("%s: %d records rejected (%s) — see %s", stage, rejects.total, rejects.summary(),
+                    out / "rejects.jsonl")
+    if not train_set or not val:
+        raise XiaolmError(f"need training and validation {kind}s, got {len(train_set)} and {len(val)}",
+                          where=cfg.data.path, hint=f"records must be {layout}; see {out / 'rejects.jsonl'}")
+    log.info("%s: %d training %ss, %d validation %ss", stage, len(train_set), kind, len(val), kind)
+    return tokenizer_dir, tokenizer, train_set, val
