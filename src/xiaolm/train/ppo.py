@@ -136,7 +136,7 @@ class PPOObjective(RolloutObjective):
         value_losses = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
         value_loss = 0.5 * masked_mean(value_losses, mask)
         metrics = dict(self.rollout_metrics)  # its KL is the rollout's, the one the reward penalizes
-        metrics.update(policy_loss=float(policy_loss), value_loss=float(value_loss),
+        metrics.update(policy_loss=float(policy_loss.detach()), value_loss=float(value_loss.detach()),
                        clip_fraction=float(masked_mean(clipped.float(), mask)),
                        value_clip_fraction=float(masked_mean(((values - returns) ** 2 < (values_clipped - returns) ** 2)
                                                              .float(), mask)))
