@@ -70,8 +70,8 @@ QUICK = {"rounds": 1, "steps": 4}
 MEMORY_STEPS, MMAP_THRESHOLD = 2, 128 * 1024
 
 
-def make_pairs(tokenizer, n: int, rng: random.Random) -> list[dict]:
-    """Preference records whose prompt and answers are spans of the fixture corpus, cut to token counts."""
+def corpus_spans(tokenizer, rng: random.Random):
+    """span(tokens): a random span of the fixture corpus cut to that many tokens, as text."""
     text = "".join(json.loads(line)["text"].replace("\n", "") for line in CORPUS.open(encoding="utf-8"))
 
     def span(tokens: int) -> str:
@@ -79,8 +79,27 @@ def make_pairs(tokenizer, n: int, rng: random.Random) -> list[dict]:
         ids = tokenizer.encode(text[start:start + 4 * tokens], add_special_tokens=False)[:tokens]
         return tokenizer.decode(ids).replace("\ufffd", "")
 
+    return span
+
+
+def make_pairs(tokenizer, n: int, rng: random.Random) -> list[dict]:
+    """Preference records whose prompt and answers are spans of the fixture corpus, cut to token counts."""
+    span = corpus_spans(tokenizer, rng)
     return [{"prompt": span(PROMPT_TOKENS), "chosen": span(rng.randint(*ANSWER_TOKENS)),
              "rejected": span(rng.randint(*ANSWER_TOKENS))} for _ in range(n)]
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """Records as JSON lines."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def init_shape(size: str, tokenizer) -> tuple[dict, int]:
+    """(model shape, vocabulary) of init_from: a recipe's (its vocabulary), or the toy one (the tokenizer's)."""
+    if size in RECIPE_VOCAB:
+        shape = recipe_shape(size)
+        return shape, shape.pop("vocab_size")
+    return dict(TOY), len(tokenizer)
 
 
 def prepare(work: Path, a: argparse.Namespace) -> dict:
@@ -95,13 +114,8 @@ def prepare(work: Path, a: argparse.Namespace) -> dict:
     rng = random.Random(0)
     pairs = make_pairs(tokenizer, a.batch_size * a.steps, rng)
     for name, records in (("train", pairs), ("val", make_pairs(tokenizer, a.batch_size, rng))):
-        (work / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                                            encoding="utf-8")
-    if a.size in RECIPE_VOCAB:
-        shape = recipe_shape(a.size)
-        vocab = shape.pop("vocab_size")
-    else:
-        shape, vocab = TOY, len(tokenizer)
+        write_records(work / f"{name}.jsonl", records)
+    shape, vocab = init_shape(a.size, tokenizer)
     params = {}
     for name, (dims, size) in {"base": (shape, vocab), "warmup": (WARMUP, len(tokenizer))}.items():
         torch.manual_seed(0)

@@ -33,8 +33,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from dpo_memory import CORPUS, REPO, TOY
-from harness import RECIPE_VOCAB, argument_parser, markdown_table, parse_args, print_header, recipe_shape, run_json
+from dpo_memory import CORPUS, REPO, corpus_spans, init_shape, write_records
+from harness import RECIPE_VOCAB, argument_parser, markdown_table, parse_args, print_header, run_json
 
 # name: (LoRA, rl.ref, grpo.beta)
 VARIANTS = {"lora+adapter": (True, "adapter", 0.04), "full+copy": (False, "copy", 0.04),
@@ -51,20 +51,10 @@ def prepare(work: Path, a: argparse.Namespace) -> dict:
 
     tok_dir = train_tokenizer([str(CORPUS)], work / "tokenizer", vocab_size=1200, workers=1)
     tokenizer = load_tokenizer(tok_dir)
-    text = "".join(json.loads(line)["text"].replace("\n", "") for line in CORPUS.open(encoding="utf-8"))
-    rng = random.Random(0)
-    records = []
-    for _ in range(a.prompts * a.steps + 8):
-        start = rng.randrange(len(text) - 200)
-        ids = tokenizer.encode(text[start:start + 100], add_special_tokens=False)[:PROMPT_TOKENS]
-        records.append({"prompt": tokenizer.decode(ids).replace("\ufffd", ""), "answer": "好"})
-    (work / "prompts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                                        encoding="utf-8")
-    if a.size in RECIPE_VOCAB:
-        shape = recipe_shape(a.size)
-        vocab = shape.pop("vocab_size")
-    else:
-        shape, vocab = TOY, len(tokenizer)
+    span = corpus_spans(tokenizer, random.Random(0))
+    write_records(work / "prompts.jsonl", [{"prompt": span(PROMPT_TOKENS), "answer": "好"}
+                                           for _ in range(a.prompts * a.steps + 8)])
+    shape, vocab = init_shape(a.size, tokenizer)
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=vocab, **shape))
     save_model_weights(model, work / "base")
