@@ -90,7 +90,10 @@ class GRPOObjective(RolloutObjective):
         old = batch["old"] if "old" in batch else logps.detach()
         eps = self.rl.clip
         per_token, clipped = clipped_surrogate(logps, old, batch["adv"], eps, self.settings.clip_high or eps)
-        metrics = self.step_metrics(batch, logps)
+        metrics = dict(self.rollout_metrics)
+        if "ref" in batch:  # this micro-batch's mean per-token KL to the reference (k3), what the guard watches
+            d = batch["ref"] - logps.detach()
+            metrics["kl"] = float(masked_mean(d.exp() - d - 1, batch["mask"]))
         if self.settings.beta > 0:
             d = batch["ref"] - logps
             per_token = per_token + self.settings.beta * (d.exp() - d - 1)

@@ -26,7 +26,7 @@ from xiaolm.train.grpo import clipped_surrogate
 from xiaolm.train.loop import resolve_accum
 from xiaolm.train.objective import Metrics, RunContext, eval_mode
 from xiaolm.train.rl import RolloutObjective
-from xiaolm.train.rollout import masked_mean, rl_splits
+from xiaolm.train.rollout import by_rows, masked_mean, rl_splits
 from xiaolm.train.sft import pad_token_id
 from xiaolm.train.stage import run_stage
 
@@ -102,14 +102,11 @@ class PPOObjective(RolloutObjective):
     def score_rollouts(self, module: nn.Module, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
                        run: RunContext) -> Metrics:
         """The rollout policy's log-probs and values, per-token rewards with the KL penalty, GAE."""
-        rows, logps, values = self.cfg.batch_size, [], []
+        rows = self.cfg.batch_size
         with eval_mode(module), run.autocast():
-            for i in range(0, batch["x"].shape[0], rows):
-                lp, v = module(batch["x"][i:i + rows].to(run.device), batch["y"][i:i + rows].to(run.device), "both")
-                logps.append(lp.float().cpu())
-                values.append(v.cpu())
+            logps, values = by_rows(lambda x, y: module(x, y, "both"), batch, rows, run.device)
         mask = batch["mask"]
-        batch["old"], batch["values"] = torch.cat(logps), torch.cat(values) * mask
+        batch["old"], batch["values"] = logps, values * mask
         kl = (batch["old"] - batch["ref"]) * mask if "ref" in batch else torch.zeros_like(batch["old"])
         token_rewards = -self.settings.kl_coef * kl
         last = mask.long().cumsum(-1).argmax(-1)  # each row's last answer token

@@ -20,17 +20,16 @@ from torch import nn
 from xiaolm.errors import XiaolmError
 from xiaolm.train.config import TrainConfig
 from xiaolm.train.distributed import DistContext
-from xiaolm.train.objective import Metrics, Objective, RunContext
+from xiaolm.train.objective import Metrics, Objective, RunContext, eval_mode
 from xiaolm.train.reference import Reference
 from xiaolm.train.rewards import Rewards, load_rewards
 from xiaolm.train.rollout import (
     Completion,
     RLPrompt,
+    by_rows,
     completion_batch,
     decode_replies,
-    forward_logprobs,
     generation_config,
-    masked_mean,
     sample,
     sample_seed,
 )
@@ -105,11 +104,10 @@ class RolloutObjective(Objective):
         batch = completion_batch([p.ids for p in prompts], [c.tokens for c in completions], self.pad_id)
         rows = self.cfg.batch_size
         if self.rl.epochs > 1 and not self.computes_old:  # the sampling policy's: the ratio's denominator later
-            batch["old"] = forward_logprobs(module, batch, rows, run.device)
+            with eval_mode(module):
+                batch["old"] = by_rows(lambda x, y: module(x, y, output="logprobs"), batch, rows, run.device)
         if self.reference is not None:
-            batch["ref"] = torch.cat([self.reference.logprobs(module, batch["x"][i:i + rows].to(run.device),
-                                                              batch["y"][i:i + rows].to(run.device)).float().cpu()
-                                      for i in range(0, len(prompts), rows)])
+            batch["ref"] = by_rows(lambda x, y: self.reference.logprobs(module, x, y), batch, rows, run.device)
         metrics.update(self.score_rollouts(module, batch, rewards, run))
         mask = batch["mask"]
         metrics["response_length"] = float(mask.sum(-1).float().mean())
@@ -127,14 +125,6 @@ class RolloutObjective(Objective):
         """This process's rows of the current rollouts for the micro-batch that starts at global row `first`."""
         micro = ((first % self.global_batch) // count - self.ctx.rank) // self.ctx.world
         return {k: v[micro * count:(micro + 1) * count] for k, v in self.buffer.items()}
-
-    def step_metrics(self, batch: dict[str, torch.Tensor], logps: torch.Tensor) -> Metrics:
-        """The rollout's metrics and, with a reference, this micro-batch's mean per-token KL (k3)."""
-        metrics = dict(self.rollout_metrics)
-        if "ref" in batch:
-            d = (batch["ref"] - logps.detach().float())
-            metrics["kl"] = float(masked_mean(d.exp() - d - 1, batch["mask"]))
-        return metrics
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, run: RunContext) -> Metrics:

@@ -12,6 +12,7 @@ function of (run seed, rollout number, process, sample): a resumed run draws the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -129,15 +130,16 @@ def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad
 
 
 @torch.no_grad()
-def forward_logprobs(module: nn.Module, batch: dict[str, torch.Tensor], rows: int, device: torch.device
-                     ) -> torch.Tensor:
-    """Per-token log-probs [N,T] of a completion batch, `rows` rows per forward, in eval mode."""
-    out = []
-    with eval_mode(module):
-        for i in range(0, batch["x"].shape[0], rows):
-            x, y = batch["x"][i:i + rows].to(device), batch["y"][i:i + rows].to(device)
-            out.append(module(x, y, output="logprobs").float().cpu())
-    return torch.cat(out)
+def by_rows(fn: Callable[[torch.Tensor, torch.Tensor], Any], batch: dict[str, torch.Tensor], rows: int,
+            device: torch.device) -> Any:
+    """fn(x, y) over a completion batch `rows` rows at a time on the device; its tensor (or tuple of tensors)
+    output in float32 on the CPU, the chunks joined."""
+    outs = []
+    for i in range(0, batch["x"].shape[0], rows):
+        out = fn(batch["x"][i:i + rows].to(device), batch["y"][i:i + rows].to(device))
+        outs.append(tuple(o.float().cpu() for o in out) if isinstance(out, tuple) else (out.float().cpu(),))
+    joined = tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+    return joined if len(joined) > 1 else joined[0]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
