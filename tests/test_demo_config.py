@@ -38,21 +38,22 @@ def test_a_key_the_demo_sets_itself_is_refused_by_name(key, tmp_path, monkeypatc
     assert not (tmp_path / "demo").exists()
 
 
-CORPUS = {key: Path(f"corpus/{key}.jsonl") for key in ("sft", "preference", "preference_val", "extraction")}
+CORPUS = {key: Path(f"corpus/{key}.jsonl") for key in ("sft", "preference", "preference_val", "extraction",
+                                                        "rl_prompts")}
 
 
 def test_a_stage_seed_you_set_is_kept_and_the_demo_seed_reaches_the_others(tmp_path):
     stages = demo_stage_configs(load_config(DemoConfig, None, ["seed=7", "pretrain.seed=3", "finetune.seed=4"]),
                                 tmp_path, CORPUS)
-    assert {k: c.seed for k, c in stages.items()} == {"pretrain": 3, "sft": 7, "dpo": 7, "finetune": 4,
-                                                      "finetune_scratch": 4}
+    assert {k: c.seed for k, c in stages.items()} == {"pretrain": 3, "sft": 7, "dpo": 7, "reward": 7, "grpo": 7,
+                                                      "finetune": 4, "finetune_scratch": 4}
     stages = demo_stage_configs(load_config(DemoConfig, None, ["seed=7"]), tmp_path, CORPUS)
     assert {c.seed for c in stages.values()} == {7}
 
 
 def test_the_default_demo_joins_its_stages(tmp_path):
     stages = demo_stage_configs(DemoConfig(), tmp_path, CORPUS)
-    pre, sft, dpo, fine, scratch = stages.values()
+    pre, sft, dpo, reward, grpo, fine, scratch = stages.values()
     assert {c.seed for c in stages.values()} == {0}
     assert (pre.out, pre.data.path, pre.data.tokenizer) == (str(tmp_path / "pretrain"),
                                                              str(tmp_path / "data" / "packed"),
@@ -60,6 +61,9 @@ def test_the_default_demo_joins_its_stages(tmp_path):
     assert (sft.out, sft.init_from, sft.data.path) == (str(tmp_path / "sft"), pre.out, str(CORPUS["sft"]))
     assert (dpo.init_from, dpo.data.path, dpo.data.val_path) == (sft.out, str(CORPUS["preference"]),
                                                                  str(CORPUS["preference_val"]))
+    assert (reward.init_from, reward.data.path, reward.data.val_path) == (dpo.out, str(CORPUS["preference"]),
+                                                                          str(CORPUS["preference_val"]))
+    assert (grpo.init_from, grpo.data.path, grpo.out) == (dpo.out, str(CORPUS["rl_prompts"]), str(tmp_path / "grpo"))
     assert (fine.init_from, fine.data.path, fine.data.chat_path) == (dpo.out, str(CORPUS["extraction"]),
                                                                     str(CORPUS["sft"]))
     assert fine.finetune.chat_mix > 0 and scratch.finetune == fine.finetune and scratch.max_steps == fine.max_steps

@@ -40,12 +40,13 @@ def lines(path):
 
 
 def training_text(corpus) -> str:
-    """Everything a model is trained on: the texts of the raw pretraining files and the SFT chats."""
+    """Everything a model is trained on: the texts of the raw pretraining files, the SFT chats, the RL prompts."""
     files = [p for p in sorted(corpus["raw_text"].glob("*.jsonl")) if p.name != "dirty.jsonl"]
     raw = [r["text"] for p in files for r in lines(p)]
     raw.append((corpus["raw_text"] / "dirty.jsonl").read_bytes().decode("utf-8", errors="replace"))
     sft = [m["content"] for r in lines(corpus["sft"]) for m in r["messages"]]
-    return "\n".join(raw + sft)
+    rl = [x for r in lines(corpus["rl_prompts"]) for x in (r["messages"][0]["content"], r["answer"])]
+    return "\n".join(raw + sft + rl)
 
 
 CASES = [(0, "零"), (7, "七"), (10, "十"), (15, "十五"), (20, "二十"), (101, "一百零一"), (110, "一百一十"),
@@ -94,7 +95,7 @@ def test_same_seed_same_corpus_and_another_seed_another(tmp_path):
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert a["sft"].read_bytes() != c["sft"].read_bytes()
     assert set(a) == {"raw_text", "sft", "eval_qa", "eval_choice", "val_text", "preference", "preference_val",
-                      "extraction", "world_summary"}
+                      "extraction", "rl_prompts", "world_summary"}
 
 
 def test_every_output_file_parses(corpus):
@@ -183,6 +184,23 @@ def test_held_out_numbers_and_pairs_appear_nowhere_in_training(corpus):
         assert op == "减" or (b, op, a) not in pairs  # a sum's swapped twin states the same answer
         x, y = from_chinese_numeral(a), from_chinese_numeral(b)
         assert to_chinese_numeral(x + y if op == "加" else x - y) == q["answer"]
+
+
+def test_rl_prompts_have_right_answers_and_ask_what_no_sft_chat_asks(corpus):
+    prompts = lines(corpus["rl_prompts"])
+    assert {r["kind"] for r in prompts} == {"numerals", "arithmetic"} and len(prompts) >= 16
+    sft_questions = {m["content"] for r in lines(corpus["sft"]) for m in r["messages"] if m["role"] == "user"}
+    for r in prompts:
+        question = r["messages"][0]["content"]
+        assert r["messages"][0]["role"] == "user" and question not in sft_questions
+        if r["kind"] == "arithmetic":
+            a, op, b = re.search(f"({NUMERAL})([加减])({NUMERAL})", question).groups()
+            x, y = from_chinese_numeral(a), from_chinese_numeral(b)
+            assert to_chinese_numeral(x + y if op == "加" else x - y) == r["answer"]
+        elif r["answer"].isdigit():
+            assert to_chinese_numeral(int(r["answer"])) in question
+        else:
+            assert str(from_chinese_numeral(r["answer"])) in question
 
 
 def test_world_validation_sentences_are_never_trained_and_validation_has_named_sources(corpus):

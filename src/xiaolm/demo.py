@@ -18,7 +18,7 @@ from xiaolm.config import config_to_dict, save_config
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json
 from xiaolm.model.llama import LlamaConfig
-from xiaolm.train.config import DataConfig, FinetuneSettings, TrainConfig
+from xiaolm.train.config import DataConfig, FinetuneSettings, GRPOSettings, RLSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,20 @@ def _dpo() -> TrainConfig:
                        log_every=10, eval_every=60, eval_batches=13, save_every=60, data=DataConfig(seq_len=256))
 
 
+def _reward() -> TrainConfig:
+    return TrainConfig(max_steps=100, batch_size=8, lr=1e-4, warmup_steps=5, weight_decay=0.0, log_every=10,
+                       eval_every=50, eval_batches=13, save_every=100, data=DataConfig(seq_len=256))
+
+
+def _grpo() -> TrainConfig:
+    return TrainConfig(max_steps=60, batch_size=16, grad_accum=2, lr=1e-4, min_lr_ratio=1.0, warmup_steps=5,
+                       weight_decay=0.0, log_every=1, eval_every=30, save_every=60,
+                       data=DataConfig(seq_len=128, val_fraction=0.1),
+                       rl=RLSettings(max_new_tokens=16, rewards=["exact", "format"], reward_weights=[1.0, 0.1],
+                                     eval_prompts=40),
+                       grpo=GRPOSettings(group_size=8))
+
+
 def _finetune() -> TrainConfig:
     return TrainConfig(max_steps=100, batch_size=16, lr=5e-4, warmup_steps=10, log_every=10, eval_every=100,
                        eval_batches=2, save_every=100, data=DataConfig(seq_len=256, val_fraction=0.1),
@@ -52,11 +66,13 @@ def _finetune() -> TrainConfig:
 class DemoConfig:
     """Settings of the demo pipeline; every stage's own keys sit under its name.
 
-    `seed` seeds every stage: the corpus, the pack split, pretrain, sft, dpo and finetune. A stage seed you set
-    (`sft.seed=3`: other than its default 0) is kept for that stage instead. The keys by which the demo joins its
-    stages (each stage's `out`, data files, `data.tokenizer`, `init_from`; `pretrain.model.vocab_size`, which the
-    tokenizer decides; the later stages' `model`, which is the pretrained model's) are refused by name when set.
-    `finetune` runs twice: on the DPO model, and from an untrained model of the same shape (the ablation).
+    `seed` seeds every stage: the corpus, the pack split, pretrain, sft, dpo, reward, grpo and finetune. A stage
+    seed you set (`sft.seed=3`: other than its default 0) is kept for that stage instead. The keys by which the
+    demo joins its stages (each stage's `out`, data files, `data.tokenizer`, `init_from`;
+    `pretrain.model.vocab_size`, which the tokenizer decides; the later stages' `model`, which is the pretrained
+    model's) are refused by name when set.
+    `reward` (a reward model) and `grpo` (RL on numeral and arithmetic prompts) start from the DPO model; `finetune`
+    runs twice: on the DPO model, and from an untrained model of the same shape (the ablation).
     """
 
     seed: int = 0
@@ -67,10 +83,12 @@ class DemoConfig:
     pretrain: TrainConfig = field(default_factory=_pretrain)
     sft: TrainConfig = field(default_factory=_sft)
     dpo: TrainConfig = field(default_factory=_dpo)
+    reward: TrainConfig = field(default_factory=_reward)
+    grpo: TrainConfig = field(default_factory=_grpo)
     finetune: TrainConfig = field(default_factory=_finetune)
 
 
-STAGES = ("pretrain", "sft", "dpo", "finetune")
+STAGES = ("pretrain", "sft", "dpo", "reward", "grpo", "finetune")
 JOINS = ("out", "data.path", "data.val_path", "data.tokenizer", "data.chat_path", "data.chat_val_path", "init_from")
 # keys the demo sets itself, joining its stages → (what decides them, what to do instead); {stage} is the stage
 DEMO_SETS = {
@@ -104,8 +122,8 @@ def check_demo_config(cfg: DemoConfig) -> None:
 def demo_stage_configs(cfg: DemoConfig, out: Path, corpus: dict[str, Path]) -> dict[str, TrainConfig]:
     """The training stages the demo runs, by name: joined under `out`, seeded by the rule of DemoConfig.
 
-    pretrain → sft → dpo → finetune (triplets, chat mixed in), and finetune_scratch: the same fine-tune from an
-    untrained model of the pretrained shape.
+    pretrain → sft → dpo → reward, grpo and finetune (triplets, chat mixed in) from the DPO model, and
+    finetune_scratch: the same fine-tune from an untrained model of the pretrained shape.
     """
     defaults = DemoConfig()
 
@@ -119,11 +137,15 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, corpus: dict[str, Path]) -> d
     sft = seeded("sft", init_from=pre.out, data=replace(cfg.sft.data, path=str(corpus["sft"])))
     dpo = seeded("dpo", init_from=sft.out, data=replace(cfg.dpo.data, path=str(corpus["preference"]),
                                                         val_path=str(corpus["preference_val"])))
+    reward = seeded("reward", init_from=dpo.out, data=replace(cfg.reward.data, path=str(corpus["preference"]),
+                                                              val_path=str(corpus["preference_val"])))
+    grpo = seeded("grpo", init_from=dpo.out, data=replace(cfg.grpo.data, path=str(corpus["rl_prompts"])))
     fine_data = replace(cfg.finetune.data, path=str(corpus["extraction"]), chat_path=str(corpus["sft"]))
     finetune = seeded("finetune", init_from=dpo.out, data=fine_data)
     scratch = seeded("finetune", name="finetune_scratch", model=pre.model,
                      data=replace(fine_data, tokenizer=str(out / "tokenizer")))
-    return {"pretrain": pre, "sft": sft, "dpo": dpo, "finetune": finetune, "finetune_scratch": scratch}
+    return {"pretrain": pre, "sft": sft, "dpo": dpo, "reward": reward, "grpo": grpo, "finetune": finetune,
+            "finetune_scratch": scratch}
 
 
 def _stage_done(run_dir: Path, max_steps: int, needs: str = "") -> bool:
@@ -138,16 +160,19 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.data.demo.corpus import build_demo_corpus
     from xiaolm.data.pack import pack_files
     from xiaolm.eval.perplexity import perplexity_by_source
-    from xiaolm.eval.preference import preference_accuracy
+    from xiaolm.eval.preference import preference_accuracy, reward_accuracy
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.eval.report import write_report
-    from xiaolm.model.export import export_hf, load_model
+    from xiaolm.model.export import export_hf, load_model, load_reward_model
     from xiaolm.model.registry import build_model_from_config
     from xiaolm.records.read import read_items
     from xiaolm.tokenizer import load_tokenizer, train_tokenizer
     from xiaolm.train.dpo import run_dpo
     from xiaolm.train.finetune import run_finetune
+    from xiaolm.train.grpo import run_grpo
+    from xiaolm.train.metrics import plot_losses
     from xiaolm.train.pretrain import run_pretrain
+    from xiaolm.train.reward import run_reward
     from xiaolm.train.sft import run_sft
 
     check_demo_config(cfg)
@@ -157,30 +182,30 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                                           f"torch {torch.__version__}"}
 
-    log.info("demo [1/10] corpus: building the embedded corpus and the fictional world")
+    log.info("demo [1/12] corpus: building the embedded corpus and the fictional world")
     corpus_dir = out / "corpus"
     corpus_done = corpus_dir / "done.json"
     paths = ({k: Path(v) for k, v in json.loads(corpus_done.read_text(encoding="utf-8")).items()}
              if corpus_done.is_file() else {})
-    if "preference_val" not in paths:  # not built yet, or by a version without the later stages' files
+    if "rl_prompts" not in paths:  # not built yet, or by a version without the later stages' files
         paths = build_demo_corpus(corpus_dir, seed=cfg.seed, scale=cfg.scale)
         atomic_write_json(corpus_done, {k: str(v) for k, v in paths.items()})
     results["world"] = json.loads(Path(paths["world_summary"]).read_text(encoding="utf-8"))
     stages = demo_stage_configs(cfg, out, paths)
     pre, sft = stages["pretrain"], stages["sft"]
 
-    log.info("demo [2/10] data clean: normalize, convert to Simplified, filter, deduplicate")
+    log.info("demo [2/12] data clean: normalize, convert to Simplified, filter, deduplicate")
     raw = paths["raw_text"]
     clean_dir = out / "data" / "clean"
     results["clean"] = clean_files([str(raw)], clean_dir, CleanConfig())
 
-    log.info("demo [3/10] tokenizer: byte-level BPE, vocab %d", cfg.vocab_size)
+    log.info("demo [3/12] tokenizer: byte-level BPE, vocab %d", cfg.vocab_size)
     tok_dir = out / "tokenizer"
     train_tokenizer([str(clean_dir)], tok_dir, vocab_size=cfg.vocab_size, cjk_chars=cfg.cjk_chars)
     tokenizer = load_tokenizer(tok_dir)
     results["vocab_size"] = len(tokenizer)
 
-    log.info("demo [4/10] pack: token files for pretraining")
+    log.info("demo [4/12] pack: token files for pretraining")
     results["pack"] = pack_files([str(clean_dir)], tok_dir, out / "data" / "packed", val_fraction=0.02,
                                  seed=cfg.seed)
 
@@ -197,19 +222,19 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     torch.manual_seed(pre.seed)
     measure("before", build_model_from_config(dataclasses.replace(pre.model, vocab_size=len(tokenizer))))
 
-    log.info("demo [5/10] pretrain")
+    log.info("demo [5/12] pretrain")
     results["pretrain"] = _train_stage(run_pretrain, pre)
     measure("after_pretrain", load_model(pre.out)[0])
 
-    log.info("demo [6/10] sft: chat fine-tuning, loss on assistant tokens only")
+    log.info("demo [6/12] sft: chat fine-tuning, loss on assistant tokens only")
     results["sft"] = _train_stage(run_sft, sft)
     results["sft_records"] = len(read_items(paths["sft"]))
 
-    log.info("demo [7/10] export: Hugging Face model directory")
+    log.info("demo [7/12] export: Hugging Face model directory")
     model_dir = export_hf(sft.out, out / "model", dtype="fp32")
     results["model_dir"] = str(model_dir)
 
-    log.info("demo [8/10] eval: perplexity, held-out exact match, multiple choice")
+    log.info("demo [8/12] eval: perplexity, held-out exact match, multiple choice")
     model, tokenizer = load_model(model_dir)
     measure("after_sft", model)
     results["ppl"], results["ppl_by_source"] = ppl, by_source
@@ -220,7 +245,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results["samples"] = _sample_chats(model, tokenizer)
     results["chat_exact"] = {"sft": _accuracies(results["exact"])}
 
-    log.info("demo [9/10] dpo: preference pairs, judged on pairs about entities and sums no training pair has")
+    log.info("demo [9/12] dpo: preference pairs, judged on pairs about entities and sums no training pair has")
     pairs = read_items(paths["preference_val"])
     results["preference"] = {"before": preference_accuracy(model, tokenizer, pairs)}
     results["dpo"] = _train_stage(run_dpo, stages["dpo"])
@@ -228,7 +253,20 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results["preference"]["after"] = preference_accuracy(model, tokenizer, pairs)
     results["chat_exact"]["dpo"] = _accuracies(exact_match(model, tokenizer, qa))
 
-    log.info("demo [10/10] finetune: triplet extraction with chat mixed in; the same from an untrained model")
+    log.info("demo [10/12] reward model: Bradley-Terry on the preference pairs, judged on the held-out ones")
+    results["reward"] = _train_stage(run_reward, stages["reward"])
+    reward_model = load_reward_model(Path(stages["reward"].out) / "best")[0]
+    results["reward"]["heldout"] = reward_accuracy(reward_model, tokenizer, pairs)
+    del reward_model
+
+    log.info("demo [11/12] grpo: RL with verifiable rewards on numeral and arithmetic prompts")
+    results["grpo"] = _train_stage(run_grpo, stages["grpo"])
+    plot_losses(Path(stages["grpo"].out) / "log.jsonl", Path(stages["grpo"].out) / "reward.png",
+                title="grpo: mean reward of the sampled answers", val_key="val_reward", train_key="reward")
+    model = load_model(Path(stages["grpo"].out) / "best", with_tokenizer=False)[0]
+    results["chat_exact"]["grpo"] = _accuracies(exact_match(model, tokenizer, qa))
+
+    log.info("demo [12/12] finetune: triplet extraction with chat mixed in; the same from an untrained model")
     for name in ("finetune", "finetune_scratch"):
         results[name] = _train_stage(run_finetune, stages[name], needs="retention.json")
         results[name]["retention"] = json.loads((Path(stages[name].out) / "retention.json").read_text("utf-8"))
@@ -301,11 +339,16 @@ def _print_summary(out: Path, r: dict) -> None:
     pref = r["preference"]
     print(f"  held-out preference pairs, chosen more likely: {pct(pref['before']['accuracy'])} after SFT → "
           f"{pct(pref['after']['accuracy'])} after DPO  (chance 50%)")
+    rm = r["reward"]["heldout"]
+    print(f"  reward model, held-out pairs ranked right: {pct(rm['accuracy'])}  (chance 50%)")
+    print("  held-out exact match, DPO → GRPO: " + ", ".join(
+        f"{kind} {pct(r['chat_exact']['dpo'][kind])} → {pct(r['chat_exact']['grpo'][kind])}"
+        for kind in ("numerals", "arithmetic") if kind in r["chat_exact"]["grpo"]))
     print(f"  triplet F1: {r['finetune']['retention']['after']['triplet_f1']:.3f} fine-tuned after pretraining, "
           f"{r['finetune_scratch']['retention']['after']['triplet_f1']:.3f} from an untrained model")
     for q, a in r["samples"]:
         print(f"  > {q}\n    {a}")
-    print(f"  stages:  {out}/{{corpus,data,tokenizer,pretrain,sft,dpo,finetune,finetune_scratch}}")
+    print(f"  stages:  {out}/{{corpus,data,tokenizer,pretrain,sft,dpo,reward,grpo,finetune,finetune_scratch}}")
     print(f"  report:  {out / 'report.md'}")
     print(f"  chat:    {exe} chat {out / 'model'}")
     print("=" * 64)

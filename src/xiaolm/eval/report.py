@@ -29,13 +29,15 @@ def render_report(r: dict[str, Any]) -> str:
     lines += [f"- SFT chats {r['sft_records']:,}", ""]
     lines += ["## Training", "", "| stage | params | steps | tokens seen | final validation metric | seconds |",
               "|---|---|---|---|---|---|"]
-    stages = [name for name in ("pretrain", "sft", "dpo", "finetune", "finetune_scratch") if name in r]
+    stages = [name for name in ("pretrain", "sft", "dpo", "reward", "grpo", "finetune", "finetune_scratch")
+              if name in r]
     for name in stages:
         s = r[name]
         metric = next(k.removeprefix("best_") for k in s if k.startswith("best_"))
         lines.append(f"| {name} | {s['params'] / 1e6:.2f}M | {s['steps']} | {s['tokens_seen']:,} | "
                      f"{metric} {s[metric]:.4f} | {s['seconds']:.0f} |")
-    lines += ["", " ".join(f"![{name} loss]({name}/loss.png)" for name in stages), ""]
+    lines += ["", " ".join(f"![{name} loss]({name}/loss.png)" for name in stages)
+              + (" ![grpo mean reward](grpo/reward.png)" if "grpo" in r else ""), ""]
     lines += ["## Results", "", "| measure | value | chance / reference |", "|---|---|---|"]
     ppl = r["ppl"]
     lines.append(f"| val perplexity before pretraining | {ppl['before']:.1f} | {r['vocab_size']} (uniform) |")
@@ -86,6 +88,10 @@ def _later_stages(r: dict[str, Any]) -> list[str]:
         lines.append(f"| triplet F1 / precision / recall ({ret['extraction_records']} held-out records), {label} | "
                      f"{a['triplet_f1']:.3f} / {a['triplet_precision']:.3f} / {a['triplet_recall']:.3f} | "
                      f"{ret['before']['triplet_f1']:.3f} before |")
+    if "reward" in r:
+        rm = r["reward"]["heldout"]
+        lines.append(f"| reward model: held-out preference pairs ({rm['n']}) scored chosen > rejected | "
+                     f"{pct(rm['accuracy'])} | {pct(rm['chance'])}; Zero-Chatgpt reports 92% on its own data |")
     stages = list(r["chat_exact"])
     for kind in r["chat_exact"][stages[0]]:
         chance = r["exact"][kind]["chance"]
@@ -96,7 +102,10 @@ def _later_stages(r: dict[str, Any]) -> list[str]:
                    "off by 1 or 10). A pair counts when the model gives the chosen answer the higher summed "
                    "log-probability. The fine-tune mixes SFT chats into a quarter of its rows to keep the chat "
                    "ability; its ablation runs the same fine-tune from an untrained model of the same shape. "
-                   "Chat exact match is the held-out question set above, asked of each stage's model."), ""]
+                   "Chat exact match is the held-out question set above, asked of each stage's model; reward, GRPO "
+                   "and the fine-tune each start from the DPO model. GRPO samples 8 answers to each of its numeral "
+                   "and arithmetic prompts (training numbers and sums that no SFT chat asks; never held-out ones) "
+                   "and rewards the exact answer; grpo/reward.png is its mean reward per step."), ""]
     return lines
 
 

@@ -29,24 +29,26 @@ def peak_flops(peak_tflops: float, device: torch.device) -> float | None:
     return None
 
 
-def plot_losses(log_path: Path, out_png: Path, title: str = "", val_key: str = "val_loss") -> None:
-    """Draw the train loss and the validation metric `val_key` from log.jsonl into a PNG."""
+def plot_losses(log_path: Path, out_png: Path, title: str = "", val_key: str = "val_loss",
+                train_key: str = "loss") -> None:
+    """Draw the training metric `train_key` (the loss) and the validation metric `val_key` from log.jsonl into a
+    PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r[train_key]) for r in rows if train_key in r]
     val = [(r["step"], r[val_key]) for r in rows if val_key in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train, strict=False), label="train", linewidth=1)
+        ax.plot(*zip(*train, strict=False), label="train" if train_key == "loss" else train_key, linewidth=1)
     if val:
         other = ax if val_key == "val_loss" else ax.twinx()  # a metric other than loss gets its own axis
         other.plot(*zip(*val, strict=False), "o-", color="C1", label=val_key, linewidth=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(train_key)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.legend(loc="upper right")

@@ -28,7 +28,7 @@ from xiaolm.data.demo.heldout import (
     heldout_questions,
     validation_texts,
 )
-from xiaolm.data.demo.later_stages import extraction_records, preference_pairs
+from xiaolm.data.demo.later_stages import extraction_records, preference_pairs, rl_prompts
 from xiaolm.data.demo.world import generate_world
 from xiaolm.data.demo.writing import load_vendored, write_jsonl
 
@@ -70,7 +70,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
                       sft_greeting_repeats: int = 20, sft_multi_turn: int = 300, held_numbers: int = 300,
                       held_pairs: int = 300, n_choice: int = 300, n_val_world: int = 100,
                       n_val_real: int = 150, n_preference: int = 200, n_preference_val: int = 100,
-                      n_extraction: int = 400) -> dict[str, Path]:
+                      n_extraction: int = 400, n_rl: int = 600) -> dict[str, Path]:
     """Write every demo data file under out_dir and return their paths by key (see module docstring)."""
     out = Path(out_dir)
     world = generate_world(seed)
@@ -103,6 +103,8 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
     pref, pref_val = preference_pairs(world, rng("preference"), train_pairs, n(n_preference, 10),
                                       n(n_preference_val, 10))
     extraction = extraction_records(world, rng("extraction"), n(n_extraction, 10))
+    # sft_chats asks the last n(sft_arithmetic) training pairs; the RL prompts take from the others
+    rl = rl_prompts(rng("rl"), sft, train_numbers, train_pairs[:-n(sft_arithmetic)], n(n_rl, 16))
 
     ev = out / "eval"
     paths = {
@@ -114,6 +116,7 @@ def build_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0, *,
         "preference": write_jsonl(out / "preference.jsonl", pref),
         "preference_val": write_jsonl(ev / "preference.jsonl", pref_val),
         "extraction": write_jsonl(out / "extraction.jsonl", extraction),
+        "rl_prompts": write_jsonl(out / "rl_prompts.jsonl", rl),
     }
     (out / "world.json").write_text(json.dumps(world.size_summary(), ensure_ascii=False, indent=2) + "\n",
                                     encoding="utf-8")

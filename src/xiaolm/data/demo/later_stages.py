@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import random
+import re
 
 from xiaolm.data.demo.documents import facts_by_subject
-from xiaolm.data.demo.templates import ARITH_QUESTIONS, QUESTIONS, TRAIN_STATEMENTS, arithmetic_question
+from xiaolm.data.demo.templates import (
+    ARITH_QUESTIONS,
+    QUESTIONS,
+    TO_ARABIC,
+    TO_CHINESE,
+    TRAIN_STATEMENTS,
+    arithmetic_question,
+)
 from xiaolm.data.demo.world import World, to_chinese_numeral
 
 
@@ -60,3 +68,29 @@ def extraction_records(world: World, rng: random.Random, n: int) -> list[dict]:
         text = "".join(rng.choice(TRAIN_STATEMENTS[r]).format(s=s, o=o) for s, r, o in picked)
         extraction.append({"text": text, "triplets": [list(f) for f in picked]})
     return extraction
+
+
+def rl_prompts(rng: random.Random, sft: list[dict], train_numbers: list[int],
+               unused_pairs: list[tuple[int, str, int]], n: int) -> list[dict]:
+    """Prompts with verifiable answers for RL (GRPO), {"messages": [user], "answer", "kind"}: n/2 numeral
+    conversions of training numbers that no SFT chat converts, n/2 sums or differences of operand pairs that no SFT
+    chat asks (`unused_pairs`). Never held-out ones, and not memorized answers either: a model that has learned
+    the skill answers them, one that has memorized SFT does not, which is what gives a group of samples a signal."""
+    in_sft = {int(d) for c in sft if c.get("kind") == "numerals"
+              for d in re.findall(r"\d+", " ".join(m["content"] for m in c["messages"]))}
+    numbers = [k for k in train_numbers if k >= 10 and k not in in_sft]
+    out = []
+    for k in rng.sample(numbers, min(len(numbers), n // 2)):
+        c = to_chinese_numeral(k)
+        if rng.random() < 0.5:
+            out.append({"messages": [{"role": "user", "content": rng.choice(TO_CHINESE).format(d=k)}], "answer": c,
+                        "kind": "numerals"})
+        else:
+            out.append({"messages": [{"role": "user", "content": rng.choice(TO_ARABIC).format(c=c)}],
+                        "answer": str(k), "kind": "numerals"})
+    for pair in rng.sample(unused_pairs, min(len(unused_pairs), n - len(out))):
+        q, r = arithmetic_question(*pair)
+        out.append({"messages": [{"role": "user", "content": rng.choice(ARITH_QUESTIONS).format(q=q)}], "answer": r,
+                    "kind": "arithmetic"})
+    rng.shuffle(out)
+    return out
