@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,29 @@ def test_fsdp_checkpoint_resumes_on_one_process(tmp_path):
     assert [s for s, _ in resumed] == list(range(1, 7))
     assert max_gap(resumed, two) < TOLERANCE
     assert max_gap(resumed, losses(tmp_path / "single")) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_draws_and_learns_what_one_process_does(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from tests.test_dpo import VOCAB, hf_dir, log_rows, write_jsonl
+    from tests.test_export import make_model
+    from tests.test_grpo import prompts
+
+    hf_dir(tmp_path, tiny_tokenizer_dir, make_model(VOCAB))
+    write_jsonl(tmp_path / "prompts.jsonl", prompts(40))
+    repo = str(Path(__file__).parents[1])  # the processes import the test's reward function
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+
+    def args(out: str, batch_size: int) -> list[str]:
+        return ["grpo", f"out={tmp_path / out}", f"init_from={tmp_path / 'base'}",
+                f"data.path={tmp_path / 'prompts.jsonl'}", "data.val_fraction=0.2", "data.seq_len=64", "device=cpu",
+                "dtype=fp32", "max_steps=4", f"batch_size={batch_size}", "lr=3e-3", "warmup_steps=0", "log_every=1",
+                "eval_every=4", "save_every=4", "rl.max_new_tokens=12", 'rl.rewards=["tests.rl_rewards:long_reply"]',
+                "rl.eval_prompts=8", "grpo.group_size=4", "grpo.loss=grpo"]
+
+    xiaolm(args("single", 8))
+    xiaolm(args("multi", 4), processes=2)  # each process samples and trains its own prompt's group
+    one, two = log_rows(tmp_path / "single"), log_rows(tmp_path / "multi")
+    assert [r["reward"] for r in one] == pytest.approx([r["reward"] for r in two], abs=1e-6)  # the same samples
+    assert max_gap(losses(tmp_path / "single"), losses(tmp_path / "multi")) < TOLERANCE
+    assert len({r["reward"] for r in one}) > 1  # the policy moved: later samples differ

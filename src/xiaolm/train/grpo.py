@@ -71,16 +71,14 @@ class GRPOObjective(RolloutObjective):
         self.settings = cfg.grpo
         super().__init__(cfg, *args, **kwargs)
         self.accum = self.rows // cfg.batch_size
-        self.step_tokens = 0.0
 
     def needs_reference(self) -> bool:
         return self.settings.beta > 0 or super().needs_reference()
 
     def score_rollouts(self, module: nn.Module, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
                        run: RunContext) -> Metrics:
-        """Group-relative advantages; the step's answer-token count (dapo's divisor)."""
+        """Group-relative advantages."""
         batch["adv"] = group_advantages(rewards, self.settings.group_size, self.settings.scale_rewards)
-        self.step_tokens = float(batch["mask"].sum())
         flat = (rewards.view(-1, self.settings.group_size).std(-1) == 0).float().mean() \
             if self.settings.group_size > 1 else torch.tensor(1.0)
         return {"groups_without_signal": float(flat)}  # every answer of the group scored alike: no gradient
@@ -97,7 +95,8 @@ class GRPOObjective(RolloutObjective):
         if self.settings.beta > 0:
             d = batch["ref"] - logps
             per_token = per_token + self.settings.beta * (d.exp() - d - 1)
-        loss = aggregate(per_token, batch["mask"], self.settings.loss, self.step_tokens, self.accum,
+        step_tokens = float(self.buffer["mask"].sum())  # the answer tokens of this process's step: dapo's divisor
+        loss = aggregate(per_token, batch["mask"], self.settings.loss, step_tokens, self.accum,
                          self.rl.max_new_tokens)
         metrics["clip_fraction"] = float(masked_mean(clipped.float(), batch["mask"]))
         return loss, metrics

@@ -5,8 +5,8 @@ Each optimizer step, every process samples answers to its own prompts (batch_siz
 never span processes), scores them, and keeps the rows with what the method's loss needs (old and reference
 log-probs, advantages). With rl.epochs = k the same rollouts serve k optimizer steps (the ratio clip then acts);
 the buffer is saved in checkpoints for that case, so a resumed run continues the same trajectory. Prompts are drawn
-by position from per-epoch permutations; sampling seeds depend on (seed, rollout, process, row), never on a
-global RNG.
+by position from per-epoch permutations; a sample's seed depends on (seed, rollout, its row of the global batch),
+never on a global RNG or the number of processes, so 2 processes draw the samples 1 process would.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class RolloutObjective(Objective):
         if rollout == self.buffer_rollout:
             return
         prompts = [p for p in self._prompts(rollout) for _ in range(self.samples_per_prompt)]
-        seeds = [sample_seed(self.cfg.seed, rollout, self.ctx.rank, i) for i in range(len(prompts))]
+        first = self.ctx.rank * len(prompts)  # a sample's seed follows its row of the global batch, not the layout
+        seeds = [sample_seed(self.cfg.seed, rollout, first + i) for i in range(len(prompts))]
         completions = sample(module, [p.ids for p in prompts], generation_config(self.cfg, self.tokenizer), seeds)
         rewards, metrics = self._score(prompts, completions)
         batch = completion_batch([p.ids for p in prompts], [c.tokens for c in completions], self.pad_id)

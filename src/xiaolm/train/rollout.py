@@ -6,7 +6,7 @@ answer. Other fields (kind, id, …) travel to the reward functions. Length rule
 rl.max_new_tokens must fit in data.seq_len, else the record is rejected (`prompt_too_long`), so no rollout is cut.
 
 Sampling runs the batched KV-cache engine (infer/generate.py) with one seeded generator per sample, the seed a
-function of (run seed, rollout number, process, sample): a resumed run draws the same samples.
+function of (run seed, rollout number, sample's row of the global batch): a resumed run draws the same samples.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def rl_splits(cfg: TrainConfig, stage: str, need_answer: bool) -> tuple[str, Any
 
 
 def sample_seed(*keys: int) -> int:
-    """A 63-bit generator seed from integers (run seed, rollout, process, sample)."""
+    """A 63-bit generator seed from integers (run seed, rollout, sample)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
