@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from xiaolm.chat_format import normalize_chat
 from xiaolm.infer.generate import Engine, Event, GenerationConfig, chat_stop_ids
 from xiaolm.infer.scheduler import Job, Scheduler
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -82,21 +82,26 @@ def _stops(body: dict, limit: int) -> list[str]:
 
 
 def parse_messages(messages: Any) -> list[dict]:
-    """OpenAI chat messages → [{role, content}]: optional system first, then user/assistant turns ending in user."""
+    """OpenAI chat messages → [{role, content}]: optional system first, then user/assistant turns ending in user.
+
+    Text content parts are joined; then the chat format's own check applies (chat_format.normalize_chat): roles,
+    string content, and no ChatML special token inside a message, so no message can open a turn of its own.
+    """
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
+    joined = []
     for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # content parts: keep the text ones
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if role not in ROLES or not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}] needs a role in {ROLES} and a string content", param="messages")
-        out.append({"role": role, "content": content})
+            m = {**m, "content": "".join(p["text"] for p in content)}
+        joined.append(m)
+    try:
+        out = normalize_chat({"messages": joined})
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", param="messages") from None
     turns = out[1:] if out[0]["role"] == "system" else out
     expected = ["user", "assistant"] * len(turns)
     if [m["role"] for m in turns] != expected[:len(turns)] or not turns or turns[-1]["role"] != "user":
