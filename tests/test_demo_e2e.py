@@ -34,6 +34,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert results["ppl"]["after_pretrain"] < results["ppl"]["before"]
     assert set(results["chat_exact"]) == {"sft", "dpo", "grpo", "finetune"}
     assert (out / "grpo" / "reward.png").is_file() and "grpo/reward.png" in report
+    card = (out / "report_card.html").read_text(encoding="utf-8")  # make demo ends with the report card
+    assert all(f"<td>{stage}</td>" in card for stage in ("pretrain", "sft", "dpo", "reward", "grpo", "finetune"))
+    assert card.count("data:image/png;base64,") >= 7 and "exact match" in card
     assert results["reward"]["heldout"]["n"] == results["preference"]["after"]["n"] and "reward model" in report
     assert results["preference"]["after"]["n"] == len((out / "corpus" / "eval" / "preference.jsonl").read_text(
         encoding="utf-8").splitlines())

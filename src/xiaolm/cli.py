@@ -24,6 +24,7 @@ from xiaolm.config import load_config
 from xiaolm.errors import XiaolmError
 from xiaolm.eval.command import EXAMPLES as EVAL_EXAMPLES
 from xiaolm.eval.command import cmd_eval, eval_arguments
+from xiaolm.eval.report_card import cmd_report, report_arguments
 from xiaolm.infer import pairs, serve_command
 
 log = logging.getLogger("xiaolm")
@@ -341,6 +342,9 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         serve_command.add_arguments, serve_command.run_serve),
     ("eval",): Command("evaluate a model: perplexity, BLEU/ROUGE, multiple choice (C-Eval, CMMLU), exact match, "
                        "triplet F1, preference accuracy", EVAL_EXAMPLES, eval_arguments, cmd_eval),
+    ("report",): Command("one report card for a pipeline: data counts, training runs and curves, every eval number",
+                         "examples:\n  xiaolm report runs/demo\n  xiaolm report runs/sft runs/dpo --out runs/card",
+                         report_arguments, cmd_report),
 }
 GROUPS = {"data": "data stages", "tokenizer": "tokenizer stages"}
 

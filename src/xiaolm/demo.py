@@ -163,6 +163,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from xiaolm.eval.preference import preference_accuracy, reward_accuracy
     from xiaolm.eval.qa import choice_accuracy, exact_match
     from xiaolm.eval.report import write_report
+    from xiaolm.eval.report_card import write_report_card
     from xiaolm.model.export import export_hf, load_model, load_reward_model
     from xiaolm.model.registry import build_model_from_config
     from xiaolm.records.read import read_items
@@ -275,6 +276,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results["seconds_total"] = time.perf_counter() - t0
     atomic_write_json(out / "results.json", results)
     write_report(out / "report.md", results)
+    write_report_card([out])
     _print_summary(out, results)
     return results
 
@@ -349,6 +351,6 @@ def _print_summary(out: Path, r: dict) -> None:
     for q, a in r["samples"]:
         print(f"  > {q}\n    {a}")
     print(f"  stages:  {out}/{{corpus,data,tokenizer,pretrain,sft,dpo,reward,grpo,finetune,finetune_scratch}}")
-    print(f"  report:  {out / 'report.md'}")
+    print(f"  report:  {out / 'report.md'}, report card {out / 'report_card.html'}")
     print(f"  chat:    {exe} chat {out / 'model'}")
     print("=" * 64)
