@@ -19,6 +19,7 @@ from torch import nn
 
 from xiaolm.errors import XiaolmError
 from xiaolm.infer.text_stream import TextStream, stream_text
+from xiaolm.model.registry import arch_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -86,10 +87,14 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig,
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def fit_prompt(input_ids: Sequence[int], max_new_tokens: int, max_len: int, eos_id: int) -> tuple[list[int], int]:
-    """(prompt cut from the left so prompt + reply fit max_len, reply budget)."""
-    budget = min(max_new_tokens, max_len - 1)  # at least one prompt token must fit
+def fit_prompt(input_ids: Sequence[int], max_new_tokens: int, max_len: int, eos_id: int,
+               encoder_decoder: bool = False, source_len: int = 0) -> tuple[list[int], int]:
+    """(prompt cut from the left so prompt + reply fit max_len, reply budget). An encoder-decoder model's prompt
+    is cut to the encoder's source_len and its reply (after the decoder's start token) to max_len."""
+    budget = min(max_new_tokens, max_len - 1)  # at least one prompt token (the decoder's start token) must fit
     prompt = list(input_ids) or [eos_id]  # EOS separates documents: a neutral start
+    if encoder_decoder:
+        return prompt[-source_len:], max(budget, 0)
     if budget > 0 and len(prompt) > max_len - budget:
         prompt = prompt[len(prompt) - (max_len - budget):]
     return prompt, max(budget, 0)
@@ -123,6 +128,8 @@ class Engine:
     def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, compile: bool = False):
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
+        # an encoder-decoder model keeps the prompt in the encoder: the cache holds the reply alone
+        self.encoder_decoder = arch_of(model).encoder_decoder
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.cache = model.new_kv_cache(slots, self.max_len)
@@ -146,8 +153,8 @@ class Engine:
             raise XiaolmError(f"{len(prompts)} prompts for {self.free} free slots", hint="release slots first")
         if not prompts:
             return []
-        fitted = [fit_prompt(p, c.max_new_tokens, self.max_len, self.cfg.eos_token_id)
-                  for p, c in zip(prompts, cfgs, strict=True)]
+        fitted = [fit_prompt(p, c.max_new_tokens, self.max_len, self.cfg.eos_token_id, self.encoder_decoder,
+                             self.cfg.max_seq_len) for p, c in zip(prompts, cfgs, strict=True)]
         for prompt, _ in fitted:
             if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
                 raise XiaolmError(f"prompt has token id {max(prompt)} outside the model's vocabulary "
@@ -160,17 +167,24 @@ class Engine:
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
         self.cache.lengths[rows] = 0
-        logits = self.model(ids.to(self.device), kv_cache=self.cache.view(rows, 0, ragged=False))[0]
-        last = torch.tensor([len(p) - 1 for p, _ in fitted], device=self.device)
-        self.logits[rows] = logits[torch.arange(len(slots), device=self.device), last].float()
+        view = self.cache.view(rows, 0, ragged=False)
+        if self.encoder_decoder:  # the encoder reads the prompt, the decoder its start token
+            lengths = torch.tensor([len(p) for p, _ in fitted], device=self.device)
+            self.logits[rows] = self.model.prefill(ids.to(self.device), lengths, view).float()
+            filled = [1] * len(slots)
+        else:
+            logits = self.model(ids.to(self.device), kv_cache=view)[0]
+            last = torch.tensor([len(p) - 1 for p, _ in fitted], device=self.device)
+            self.logits[rows] = logits[torch.arange(len(slots), device=self.device), last].float()
+            filled = [len(p) for p, _ in fitted]
         self.seen[rows] = False
-        for slot, (prompt, budget), cfg in zip(slots, fitted, cfgs, strict=True):
-            self.lengths[slot] = len(prompt)
+        for slot, (prompt, budget), cfg, used in zip(slots, fitted, cfgs, filled, strict=True):
+            self.lengths[slot] = used
             self.seen[slot, torch.tensor(prompt, device=self.device)] = True
             seed = cfg.seed
             generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
             text = TextStream(self.tokenizer, cfg.stop_strings) if self.tokenizer is not None else None
-            self.rows[slot] = _Row(cfg, min(budget, self.max_len - len(prompt)), set(cfg.stop_ids), generator, text)
+            self.rows[slot] = _Row(cfg, min(budget, self.max_len - used), set(cfg.stop_ids), generator, text)
         return slots
 
     def release(self, slot: int) -> None:
@@ -251,6 +265,8 @@ class Engine:
 def _capacity(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> int:
     """Cache length the prompts need (as cut to fit the context) plus the reply budget."""
     ctx = model.cfg.max_seq_len
+    if arch_of(model).encoder_decoder:  # the start token and the reply
+        return min(cfg.max_new_tokens, ctx - 1) + 1
     fitted = [fit_prompt(p, cfg.max_new_tokens, ctx, model.cfg.eos_token_id) for p in prompts]
     return max(len(p) + b for p, b in fitted)
 

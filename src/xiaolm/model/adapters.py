@@ -62,18 +62,20 @@ def freeze(model: nn.Module, spec: list[str], groups: dict[str, tuple[str, ...]]
     """Stop gradients for the named parts (`embeddings`, `lm_head`, `norm`, `layers.0-3`); returns what froze."""
     prefixes: list[str] = []
     for item in spec:
-        m = re.fullmatch(r"layers[.:](\d+)(?:-(\d+))?", item)
+        m = re.fullmatch(r"((?:\w+\.)?)layers[.:](\d+)(?:-(\d+))?", item)
         if m:
-            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-            keys = [f"layers.{i}" for i in range(lo, hi + 1)]
+            lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
+            keys = [f"{m.group(1)}layers.{i}" for i in range(lo, hi + 1)]
         else:
             keys = [item]
         for key in keys:
             if key not in groups:
-                named = sorted(k for k in groups if not k.startswith("layers."))
-                last = sum(k.startswith("layers.") for k in groups) - 1
+                named = sorted(k for k in groups if "layers." not in k)
+                stacks = {k.rsplit("layers.", 1)[0] for k in groups if "layers." in k}
+                ranges = [f"{s}layers.N-M ({s}layers 0 … {sum(k.startswith(s + 'layers.') for k in groups) - 1})"
+                          for s in sorted(stacks)]
                 raise XiaolmError(f"freeze={item!r}: no such part", where="freeze",
-                                  hint=f"use {', '.join(named)} or layers.N-M (layers 0 … {last})")
+                                  hint=f"use {', '.join(named + ranges)}")
             prefixes.extend(groups[key])
     frozen = []
     for name, p in model.named_parameters():

@@ -153,7 +153,8 @@ def generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerFast | Non
     stops = [vocab[t] for t in (IM_END, EOS) if t in vocab] or [model.cfg.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None \
         else model.cfg.pad_token_id
-    return {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": stops, "pad_token_id": pad,
+    start = {"decoder_start_token_id": model.cfg.pad_token_id} if getattr(model.cfg, "encoder_decoder", False) else {}
+    return {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": stops, "pad_token_id": pad, **start,
             "do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1,
             "max_new_tokens": 256}
 

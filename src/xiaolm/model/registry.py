@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from xiaolm.errors import XiaolmError
+from xiaolm.model import t5
 from xiaolm.model.llama import Llama, LlamaConfig, flops_per_token
 
 
@@ -29,12 +30,20 @@ class Arch:
     from_hf_config: Callable[..., Any]  # config.json dict → config
     lora_targets: tuple[str, ...]  # default LoRA target modules (HF names)
     freeze_groups: Callable[[Any], dict[str, tuple[str, ...]]]  # freeze= name → parameter name prefixes
+    encoder_decoder: bool = False  # text to text: the prompt goes to an encoder, the reply comes from a decoder
 
 
 def _llama_freeze_groups(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     groups = {"embeddings": ("model.embed_tokens.",), "norm": ("model.norm.",),
               "lm_head": ("lm_head.",) if not cfg.tie_embeddings else ("model.embed_tokens.",)}
     groups.update({f"layers.{i}": (f"model.layers.{i}.",) for i in range(cfg.n_layers)})
+    return groups
+
+
+def _t5_freeze_groups(cfg: t5.T5Config) -> dict[str, tuple[str, ...]]:
+    groups = {"embeddings": ("shared.",), "lm_head": ("shared.",), "encoder": ("encoder.",), "decoder": ("decoder.",)}
+    for stack, n in (("encoder", cfg.n_layers), ("decoder", cfg.decoder_layers)):
+        groups.update({f"{stack}.layers.{i}": (f"{stack}.block.{i}.",) for i in range(n)})
     return groups
 
 
@@ -45,6 +54,11 @@ ARCHS: dict[str, Arch] = {
         from_hf_config=LlamaConfig.from_hf_config,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         freeze_groups=_llama_freeze_groups,
+    ),
+    "t5": Arch(
+        name="t5", config_cls=t5.T5Config, model_cls=t5.T5, hf_model_types=("t5",),
+        blocks=lambda m: m.blocks(), flops_per_token=t5.flops_per_token, from_hf_config=t5.T5Config.from_hf_config,
+        lora_targets=("q", "k", "v", "o", "wi", "wo"), freeze_groups=_t5_freeze_groups, encoder_decoder=True,
     ),
 }
 

@@ -14,6 +14,8 @@ from xiaolm.data.pack import load_tokens, read_meta
 from xiaolm.data.stream import TokenStream, validation_windows
 from xiaolm.errors import XiaolmError
 from xiaolm.model.llama import document_ids
+from xiaolm.model.loss import IGNORE
+from xiaolm.model.registry import get_arch
 from xiaolm.train.config import TrainConfig
 from xiaolm.train.objective import Objective
 from xiaolm.train.stage import run_stage
@@ -21,13 +23,39 @@ from xiaolm.train.stage import run_stage
 log = logging.getLogger(__name__)
 
 
-def window_batch(windows: torch.Tensor, eos_id: int | None) -> dict[str, torch.Tensor]:
+def window_batch(windows: torch.Tensor, eos_id: int | None, source: SourceCut | None = None,
+                 rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """Windows of seq_len + 1 tokens → inputs x, targets y, and with eos_id the document number of each input
-    token (an EOS ends its document: the next token starts a new one), so attention stays inside documents."""
+    token (an EOS ends its document: the next token starts a new one), so attention stays inside documents.
+    With `source` (text-to-text models), each window's prefix is the source: its targets are -100."""
     batch = {"x": windows[:, :-1].contiguous(), "y": windows[:, 1:].contiguous()}
-    if eos_id is not None:
+    if source is not None:
+        source.mask(batch["y"], rows)
+    elif eos_id is not None:
         batch["doc"] = document_ids(batch["x"], eos_id)
     return batch
+
+
+class SourceCut:
+    """Text-to-text pretraining's split of a window of plain text: the window is cut at a point drawn uniformly
+    between `low` and `high` of its length, a pure function of (seed, row); the encoder reads the tokens before
+    the cut and the decoder predicts the rest (data.source_min / data.source_max). Windows of the packed file
+    may hold the end of one document and the start of the next, as in decoder-only pretraining."""
+
+    def __init__(self, low: float, high: float, seed: int):
+        if not 0 < low <= high < 1:
+            raise XiaolmError(f"data.source_min={low}, data.source_max={high}: need 0 < min ≤ max < 1",
+                              where="data.source_min", hint="the defaults 0.25 and 0.75 keep both sides")
+        self.low, self.high, self.seed = low, high, seed
+
+    def mask(self, y: torch.Tensor, rows: np.ndarray) -> None:
+        """Set each row's source targets to -100 (at least one source token, at least one target)."""
+        draw = mix64(rows.astype(np.uint64), self.seed ^ 0x7E57) >> np.uint64(11)  # 53 random bits
+        fraction = self.low + (self.high - self.low) * (draw.astype(np.float64) / 2.0 ** 53)
+        width = y.shape[1] + 1
+        cuts = np.clip((fraction * width).astype(np.int64), 1, width - 1)  # source = window[:cut]
+        for r, cut in enumerate(cuts):
+            y[r, :cut - 1] = IGNORE
 
 
 class PretrainObjective(Objective):
@@ -35,55 +63,59 @@ class PretrainObjective(Objective):
     pure function of their position and resume needs no data-position bookkeeping."""
 
     def __init__(self, data_dir: str | Path, seq_len: int, seed: int, eval_batches: int, eval_batch_size: int,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, source: SourceCut | None = None):
         self.train_tokens = load_tokens(data_dir, "train")
         self.val_tokens = load_tokens(data_dir, "val")
         self.seq_len, self.seed, self.n_eval, self.eval_batch_size = seq_len, seed, eval_batches, eval_batch_size
         self.eos_id = eos_id  # set: number the documents in each window so attention stays inside them
+        self.source = source  # text-to-text: each window's prefix is the source
         for split, arr in (("train", self.train_tokens), ("val", self.val_tokens)):
             if len(arr) <= seq_len + 1:
                 raise XiaolmError(f"{split}.bin holds {len(arr)} tokens, fewer than data.seq_len+2={seq_len + 2}",
                                   where=str(data_dir), hint="pack more text or lower data.seq_len")
 
-    def _windows(self, tokens: np.ndarray, starts: np.ndarray) -> dict[str, torch.Tensor]:
+    def _windows(self, tokens: np.ndarray, starts: np.ndarray, rows: np.ndarray) -> dict[str, torch.Tensor]:
         chunk = np.stack([tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        return window_batch(torch.from_numpy(chunk), self.eos_id)
+        return window_batch(torch.from_numpy(chunk), self.eos_id, self.source, rows)
 
     def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Windows for stream rows first … first+count-1 (the same rows whatever the process count)."""
         rows = np.arange(first, first + count, dtype=np.uint64)
         return self._windows(self.train_tokens, mix64(rows, self.seed) % np.uint64(len(self.train_tokens)
-                                                                                     - self.seq_len - 1))
+                                                                                     - self.seq_len - 1), rows)
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Fixed, evenly spread windows of val.bin."""
         n = self.n_eval * self.eval_batch_size
         starts = np.linspace(0, len(self.val_tokens) - self.seq_len - 1, num=n).astype(np.int64)
         for i in range(0, n, self.eval_batch_size):
-            yield self._windows(self.val_tokens, starts[i:i + self.eval_batch_size])
+            yield self._windows(self.val_tokens, starts[i:i + self.eval_batch_size], EVAL_ROWS + np.arange(i, i + len(
+                starts[i:i + self.eval_batch_size])))
 
 
 class StreamingPretrainObjective(Objective):
     """Pretraining from a TokenStream; batches must be asked for in order, which the training loop does."""
 
     def __init__(self, stream: TokenStream, val_windows: np.ndarray, batch_size: int, eval_batches: int,
-                 doc_mask: bool):
+                 doc_mask: bool, source: SourceCut | None = None):
         self.stream, self.val, self.batch_size, self.n_eval = stream, val_windows, batch_size, eval_batches
         self.eos_id = stream.eos if doc_mask else None
+        self.source = source
         self.rows_out = 0
 
-    def _batch(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
-        return window_batch(torch.from_numpy(np.ascontiguousarray(windows)), self.eos_id)
+    def _batch(self, windows: np.ndarray, first: int) -> dict[str, torch.Tensor]:
+        return window_batch(torch.from_numpy(np.ascontiguousarray(windows)), self.eos_id, self.source,
+                            np.arange(first, first + len(windows)))
 
     def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """The next `count` windows of this process's stream."""
         self.rows_out += count
-        return self._batch(np.stack([next(self.stream) for _ in range(count)]))
+        return self._batch(np.stack([next(self.stream) for _ in range(count)]), self.rows_out - count)
 
     def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Fixed validation windows."""
         for i in range(0, min(len(self.val), self.n_eval * self.batch_size), self.batch_size):
-            yield self._batch(self.val[i:i + self.batch_size])
+            yield self._batch(self.val[i:i + self.batch_size], EVAL_ROWS + i)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rows_out": self.rows_out, "stream": self.stream.state_dict()}
@@ -91,6 +123,9 @@ class StreamingPretrainObjective(Objective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows_out = state["rows_out"]
         self.stream.load_state_dict(state["stream"])
+
+
+EVAL_ROWS = 1 << 40  # row numbers of validation windows: their cuts never repeat a training row's
 
 
 def mix64(rows: np.ndarray, seed: int) -> np.ndarray:
@@ -105,6 +140,13 @@ def mix64(rows: np.ndarray, seed: int) -> np.ndarray:
 def split_paths(value: str) -> list[str]:
     """'a.jsonl,b.jsonl' → ['a.jsonl', 'b.jsonl']."""
     return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def source_cut(cfg: TrainConfig) -> SourceCut | None:
+    """The window split of a text-to-text model (None for decoder-only ones, which predict every token)."""
+    if not get_arch(cfg.model.arch).encoder_decoder:
+        return None
+    return SourceCut(cfg.data.source_min, cfg.data.source_max, cfg.seed)
 
 
 def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -134,7 +176,7 @@ def run_pretrain(cfg: TrainConfig, resume: bool = False) -> dict:
 
     def objective(c: TrainConfig, ctx: Any) -> Objective:
         return PretrainObjective(c.data.path, c.data.seq_len, c.seed, c.eval_batches, c.batch_size,
-                                 eos_id=eos_id if c.data.doc_mask else None)
+                                 eos_id=eos_id if c.data.doc_mask else None, source=source_cut(c))
 
     return run_stage(cfg, "pretrain", tokenizer_dir, meta["vocab_size"], objective, resume)
 
@@ -159,7 +201,7 @@ def _run_streaming(cfg: TrainConfig, resume: bool) -> dict:
         streams.append(stream)
         val = validation_windows(split_paths(c.data.val_path), tokenizer, c.data.seq_len,
                                  c.eval_batches * c.batch_size)
-        return StreamingPretrainObjective(stream, val, c.batch_size, c.eval_batches, c.data.doc_mask)
+        return StreamingPretrainObjective(stream, val, c.batch_size, c.eval_batches, c.data.doc_mask, source_cut(c))
 
     summary = run_stage(cfg, "pretrain", cfg.data.tokenizer, len(tokenizer), objective, resume)
     for stream in streams:

@@ -1,0 +1,500 @@
+"""Encoder-decoder T5 (text to text); parameter names and math identical to HF T5ForConditionalGeneration.
+
+The original T5 layout, as ChatLM-mini-Chinese trains it: T5's RMS norm without bias, relative position buckets
+shared by a stack's layers (bidirectional in the encoder, causal in the decoder), unscaled dot products, a ReLU
+feed-forward (not gated), and the output layer tied to the embeddings with the decoder output scaled by dim^-0.5.
+The output layer is always tied: transformers 5 ties T5's lm_head to its embeddings whatever config.json says,
+so an untied head could not be loaded back. The decoder starts from the padding token, as T5 does.
+
+**Batch layout.** The model takes the decoder-only batch every objective builds (x = ids[:-1], y = labels[1:],
+-100 on what is not trained): in each row the last labelled run of y is the target and everything before it is
+the source. So the chat history goes into the encoder and the last answer is the decoder's target, with no
+objective knowing which architecture it trains; per-token outputs (log-probs, hidden states) come back in the
+decoder-only layout, at the positions of y they belong to, 0 elsewhere. Rows never pack several documents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from xiaolm.errors import XiaolmError
+from xiaolm.model.config import ModelConfig
+from xiaolm.model.kv_cache import KVCache
+from xiaolm.model.loss import IGNORE, linear_cross_entropy, linear_token_logprobs
+
+WHERE = "model config"
+
+
+@dataclass
+class T5Config(ModelConfig):
+    """Model shape: `n_layers` encoder blocks and `n_decoder_layers` (None = as many) decoder blocks."""
+
+    arch: str = "t5"
+    vocab_size: int = 8192
+    dim: int = 256  # d_model
+    n_layers: int = 4
+    n_decoder_layers: int | None = None
+    n_heads: int = 4
+    head_dim: int = 64  # d_kv: T5 does not tie it to dim / n_heads
+    ffn_dim: int = 1024  # d_ff of the ReLU feed-forward
+    max_seq_len: int = 512  # the longest source, and the longest target
+    num_buckets: int = 32
+    max_distance: int = 128
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    eos_token_id: int = 0
+    pad_token_id: int = 0  # also the decoder's start token
+    bos_token_id: int | None = None
+    tie_embeddings: ClassVar[bool] = True
+    encoder_decoder: ClassVar[bool] = True
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def check(self) -> None:
+        """Refuse shapes that cannot work, naming the field."""
+        for name in ("vocab_size", "dim", "n_layers", "decoder_layers", "n_heads", "head_dim", "ffn_dim",
+                     "max_seq_len", "num_buckets", "max_distance"):
+            if getattr(self, name) <= 0:
+                raise XiaolmError(f"model.{name}={getattr(self, name)} must be positive", where=WHERE)
+        if not 0 <= self.dropout < 1:
+            raise XiaolmError(f"model.dropout={self.dropout} must be in [0, 1)", where=WHERE)
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise XiaolmError(f"model.{name}={value} is outside the vocabulary "
+                                  f"(model.vocab_size={self.vocab_size})", where=WHERE)
+
+    def hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """A transformers T5Config dict for config.json."""
+        return {
+            "architectures": ["T5ForConditionalGeneration"],
+            "model_type": "t5",
+            "vocab_size": self.vocab_size,
+            "d_model": self.dim,
+            "d_kv": self.head_dim,
+            "d_ff": self.ffn_dim,
+            "num_layers": self.n_layers,
+            "num_decoder_layers": self.decoder_layers,
+            "num_heads": self.n_heads,
+            "relative_attention_num_buckets": self.num_buckets,
+            "relative_attention_max_distance": self.max_distance,
+            "dropout_rate": self.dropout,
+            "layer_norm_epsilon": self.norm_eps,
+            "initializer_factor": 1.0,
+            "feed_forward_proj": "relu",
+            "is_encoder_decoder": True,
+            "tie_word_embeddings": True,
+            "n_positions": self.max_seq_len,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "decoder_start_token_id": self.pad_token_id,
+            "torch_dtype": torch_dtype,  # transformers 4.x
+            "dtype": torch_dtype,  # transformers 5.x
+            "use_cache": True,
+        }
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any], where: str | None = None) -> T5Config:
+        """Inverse of hf_config(); refuses T5 variants this model does not compute (gated, untied)."""
+        archs = d.get("architectures") or ["T5ForConditionalGeneration"]
+        if d.get("model_type") != "t5" or "T5ForConditionalGeneration" not in archs:
+            raise XiaolmError(f"config.json describes {d.get('model_type')!r} / {archs}, not a T5 text-to-text "
+                              "model", where=where, hint="xiaolm loads T5ForConditionalGeneration models")
+        missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+                   if not isinstance(d.get(k), int)]
+        if missing:
+            raise XiaolmError(f"config.json lacks integer field(s) {', '.join(missing)}", where=where)
+        unsupported = []
+        if d.get("feed_forward_proj", "relu") != "relu":
+            unsupported.append(f"feed_forward_proj={d['feed_forward_proj']!r} (xiaolm's T5 has the ReLU one)")
+        if d.get("tie_word_embeddings") is False:
+            unsupported.append("tie_word_embeddings=false (T5 v1.1's unscaled output)")
+        if d.get("decoder_start_token_id", d.get("pad_token_id")) != d.get("pad_token_id"):
+            unsupported.append("decoder_start_token_id ≠ pad_token_id")
+        if unsupported:
+            raise XiaolmError(f"config.json uses T5 features xiaolm's T5 lacks: {', '.join(unsupported)}",
+                              where=where)
+        eos = d.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        pad = d.get("pad_token_id")
+        if not isinstance(eos, int) or not isinstance(pad, int):
+            raise XiaolmError("config.json needs integer eos_token_id and pad_token_id", where=where)
+        return cls(vocab_size=d["vocab_size"], dim=d["d_model"], n_layers=d["num_layers"],
+                   n_decoder_layers=None if d.get("num_decoder_layers") in (None, d["num_layers"])
+                   else d["num_decoder_layers"], n_heads=d["num_heads"], head_dim=d["d_kv"],
+                   ffn_dim=d["d_ff"], max_seq_len=d.get("n_positions") or 512,
+                   num_buckets=d.get("relative_attention_num_buckets", 32),
+                   max_distance=d.get("relative_attention_max_distance", 128),
+                   dropout=d.get("dropout_rate", 0.0), norm_eps=d.get("layer_norm_epsilon", 1e-6),
+                   eos_token_id=eos, pad_token_id=pad, bos_token_id=d.get("bos_token_id"))
+
+
+class T5LayerNorm(nn.Module):
+    """x · rsqrt(mean(x²) + eps) · weight: no mean, no bias; the statistic in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def relative_buckets(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+                     ) -> torch.Tensor:
+    """T5's bucket of each relative position (key - query): exact up to half the buckets, logarithmic beyond."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative > 0).long() * num_buckets
+        relative = relative.abs()
+    else:
+        relative = -relative.clamp(max=0)
+    exact = num_buckets // 2
+    large = exact + (torch.log(relative.float() / exact) / math.log(max_distance / exact)
+                     * (num_buckets - exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(relative < exact, relative, large)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without scaling; scores get the position bias (and the mask) added."""
+
+    def __init__(self, cfg: T5Config, relative_bias: bool):
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.q = nn.Linear(cfg.dim, cfg.inner_dim, bias=False)
+        self.k = nn.Linear(cfg.dim, cfg.inner_dim, bias=False)
+        self.v = nn.Linear(cfg.dim, cfg.inner_dim, bias=False)
+        self.o = nn.Linear(cfg.inner_dim, cfg.dim, bias=False)
+        if relative_bias:
+            self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.n_heads)
+
+    def heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return proj(x).view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = q.shape
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class SelfAttention(nn.Module):
+    """layer_norm → attention over the same sequence (cached keys/values in a decoding decoder) → residual."""
+
+    def __init__(self, cfg: T5Config, relative_bias: bool, layer: int):
+        super().__init__()
+        self.SelfAttention = Attention(cfg, relative_bias)
+        self.layer_norm = T5LayerNorm(cfg.dim, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        h, att = self.layer_norm(x), self.SelfAttention
+        q, k, v = att.heads(att.q, h), att.heads(att.k, h), att.heads(att.v, h)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        return x + self.dropout(att.attend(q, k, v, bias))
+
+
+class CrossAttention(nn.Module):
+    """layer_norm → attention over the encoder's output (keys/values made once per prompt when decoding)."""
+
+    def __init__(self, cfg: T5Config, layer: int):
+        super().__init__()
+        self.EncDecAttention = Attention(cfg, relative_bias=False)
+        self.layer_norm = T5LayerNorm(cfg.dim, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layer = layer
+
+    def kv(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        att = self.EncDecAttention
+        return att.heads(att.k, enc), att.heads(att.v, enc)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+        att = self.EncDecAttention
+        return x + self.dropout(att.attend(att.heads(att.q, self.layer_norm(x)), *kv, bias))
+
+
+class FeedForward(nn.Module):
+    """layer_norm → wo(relu(wi(x))) → residual."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense = nn.Module()
+        self.DenseReluDense.wi = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.DenseReluDense.wo = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.layer_norm = T5LayerNorm(cfg.dim, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ff = self.DenseReluDense
+        return x + self.dropout(ff.wo(self.dropout(F.relu(ff.wi(self.layer_norm(x))))))
+
+
+class Block(nn.Module):
+    """HF's `block.N.layer`: [self-attention, (cross-attention,) feed-forward]."""
+
+    def __init__(self, cfg: T5Config, index: int, decoder: bool):
+        super().__init__()
+        parts: list[nn.Module] = [SelfAttention(cfg, relative_bias=index == 0, layer=index)]
+        if decoder:
+            parts.append(CrossAttention(cfg, index))
+        parts.append(FeedForward(cfg))
+        self.layer = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None = None,
+                cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cross_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.layer[0](x, bias, cache)
+        if len(self.layer) == 3:
+            x = self.layer[1](x, cross_kv, cross_bias)
+        return self.layer[-1](x)
+
+
+class Stack(nn.Module):
+    """Blocks and the final norm; the first block's relative bias serves every block of the stack."""
+
+    def __init__(self, cfg: T5Config, n_blocks: int, decoder: bool):
+        super().__init__()
+        self.cfg, self.decoder = cfg, decoder
+        self.block = nn.ModuleList(Block(cfg, i, decoder) for i in range(n_blocks))
+        self.final_layer_norm = T5LayerNorm(cfg.dim, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def position_bias(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[B or 1, H, Tq, Tk] from query positions [B or 1, Tq] and key positions [Tk]."""
+        relative = keys[None, None, :] - queries[:, :, None]
+        buckets = relative_buckets(relative, not self.decoder, self.cfg.num_buckets, self.cfg.max_distance)
+        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
+        return table(buckets).permute(0, 3, 1, 2)
+
+
+def _masked(bias: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The bias where attention is allowed, the dtype's lowest value elsewhere (as HF: no -inf, no NaN rows)."""
+    return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
+
+
+class Seq2SeqCache(KVCache):
+    """The decoder's self-attention cache (a length per row) plus each row's encoder keys/values per layer."""
+
+    def __init__(self, cfg: T5Config, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(cfg.decoder_layers, batch_size, cfg.n_heads, cfg.head_dim, max_len, device, dtype)
+        shape = (batch_size, cfg.n_heads, cfg.max_seq_len, cfg.head_dim)
+        self.cross_k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.decoder_layers)]
+        self.cross_v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.decoder_layers)]
+        self.src_mask = torch.zeros(batch_size, cfg.max_seq_len, dtype=torch.bool, device=device)
+        self._src_end = [0]  # no row's source is longer; a list, so views (shallow copies) share it
+
+    @property
+    def src_end(self) -> int:
+        return self._src_end[0]
+
+    @src_end.setter
+    def src_end(self, n: int) -> None:
+        self._src_end[0] = n
+
+    def pick(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t[self.rows]
+
+
+class T5(nn.Module):
+    """The text-to-text model: forward returns what Llama's does, in the same layout (see the module doc)."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.encoder = Stack(cfg, cfg.n_layers, decoder=False)
+        self.decoder = Stack(cfg, cfg.decoder_layers, decoder=True)
+        self.activation_checkpointing = False
+        self._init()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output layer: the embedding table (tied), applied to decoder states scaled by dim^-0.5."""
+        return self.shared
+
+    @torch.no_grad()
+    def _init(self) -> None:
+        """HF's T5 initialization (initializer_factor 1)."""
+        c = self.cfg
+        nn.init.normal_(self.shared.weight, std=1.0)
+        for name, p in self.named_parameters():
+            if name.endswith((".q.weight",)):
+                nn.init.normal_(p, std=(c.dim * c.head_dim) ** -0.5)
+            elif name.endswith((".k.weight", ".v.weight", ".wi.weight", "relative_attention_bias.weight")):
+                nn.init.normal_(p, std=c.dim ** -0.5)
+            elif name.endswith(".o.weight"):
+                nn.init.normal_(p, std=c.inner_dim ** -0.5)
+            elif name.endswith(".wo.weight"):
+                nn.init.normal_(p, std=c.ffn_dim ** -0.5)
+
+    def blocks(self) -> list[nn.Module]:
+        return [*self.encoder.block, *self.decoder.block]
+
+    def _run(self, block: nn.Module, *args: Any) -> torch.Tensor:
+        if self.activation_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder output [B,S,D] of source ids [B,S] (src_mask True on real tokens)."""
+        pos = torch.arange(src.shape[1], device=src.device)
+        bias = _masked(self.encoder.position_bias(pos[None], pos), src_mask[:, None, None, :])
+        x = self.encoder.dropout(self.shared(src))
+        for block in self.encoder.block:
+            x = self._run(block, x, bias)
+        return self.encoder.dropout(self.encoder.final_layer_norm(x))
+
+    def decode(self, dec: torch.Tensor, enc: torch.Tensor | None, src_mask: torch.Tensor,
+               cache: Seq2SeqCache | None = None) -> torch.Tensor:
+        """Final decoder states [B,T,D], scaled for the tied output layer. Without a cache dec is the whole target
+        prefix; with one, dec continues each row from its cached length and the encoder side comes from it."""
+        t = dec.shape[1]
+        if cache is None:
+            queries = torch.arange(t, device=dec.device)[None]
+            keys = queries[0]
+        else:
+            positions, _ = cache.prepare(t)
+            queries = positions if positions is not None else cache.end + torch.arange(t, device=dec.device)[None]
+            keys = torch.arange(cache.end + t, device=dec.device)
+        if int(queries.max()) >= self.cfg.max_seq_len:
+            raise XiaolmError(f"target of {int(queries.max()) + 1} tokens exceeds model.max_seq_len="
+                              f"{self.cfg.max_seq_len}", hint="ask for fewer new tokens")
+        causal = keys[None, None, None, :] <= queries[:, None, :, None]
+        bias = _masked(self.decoder.position_bias(queries, keys), causal)
+        cross = _masked(torch.zeros((), device=dec.device), src_mask[:, None, None, :])
+        x = self.decoder.dropout(self.shared(dec))
+        for i, block in enumerate(self.decoder.block):
+            if cache is None:
+                kv = block.layer[1].kv(enc)
+            else:
+                end = cache.src_end
+                kv = cache.pick(cache.cross_k[i])[:, :, :end], cache.pick(cache.cross_v[i])[:, :, :end]
+            x = self._run(block, x, bias, cache, kv, cross) if cache is None else block(x, bias, cache, kv, cross)
+        if cache is not None:
+            cache.advance(t)
+        x = self.decoder.dropout(self.decoder.final_layer_norm(x))
+        return x * self.cfg.dim ** -0.5
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None,
+                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Seq2SeqCache:
+        """An empty cache for generation: decoder positions up to max_len, sources up to max_seq_len."""
+        p = self.shared.weight
+        return Seq2SeqCache(self.cfg, batch_size, min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len),
+                            device or p.device, dtype or p.dtype)
+
+    def prefill(self, src: torch.Tensor, lengths: torch.Tensor, cache: Seq2SeqCache) -> torch.Tensor:
+        """Encode prompts [B,S] (right-padded to `lengths`) into the cache's rows, run the decoder's start token;
+        returns the logits of each row's first reply token [B,V]."""
+        src_mask = torch.arange(src.shape[1], device=src.device)[None] < lengths[:, None]
+        enc = self.encode(src, src_mask)
+        s = src.shape[1]
+        rows = cache.rows if cache.rows is not None else slice(None)
+        for i, block in enumerate(self.decoder.block):
+            k, v = block.layer[1].kv(enc)
+            cache.cross_k[i][rows, :, :s] = k.to(cache.cross_k[i].dtype)
+            cache.cross_v[i][rows, :, :s] = v.to(cache.cross_v[i].dtype)
+        cache.src_mask[rows] = False
+        cache.src_mask[rows, :s] = src_mask
+        cache.src_end = max(cache.src_end, s)
+        start = torch.full((src.shape[0], 1), self.cfg.pad_token_id, dtype=torch.long, device=src.device)
+        h = self.decode(start, None, cache.pick(cache.src_mask)[:, :cache.src_end], cache)
+        return F.linear(h[:, -1], self.shared.weight)
+
+    def split(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decoder-only rows (x, y) → source, decoder input and target of each row's last labelled run of y."""
+        b, t = y.shape
+        idx = torch.arange(t, device=y.device)
+        valid = y != IGNORE
+        before = torch.zeros_like(valid)
+        before[:, 1:] = valid[:, :-1]
+        start = torch.where(valid & ~before, idx, -1).max(1).values  # first position of the last run
+        end = torch.where(valid, idx, -1).max(1).values
+        src_len = (start + 1).clamp(min=1)
+        tgt_len = torch.where(start >= 0, end - start + 1, 0)
+        s, n = int(src_len.max()), max(1, int(tgt_len.max()))
+        src_mask = idx[None, :s] < src_len[:, None]
+        src = x[:, :s].masked_fill(~src_mask, self.cfg.pad_token_id)
+        j = torch.arange(n, device=y.device)
+        tgt_mask = j[None] < tgt_len[:, None]
+        at = (start.clamp(min=0)[:, None] + j[None]).clamp(max=t - 1)  # y position of each target token
+        tgt = y.gather(1, at).masked_fill(~tgt_mask, IGNORE)
+        dec = x.gather(1, at).masked_fill(~tgt_mask, self.cfg.pad_token_id)
+        dec[:, 0] = self.cfg.pad_token_id  # the start token; dec[j] = x[start + j] is target token j - 1
+        return {"src": src, "src_mask": src_mask, "dec": dec, "tgt": tgt, "at": at, "tgt_mask": tgt_mask}
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: Seq2SeqCache | None = None, attn_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                output: str = "auto") -> Any:
+        """As Llama.forward on decoder-only rows (x, y): "auto" → (None, mean cross-entropy over the targets);
+        "logprobs" → log p(target) [B,T]; "hidden" → decoder states [B,T,D]; both at y's positions, 0 elsewhere.
+        With a kv_cache (generation) input_ids are the next decoder tokens: → (logits [B,t,V], None)."""
+        if doc_ids is not None or attn_mask is not None or position_ids is not None:
+            raise XiaolmError("a T5 row holds one source and one target: packed rows, document masks and "
+                              "explicit positions do not apply", where="model.arch=t5",
+                              hint="set data.pack=false and data.doc_mask=false")
+        if kv_cache is not None:
+            h = self.decode(input_ids, None, kv_cache.pick(kv_cache.src_mask)[:, :kv_cache.src_end], kv_cache)
+            return F.linear(h, self.shared.weight), None
+        if targets is None:
+            raise XiaolmError("a T5 model needs the targets to tell source from target", where="model.arch=t5",
+                              hint="this method works with decoder-only models only")
+        parts = self.split(input_ids, targets)
+        h = self.decode(parts["dec"], self.encode(parts["src"], parts["src_mask"]), parts["src_mask"])
+        flat_h, flat_t = h.reshape(-1, h.size(-1)), parts["tgt"].reshape(-1)
+        if output == "auto":
+            return None, linear_cross_entropy(flat_h, self.shared.weight, flat_t)
+        keep = parts["tgt_mask"]
+        if output == "logprobs":
+            logps = linear_token_logprobs(flat_h, self.shared.weight, flat_t).view(parts["tgt"].shape)
+            return torch.zeros(targets.shape, dtype=logps.dtype, device=logps.device).scatter_add(
+                1, parts["at"], logps * keep)
+        if output == "hidden":
+            at = parts["at"][..., None].expand(-1, -1, h.size(-1))
+            return torch.zeros(*targets.shape, h.size(-1), dtype=h.dtype, device=h.device).scatter_add(
+                1, at, h * keep[..., None])
+        raise ValueError(f"unknown output {output!r}: use auto, logprobs or hidden")
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (the tied output layer counted once); optionally without the embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.shared.weight.numel() if exclude_embeddings else n
+
+    def hf_config(self, torch_dtype: str | None = None) -> dict[str, Any]:
+        """config.json dict for this model, dtype taken from its weights unless given."""
+        return self.cfg.hf_config(torch_dtype or str(self.shared.weight.dtype).removeprefix("torch."))
+
+
+# Per token of a row (source and target tokens counted alike, as the loop counts them), assuming about half of
+# them are source: an encoder token costs 6·N_enc, a decoder token 6·(N_dec + the output layer), plus attention
+# (QKᵀ and ·V: 12·inner·T per layer, the decoder's cross-attention one more). Halved for the even split.
+def flops_per_token(cfg: T5Config, seq_len: int) -> float:
+    """Approximate training FLOPs per token of a text-to-text row of seq_len tokens."""
+    attn, ff = 4 * cfg.dim * cfg.inner_dim, 2 * cfg.dim * cfg.ffn_dim
+    n_enc = cfg.n_layers * (attn + ff)
+    n_dec = cfg.decoder_layers * (2 * attn + ff) + cfg.dim * cfg.vocab_size
+    attention = 12 * cfg.inner_dim * seq_len / 2 * (cfg.n_layers + 2 * cfg.decoder_layers)
+    return 3.0 * (n_enc + n_dec) + attention / 2

@@ -1,0 +1,162 @@
+"""The T5 text-to-text model: HF parity of losses, log-probs and greedy output, the cached decoder under continuous
+batching, export and loading, freezing and LoRA targets."""
+
+import pytest
+import torch
+
+from xiaolm.errors import XiaolmError
+from xiaolm.infer.generate import Engine, GenerationConfig, generate, generate_batch
+from xiaolm.model.export import load_model, save_model_weights
+from xiaolm.model.t5 import T5, T5Config
+
+IGNORE = -100
+
+
+def tiny(decoder_layers=None, seed=0, **kw) -> T5:
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=300, dim=32, n_layers=2, n_decoder_layers=decoder_layers, n_heads=4, head_dim=8,
+                   ffn_dim=64, max_seq_len=64, eos_token_id=1, pad_token_id=0, **kw)
+    model = T5(cfg).eval()
+    with torch.no_grad():  # random weights large enough that greedy replies vary token to token
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def rows(spans, width=20, seed=1):
+    """Decoder-only rows: a prompt, then the answer at y[k..e], then padding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, 300, (len(spans), width), generator=g)
+    y = torch.full((len(spans), width), IGNORE)
+    for b, (k, e) in enumerate(spans):
+        y[b, k:e + 1] = torch.randint(2, 300, (e - k + 1,), generator=g)
+        x[b, k + 1:e + 1] = y[b, k:e]
+    return x, y
+
+
+def save(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("t5")
+    save_model_weights(model, out)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return save(tiny(), tmp_path_factory)
+
+
+def test_log_probs_and_loss_equal_hf_on_each_rows_source_and_target(tmp_path_factory):
+    from transformers import T5ForConditionalGeneration
+
+    model, out = save(tiny(decoder_layers=3), tmp_path_factory)  # decoder deeper than the encoder
+    hf = T5ForConditionalGeneration.from_pretrained(out).eval()
+    spans = [(5, 12), (9, 19), (0, 7)]
+    x, y = rows(spans)
+    logps = model(x, y, output="logprobs")
+    total, count = 0.0, 0
+    for b, (k, e) in enumerate(spans):
+        target = y[b:b + 1, k:e + 1]
+        ref = torch.log_softmax(hf(input_ids=x[b:b + 1, :k + 1], labels=target).logits, -1)
+        ref = ref.gather(-1, target[..., None])[..., 0]
+        torch.testing.assert_close(logps[b:b + 1, k:e + 1], ref, atol=1e-5, rtol=1e-5)
+        assert logps[b, :k].abs().sum() == 0 and logps[b, e + 1:].abs().sum() == 0  # only y's answer positions
+        total, count = total - ref.sum().item(), count + target.numel()
+    assert model(x, y)[1].item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_multi_turn_row_trains_on_its_last_answer_with_the_history_as_source():
+    model = tiny()
+    x, y = rows([(10, 15)])
+    y[0, 3:6] = x[0, 4:7]  # an earlier assistant turn: labelled, but context for a text-to-text model
+    parts = model.split(x, y)
+    assert parts["src"].shape[1] == 11 and torch.equal(parts["src"][0], x[0, :11])
+    assert torch.equal(parts["tgt"][0], y[0, 10:16])
+
+
+def test_greedy_output_equals_hf_generate(exported):
+    from transformers import T5ForConditionalGeneration
+
+    model, out = exported
+    hf = T5ForConditionalGeneration.from_pretrained(out).eval()
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    prompts = [[5, 17, 40, 90, 3, 8], list(range(20, 30)), [7, 9, 11]]
+    ours = generate_batch(model, prompts, cfg)
+    assert len({tuple(o) for o in ours}) == 3 and max(len(set(o)) for o in ours) > 3
+    for prompt, reply in zip(prompts, ours, strict=True):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
+                          )[0, 1:].tolist()
+        assert reply == ref
+        assert generate(model, prompt, cfg) == reply
+
+
+def test_requests_joining_a_running_batch_decode_as_they_would_alone():
+    model = tiny()
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0)
+    prompts = [[5, 17, 40, 90, 3, 8], list(range(20, 40)), [7, 9, 11]]
+    alone = [generate(model, p, cfg) for p in prompts]
+    engine = Engine(model, slots=3, max_len=16)
+    got: dict[int, list[int]] = {}
+    slot_of = {}
+    for i, prompt in enumerate(prompts):  # each joins two steps after the previous one: rows at different lengths
+        slot_of[engine.add([prompt], [cfg])[0]] = i
+        for _ in range(2):
+            for event in engine.step():
+                if event.token is not None:
+                    got.setdefault(slot_of[event.slot], []).append(event.token)
+    while engine.rows:
+        for event in engine.step():
+            if event.token is not None:
+                got.setdefault(slot_of[event.slot], []).append(event.token)
+    assert [got[i] for i in range(3)] == alone
+
+
+def test_export_loads_in_transformers_auto_classes(exported):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model, out = exported
+    hf = AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert type(hf).__name__ == "T5ForConditionalGeneration"
+    assert hf.config.decoder_start_token_id == model.cfg.pad_token_id
+    again, _ = load_model(out, with_tokenizer=False)
+    assert again.cfg == model.cfg
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_gated_t5_config_is_refused_by_name():
+    cfg = tiny().cfg.hf_config()
+    with pytest.raises(XiaolmError, match="feed_forward_proj='gated-gelu'"):
+        T5Config.from_hf_config({**cfg, "feed_forward_proj": "gated-gelu"})
+
+
+def test_packed_rows_and_calls_without_targets_are_refused_with_the_setting_to_change():
+    model = tiny()
+    x, y = rows([(3, 8)])
+    with pytest.raises(XiaolmError, match="data.pack=false"):
+        model(x, y, doc_ids=torch.zeros_like(x))
+    with pytest.raises(XiaolmError, match="needs the targets"):
+        model(x, output="hidden")
+
+
+def test_freeze_encoder_and_decoder_layer_ranges():
+    from xiaolm.model.adapters import freeze
+    from xiaolm.model.registry import get_arch
+
+    model = tiny(decoder_layers=3)
+    groups = get_arch("t5").freeze_groups(model.cfg)
+    frozen = freeze(model, ["encoder", "decoder.layers.0-1"], groups)
+    assert all(n.startswith(("encoder.", "decoder.block.0.", "decoder.block.1.")) for n in frozen)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("encoder."))
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("decoder.block.2."))
+    with pytest.raises(XiaolmError, match=r"decoder.layers 0 … 2"):
+        freeze(model, ["decoder.layers.5"], groups)
+
+
+def test_lora_on_the_default_targets_trains_adapters_only():
+    from xiaolm.model.adapters import LoraSettings, apply_lora
+    from xiaolm.model.registry import get_arch
+
+    peft_model = apply_lora(tiny(), LoraSettings(r=4, alpha=8), get_arch("t5").lora_targets)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".wi." in n for n in trainable) and any("EncDecAttention.q" in n for n in trainable)
