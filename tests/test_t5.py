@@ -1,6 +1,8 @@
 """The T5 text-to-text model: HF parity of losses, log-probs and greedy output, the cached decoder under continuous
 batching, export and loading, freezing and LoRA targets."""
 
+import json
+
 import pytest
 import torch
 
@@ -160,3 +162,44 @@ def test_lora_on_the_default_targets_trains_adapters_only():
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any(".wi." in n for n in trainable) and any("EncDecAttention.q" in n for n in trainable)
+
+
+def test_multiple_choice_scores_each_option_as_the_target_of_its_prompt():
+    from xiaolm.eval.choice import score_options
+
+    model = tiny()
+    encoded = [([5, 17, 40], [[8, 9], [10, 11, 12]], [20, 21]), ([7, 9, 11, 13, 15], [[30], [31, 32]], [22, 23])]
+    scored = score_options(model, encoded)
+    for (prompt, options, letters), (sums, letter_logps) in zip(encoded, scored, strict=True):
+        for option, total in zip(options, sums, strict=True):  # one row, the option as the whole target
+            x = torch.tensor([prompt + option[:-1]])
+            y = torch.tensor([[IGNORE] * (len(prompt) - 1) + option])
+            assert total == pytest.approx(model(x, y, output="logprobs").sum().item(), abs=1e-4)
+        for letter, logp in zip(letters, letter_logps, strict=True):
+            y = torch.tensor([[IGNORE] * (len(prompt) - 1) + [letter]])
+            assert logp == pytest.approx(model(torch.tensor([prompt]), y, output="logprobs").sum().item(), abs=1e-4)
+
+
+def test_the_server_answers_chat_completions_with_a_t5_model(tiny_tokenizer_dir):
+    from fastapi.testclient import TestClient
+
+    from xiaolm.infer.server import create_app
+    from xiaolm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    model = tiny()
+    model.cfg.pad_token_id = model.cfg.eos_token_id = tok.pad_token_id
+    body = {"model": "t5", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 64, "temperature": 0}
+    with TestClient(create_app(model, tok, "t5")) as client:
+        reply = client.post("/v1/chat/completions", json=body)
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    assert "capped to 63" in out["warnings"][0]  # the reply has the decoder's context, whatever the prompt
+    from xiaolm.infer.generate import GenerationConfig, chat_reply
+
+    expected = "".join(chat_reply(model, tok, body["messages"], GenerationConfig(max_new_tokens=63, temperature=0)))
+    assert expected and out["choices"][0]["message"]["content"] == expected
+    deltas = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(d["choices"][0]["delta"].get("content") or "" for d in deltas if d["choices"]) == expected
+    assert streamed.text.rstrip().endswith("data: [DONE]")

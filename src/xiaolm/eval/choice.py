@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xiaolm.eval.choice_data import ChoiceItem, ceval_prompt
+from xiaolm.model.registry import arch_of
 from xiaolm.tokenizer import IM_END, encode_prompt
 
 METHODS = {"text": "log-likelihood of each option's text after the prompt, summed and divided by its characters",
@@ -62,6 +63,8 @@ def score_options(model: nn.Module, encoded: list[tuple[list[int], list[list[int
         prompts = [encoded[i][0][-(ctx - opt_len):] for i in chunk]
         options = [[o[:opt_len] for o in encoded[i][1]] for i in chunk]
         run = _shared_prefix_batch if share_prefix else _full_sequence_batch
+        if arch_of(model).encoder_decoder:
+            run = _text_to_text_batch
         for i, scores in zip(chunk, run(model, prompts, options, [encoded[i][2] for i in chunk]), strict=True):
             results[i] = scores
     return results
@@ -127,6 +130,31 @@ def _full_sequence_batch(model: nn.Module, prompts: list[list[int]], options: li
             last_rows.append(hidden[j, start - 1])
     last = F.log_softmax(model.lm_head(torch.stack(last_rows)).float(), dim=-1)
     return _collect(logps, [len(s) - len(prompts[i]) for i, s in seqs], options, last, letters)
+
+
+def _text_to_text_batch(model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]],
+                        letters: list[list[int]]) -> list[tuple[list[float], list[float]]]:
+    """An encoder-decoder model: the prompt is the source, each option a target; the letters are scored on the
+    decoder's first step (the prompts are encoded once more for it: the options' forward encodes each row)."""
+    device = next(model.parameters()).device
+    pad = model.cfg.pad_token_id
+    seqs = [(p, o) for p, opts in zip(prompts, options, strict=True) for o in opts]
+    width = max(len(p) + len(o) for p, o in seqs) - 1
+    x = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    y = torch.full((len(seqs), width), -100, dtype=torch.long, device=device)
+    for j, (p, o) in enumerate(seqs):  # the decoder-only layout the model splits (model/t5.py)
+        row = torch.tensor(p + o, device=device)
+        x[j, :len(row) - 1], y[j, len(p) - 1:len(row) - 1] = row[:-1], row[len(p):]
+    token_logps = model(x, y, output="logprobs").float()
+    logps = torch.zeros(len(seqs), max(len(o) for _, o in seqs), device=device)
+    for j, (p, o) in enumerate(seqs):
+        logps[j, :len(o)] = token_logps[j, len(p) - 1:len(p) - 1 + len(o)]
+    src = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        src[i, :len(p)] = torch.tensor(p, device=device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    last = F.log_softmax(model.prefill(src, lengths, model.new_kv_cache(len(prompts), 1)).float(), dim=-1)
+    return _collect(logps, [len(o) for _, o in seqs], options, last, letters)
 
 
 def _collect(logps: torch.Tensor, lengths: list[int], options: list[list[list[int]]], last: torch.Tensor,

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from xiaolm.chat_format import normalize_chat
 from xiaolm.infer.generate import Engine, Event, GenerationConfig, chat_stop_ids
 from xiaolm.infer.scheduler import Job, Scheduler
+from xiaolm.model.registry import arch_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -119,6 +120,8 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, 
     """The FastAPI app serving `model` under the model id `name`; the scheduler runs while the app lives."""
     limits = limits or Limits()
     ctx = model.cfg.max_seq_len
+    # an encoder-decoder model reads the prompt in its encoder: the reply has the decoder's context to itself
+    encoder_decoder = arch_of(model).encoder_decoder
     max_prompt = min(limits.max_prompt_tokens or ctx - 1, ctx - 1)
     max_tokens_limit = limits.max_tokens or ctx
     scheduler = Scheduler(Engine(model, limits.max_running, tokenizer=tokenizer, compile=compile), limits.max_queue)
@@ -183,12 +186,13 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, 
         if len(prompt) > max_prompt:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model takes at most {max_prompt} "
                                 f"(its context is {ctx} tokens)", param="messages", code="context_length_exceeded")
-        room, warnings = ctx - len(prompt), []
+        room, warnings = ctx - 1 if encoder_decoder else ctx - len(prompt), []
         max_tokens = _number(body, "max_completion_tokens", None, 1, max_tokens_limit, integer=True)
         max_tokens = _number(body, "max_tokens", max_tokens, 1, max_tokens_limit, integer=True)
         if max_tokens is not None and max_tokens > room:
-            warnings.append(f"max_tokens={max_tokens} capped to {room}: the prompt's {len(prompt)} tokens "
-                            f"leave {room} of the {ctx}-token context")
+            warnings.append(f"max_tokens={max_tokens} capped to {room}: " + (
+                f"the decoder's context is {ctx} tokens, its start token included" if encoder_decoder else
+                f"the prompt's {len(prompt)} tokens leave {room} of the {ctx}-token context"))
         n = _number(body, "n", 1, 1, min(limits.max_n, limits.max_running), integer=True)
         if not isinstance(body.get("stream", False), bool):
             raise ApiError(400, "'stream' must be true or false", param="stream")
