@@ -46,7 +46,7 @@ class PolicyWithValue(nn.Module):
         """log π(y|x) per token [B,T]; with output="both" also the values [B,T] (float32)."""
         if output == "logprobs":
             return self.lm(x, y, output="logprobs")
-        hidden = self.lm(x, output="hidden")
+        hidden = self.lm(x, y, output="hidden")  # with y: an encoder-decoder model tells source from answer
         head = base_model(self.lm).lm_head.weight
         logps = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), head, y.reshape(-1)).view(y.shape)
         return logps, self.value(hidden.detach() if self.detach_value else hidden).squeeze(-1).float()
@@ -70,9 +70,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 @torch.no_grad()
-def masked_entropy(module: nn.Module, x: torch.Tensor, mask: torch.Tensor, chunk: int = 1024) -> float:
+def masked_entropy(module: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, chunk: int = 1024
+                   ) -> float:
     """Mean entropy of the policy's next-token distribution at the masked positions (logits in chunks)."""
-    hidden = module.lm(x, output="hidden")[mask]
+    hidden = module.lm(x, y, output="hidden")[mask]
     head = base_model(module.lm).lm_head.weight
     total = 0.0
     for i in range(0, hidden.shape[0], chunk):
@@ -119,7 +120,7 @@ class PPOObjective(RolloutObjective):
         return {"kl": float(masked_mean(kl, mask)),  # per answer token, k1 on the policy's own samples: E[log π/π_ref]
                 "kl_penalty": float(-(self.settings.kl_coef * kl).sum(-1).mean()),
                 "value": float(masked_mean(batch["values"], mask)),
-                "entropy": masked_entropy(module, batch["x"][:rows].to(run.device),
+                "entropy": masked_entropy(module, batch["x"][:rows].to(run.device), batch["y"][:rows].to(run.device),
                                           batch["mask"][:rows].to(run.device))}
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:

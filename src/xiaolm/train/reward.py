@@ -9,10 +9,14 @@ same length rule and rejects.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xiaolm.errors import XiaolmError
+from xiaolm.model.registry import get_arch
 from xiaolm.model.reward import RewardModel, reward_batch
 from xiaolm.tokenizer.chat import Pair
 from xiaolm.train.config import TrainConfig
@@ -75,6 +79,14 @@ class RewardObjective(Objective):
 def run_reward(cfg: TrainConfig, resume: bool = False) -> dict:
     """The `xiaolm reward` stage."""
     tokenizer_dir, vocab, train_set, val, pad_id = preference_splits(cfg, "reward")
-    return run_stage(cfg, "reward", tokenizer_dir, vocab,
-                     lambda c, ctx: RewardObjective(train_set, val, c.batch_size, c.seed, pad_id, c.eval_batches),
-                     resume)
+
+    def objective(c: TrainConfig, ctx: Any) -> RewardObjective:
+        if get_arch(c.model.arch).encoder_decoder:
+            raise XiaolmError(f"init_from={c.init_from} is an encoder-decoder ({c.model.arch}) model; xiaolm's reward "
+                              "models are decoder-only (a score on the last answer token, loadable as "
+                              "AutoModelForSequenceClassification)", where="init_from",
+                              hint="start the reward model from a decoder-only (llama) model; GRPO and PPO on a T5 "
+                                   "policy can use it or reward functions")
+        return RewardObjective(train_set, val, c.batch_size, c.seed, pad_id, c.eval_batches)
+
+    return run_stage(cfg, "reward", tokenizer_dir, vocab, objective, resume)
