@@ -16,14 +16,15 @@ One step, the same on both sides: zero_grad, forward to the mean cross-entropy (
 `model(...).loss`), backward, torch.optim.AdamW(lr 1e-4, defaults otherwise) step; --optimizer fused (the default,
 what xiaolm's make_optimizer builds on CPU, and the faster on CPU) or foreach, the same for both. transformers'
 attention: --hf-attn auto times one step with sdpa and one with eager after the warm-up and keeps the faster
-(printed). The first step's losses (same weights, same batch) must agree within 1e-4 relative, else the script
-stops. Then --warmup steps per side, and --rounds rounds, each timing --steps steps of ours and then of transformers
-(ours, theirs, ours, theirs, … so machine noise hits both alike). tokens/s = batch × (src + tgt) tokens per step ×
-steps ÷ seconds (xiaolm's loop counts x's batch × (src + tgt − 1): the same factor on both sides). Printed: every
-round, the median tokens/s of each side with the min–max over rounds, and the ratio ours/transformers: the median
-of the per-round ratios with their min–max. Neither side is compiled.
-Time (estimates): demo with the defaults, about 1 minute on 2 idle cores; seed is ~100× the work per token, tens
-of seconds a step there: use e.g. `--shape seed --batch 4 --rounds 5 --steps 2`.
+(printed). The first warm-up step's losses (same weights, same batch) must agree within 1e-4 relative, else the
+script stops. Then the rest of the --warmup steps per side, and --rounds rounds, each timing --steps steps of ours
+and then of transformers (ours, theirs, ours, theirs, … so machine noise hits both alike). tokens/s = batch × (src +
+tgt) tokens per step × steps ÷ seconds (xiaolm's loop counts x's batch × (src + tgt − 1): the same factor on both
+sides). Printed: every round, the median tokens/s of each side with the min–max over rounds, and the ratio
+ours/transformers: the median of the per-round ratios with their min–max. Neither side is compiled.
+Time (estimates): demo (4.07M parameters) with the defaults, about 1 minute on 2 idle cores (~0.45 s a step);
+seed (187.7M parameters) takes tens of seconds a step there at batch 16: on a CPU use e.g. `--shape seed --batch 4
+--rounds 5 --steps 2` (some minutes).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def hf_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train_steps(model, opt: torch.optim.Optimizer, loss_fn, batch: dict[str, torch.Tensor], steps: int) -> float:
-    """`steps` training steps (zero_grad, forward, backward, AdamW step); the last loss."""
+    """`steps` training steps (zero_grad, forward, backward, AdamW step); the last loss (nan for none)."""
+    loss = torch.tensor(float("nan"))
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
@@ -129,6 +131,8 @@ def main() -> None:
     p.add_argument("--hf-attn", choices=["auto", "sdpa", "eager"], default="auto", help="transformers' attention")
     p.add_argument("--threads", type=int, default=0, help="torch threads, both sides (0: torch's default)")
     a = parse_args(p, QUICK, "about 30 s")
+    if min(a.batch, a.src, a.tgt, a.warmup, a.rounds, a.steps) < 1:
+        p.error("--batch, --src, --tgt, --warmup, --rounds and --steps must be at least 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     print_header()
@@ -153,7 +157,7 @@ def main() -> None:
     if not rel <= LOSS_RTOL:
         sys.exit("the two models' losses differ: not the same computation, so no comparison")
     for side in sides:
-        train_steps(*sides[side], max(0, a.warmup - 1))
+        train_steps(*sides[side], a.warmup - 1)  # the loss check was the first warm-up step
     attn = pick_attention(theirs, sides["hf"], a)
 
     tps: dict[str, list[float]] = {side: [] for side in sides}
