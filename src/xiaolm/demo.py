@@ -18,6 +18,8 @@ from xiaolm.config import config_to_dict, save_config
 from xiaolm.errors import XiaolmError
 from xiaolm.io import atomic_write_json
 from xiaolm.model.llama import LlamaConfig
+from xiaolm.model.registry import get_arch
+from xiaolm.model.t5 import T5Config
 from xiaolm.train.config import DataConfig, FinetuneSettings, GRPOSettings, RLSettings, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,20 @@ log = logging.getLogger(__name__)
 
 def _demo_model() -> LlamaConfig:
     return LlamaConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
+
+
+def _demo_t5() -> T5Config:
+    """The text-to-text demo model: 2 encoder + 2 decoder blocks, 4.07M parameters against the Llama's 4.00M at
+    the demo's vocabulary (the same width; a ReLU feed-forward of the SwiGLU's hidden width)."""
+    return T5Config(dim=256, n_layers=2, n_heads=4, head_dim=64, ffn_dim=704, max_seq_len=256)
+
+
+@dataclass
+class DemoModel:
+    """`model.arch=t5` runs the demo on the text-to-text path with _demo_t5's shape (unless pretrain.model.arch
+    is set too, which then takes pretrain.model.* as given)."""
+
+    arch: str = "llama"
 
 
 def _pretrain() -> TrainConfig:
@@ -80,6 +96,7 @@ class DemoConfig:
     vocab_size: int = 4096
     cjk_chars: bool = True  # character-level Chinese: tiny models learn numerals and facts much faster
     eval_limit: int = 0  # evaluate only the first N items of each kind of each set (0 = all)
+    model: DemoModel = field(default_factory=DemoModel)  # model.arch=t5: the text-to-text path (no reward model)
     pretrain: TrainConfig = field(default_factory=_pretrain)
     sft: TrainConfig = field(default_factory=_sft)
     dpo: TrainConfig = field(default_factory=_dpo)
@@ -132,8 +149,13 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, corpus: dict[str, Path]) -> d
         seed = cfg.seed if own.seed == getattr(defaults, stage).seed else own.seed
         return replace(own, seed=seed, out=str(out / changes.pop("name", stage)), **changes)
 
-    pre = seeded("pretrain", data=replace(cfg.pretrain.data, path=str(out / "data" / "packed"),
-                                          tokenizer=str(out / "tokenizer")))
+    model = cfg.pretrain.model
+    if get_arch(cfg.model.arch).encoder_decoder and model.arch != cfg.model.arch:
+        model = _demo_t5()
+    elif cfg.model.arch != "llama" and model.arch != cfg.model.arch:
+        raise XiaolmError(f"model.arch={cfg.model.arch!r}: the demo runs llama or t5", where="model.arch")
+    pre = seeded("pretrain", model=model, data=replace(cfg.pretrain.data, path=str(out / "data" / "packed"),
+                                                       tokenizer=str(out / "tokenizer")))
     sft = seeded("sft", init_from=pre.out, data=replace(cfg.sft.data, path=str(corpus["sft"])))
     dpo = seeded("dpo", init_from=sft.out, data=replace(cfg.dpo.data, path=str(corpus["preference"]),
                                                         val_path=str(corpus["preference_val"])))
@@ -194,6 +216,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results["world"] = json.loads(Path(paths["world_summary"]).read_text(encoding="utf-8"))
     stages = demo_stage_configs(cfg, out, paths)
     pre, sft = stages["pretrain"], stages["sft"]
+    results["arch"] = pre.model.arch
 
     log.info("demo [2/12] data clean: normalize, convert to Simplified, filter, deduplicate")
     raw = paths["raw_text"]
@@ -254,11 +277,14 @@ def run_demo(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     results["preference"]["after"] = preference_accuracy(model, tokenizer, pairs)
     results["chat_exact"]["dpo"] = _accuracies(exact_match(model, tokenizer, qa))
 
-    log.info("demo [10/12] reward model: Bradley-Terry on the preference pairs, judged on the held-out ones")
-    results["reward"] = _train_stage(run_reward, stages["reward"])
-    reward_model = load_reward_model(Path(stages["reward"].out) / "best")[0]
-    results["reward"]["heldout"] = reward_accuracy(reward_model, tokenizer, pairs)
-    del reward_model
+    if get_arch(pre.model.arch).encoder_decoder:
+        log.info("demo [10/12] reward model: skipped (reward models are decoder-only)")
+    else:
+        log.info("demo [10/12] reward model: Bradley-Terry on the preference pairs, judged on the held-out ones")
+        results["reward"] = _train_stage(run_reward, stages["reward"])
+        reward_model = load_reward_model(Path(stages["reward"].out) / "best")[0]
+        results["reward"]["heldout"] = reward_accuracy(reward_model, tokenizer, pairs)
+        del reward_model
 
     log.info("demo [11/12] grpo: RL with verifiable rewards on numeral and arithmetic prompts")
     results["grpo"] = _train_stage(run_grpo, stages["grpo"])

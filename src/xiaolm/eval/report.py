@@ -27,7 +27,11 @@ def render_report(r: dict[str, Any]) -> str:
     world = r["world"]
     lines += ["- fictional world: " + ", ".join(f"{k} {v}" for k, v in world.items())]
     lines += [f"- SFT chats {r['sft_records']:,}", ""]
-    lines += ["## Training", "", "| stage | params | steps | tokens seen | final validation metric | seconds |",
+    arch = {"llama": "decoder-only (Llama)", "t5": "encoder-decoder (T5): the prompt goes to the encoder, the answer "
+            "comes from the decoder; pretraining cuts each text window into a source and the continuation to "
+            "predict; no reward model (xiaolm's are decoder-only)"}
+    lines += ["## Training", "", f"Model: {arch.get(r.get('arch', 'llama'), r.get('arch'))}.", ""]
+    lines += ["| stage | params | steps | tokens seen | final validation metric | seconds |",
               "|---|---|---|---|---|---|"]
     stages = [name for name in ("pretrain", "sft", "dpo", "reward", "grpo", "finetune", "finetune_scratch")
               if name in r]
