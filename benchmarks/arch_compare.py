@@ -5,7 +5,7 @@
     python benchmarks/arch_compare.py --llama D0,D1,D2 --t5 T0,T1,T2 [--windows 64]
 
 Read from each demo's results.json: exact match per kind after SFT, multiple choice, held-out preference accuracy
-(SFT → DPO), triplet F1 of the fine-tune (and of the same fine-tune from an untrained model), stage times.
+(SFT → DPO), triplet F1 of the fine-tune (and of the same fine-tune from an untrained model), tokens seen.
 Computed here, the same for both, because the two validation losses are not the same quantity (Llama predicts
 every token of a window, T5 only those after the cut): the **continuation loss** of each pretrained model, the mean
 next-token loss on the second half of --windows evenly spread 257-token windows of the pack's val.bin given the
@@ -53,8 +53,7 @@ def measures(demo: Path, windows: int) -> dict[str, float]:
             100 * r["preference"][when]["accuracy"]
     out["triplet F1, fine-tune from DPO"] = r["finetune"]["best_val_f1"]
     out["triplet F1, same fine-tune from scratch"] = r["finetune_scratch"]["best_val_f1"]
-    for stage in ("pretrain", "sft", "dpo", "finetune"):
-        out[f"{stage} seconds"] = r[stage]["seconds"]
+    out["SFT tokens seen (M)"] = r["sft"]["tokens_seen"] / 1e6
     return out
 
 

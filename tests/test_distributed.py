@@ -21,12 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain_args(tmp_path, out: str, batch_size: int) -> list[str]:
+MODELS = {"llama": ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                     "model.max_seq_len=32"],
+          "t5": ["model.arch=t5", "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.head_dim=8",
+                 "model.ffn_dim=64", "model.max_seq_len=32"]}
+
+
+def pretrain_args(tmp_path, out: str, batch_size: int, arch: str = "llama") -> list[str]:
     return ["pretrain", f"out={tmp_path / out}", f"data.path={tmp_path / 'packed'}",
             f"data.tokenizer={tmp_path / 'tok'}", "data.seq_len=32", "device=cpu", "dtype=fp32", "max_steps=6",
             f"batch_size={batch_size}", "lr=3e-3", "warmup_steps=2", "log_every=1", "eval_every=3",
-            "eval_batches=1", "save_every=3", "model.dim=32", "model.n_layers=2", "model.n_heads=4",
-            "model.n_kv_heads=2", "model.max_seq_len=32"]
+            "eval_batches=1", "save_every=3", *MODELS[arch]]
 
 
 def xiaolm(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
@@ -46,11 +51,11 @@ def max_gap(a, b) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_single_process(tmp_path, parallel):
+@pytest.mark.parametrize("parallel,arch", [("ddp", "llama"), ("fsdp", "llama"), ("ddp", "t5")])
+def test_two_processes_match_single_process(tmp_path, parallel, arch):
     make_packed(tmp_path)
-    xiaolm(pretrain_args(tmp_path, "single", 8))
-    xiaolm([*pretrain_args(tmp_path, "multi", 4), f"parallel={parallel}"], processes=2)
+    xiaolm(pretrain_args(tmp_path, "single", 8, arch))
+    xiaolm([*pretrain_args(tmp_path, "multi", 4, arch), f"parallel={parallel}"], processes=2)
     a, b = losses(tmp_path / "single"), losses(tmp_path / "multi")
     assert [s for s, _ in a] == list(range(1, 7))
     assert max_gap(a, b) < TOLERANCE

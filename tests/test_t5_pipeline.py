@@ -103,3 +103,16 @@ def test_pretrain_sft_dpo_export_and_load_in_transformers(packed, tiny_tokenizer
         mine = generate(ours, ids[0].tolist(), GenerationConfig(max_new_tokens=16, temperature=0, stop_ids=stops))
         assert mine == [t for t in theirs if t not in stops][:len(mine)] and len(mine) > 1
         assert theirs[len(mine):len(mine) + 1] in ([], [t for t in theirs[len(mine):len(mine) + 1] if t in stops])
+
+
+def test_text_to_text_pretraining_on_prompt_response_pairs_is_sft_from_a_fresh_model(packed, tiny_tokenizer_dir):
+    tmp = packed
+    pairs = [{"prompt": p["prompt"], "response": p["chosen"]} for p in make_pairs(40, seed=5)]
+    write_jsonl(tmp / "qa.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
+                                                 {"role": "assistant", "content": r["response"]}]} for r in pairs])
+    summary = run_sft(cfg(tmp, "pairs", max_steps=8, data=DataConfig(path=str(tmp / "qa.jsonl"), seq_len=48,
+                                                                    tokenizer=str(tiny_tokenizer_dir))))
+    model, _ = load_model(tmp / "pairs")
+    assert model.cfg.arch == "t5" and summary["steps"] == 8
+    losses = [r["loss"] for r in log_rows(tmp / "pairs")]
+    assert losses[-1] < losses[0]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from xiaolm import recipe
 from xiaolm.config import load_config
 from xiaolm.errors import XiaolmError
 from xiaolm.eval.command import EXAMPLES as EVAL_EXAMPLES
@@ -277,6 +278,13 @@ COMMANDS: dict[tuple[str, ...], Command] = {
         "run the whole pipeline on the embedded corpus (CPU, minutes)",
         "examples:\n  xiaolm demo\n  xiaolm demo --out runs/demo2 pretrain.max_steps=600 scale=2",
         _demo_arguments, cmd_demo),
+    ("recipe", "list"): Command("the seed projects as recipes, one line each", "examples:\n  xiaolm recipe list",
+                                recipe.list_arguments, recipe.cmd_list),
+    ("recipe", "run"): Command(
+        "run a recipe's stages in order (import … export), skipping finished ones and resuming the interrupted",
+        "examples:\n  xiaolm recipe run baby-llama2 --scale fixture\n"
+        "  xiaolm recipe run chatlm-t5-0.2b --scale full --downloads ~/downloads --out runs/chatlm",
+        recipe.run_arguments, recipe.cmd_run),
     ("data", "import"): Command(
         "convert a public Chinese dataset's files into xiaolm records",
         "examples:\n  xiaolm data import belle Belle_open_source_0.5M.json --out data/belle\n"
@@ -346,7 +354,7 @@ COMMANDS: dict[tuple[str, ...], Command] = {
                          "examples:\n  xiaolm report runs/demo\n  xiaolm report runs/sft runs/dpo --out runs/card",
                          report_arguments, cmd_report),
 }
-GROUPS = {"data": "data stages", "tokenizer": "tokenizer stages"}
+GROUPS = {"data": "data stages", "tokenizer": "tokenizer stages", "recipe": "the seed projects as recipes"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,21 +97,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_tree(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
         old = out.get(k)
         # another `arch` means another config class: the old architecture's settings do not carry over
         same_kind = isinstance(old, dict) and v.get("arch", old.get("arch")) == old.get("arch") \
             if isinstance(v, dict) else False
-        out[k] = _merge(old, v) if same_kind else v
+        out[k] = merge_tree(old, v) if same_kind else v
     return out
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> T:
     """Build `cls` from defaults, then `base`, then a YAML file, then `key=value` overrides."""
-    data: dict[str, Any] = _merge(config_to_dict(cls()), base or {})
+    data: dict[str, Any] = merge_tree(config_to_dict(cls()), base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -122,8 +122,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             raise XiaolmError(f"invalid YAML ({e.__class__.__name__})", where=str(p)) from None
         if not isinstance(loaded, dict):
             raise XiaolmError("config must be a mapping of keys to values", where=str(p))
-        data = _merge(data, loaded)
-    data = _merge(data, parse_overrides(overrides or []))
+        data = merge_tree(data, loaded)
+    data = merge_tree(data, parse_overrides(overrides or []))
     return _build(cls, data)
 
 

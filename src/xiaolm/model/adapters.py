@@ -135,5 +135,6 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """The plain model with each adapter folded into its weight (W + B·A·alpha/r)."""
-    return model.merge_and_unload()
+    """The plain model with each adapter folded into its weight (W + B·A·alpha/r), every weight trainable again
+    (peft froze the base), as any loaded model is."""
+    return model.merge_and_unload().requires_grad_(True)
