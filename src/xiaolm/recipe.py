@@ -52,7 +52,8 @@ class Eval:
 
     task: str = ""
     model: str = ""  # the stage whose model is evaluated
-    data: str = ""
+    data: str = ""  # a source group (its imported records)
+    path: str = ""  # --scale full: a file under --downloads read as published instead (e.g. a held-out test set)
     limit: int = 200
     fixture_limit: int = 12
     max_new_tokens: int = 256  # generation tasks (bleu, rouge, exact): the answer budget
@@ -278,7 +279,8 @@ class Runner:
         from xiaolm.eval.tasks import evaluate
 
         fixture = self.scale == "fixture"
-        result, _ = evaluate(str(self.out / e.model), e.task, self.groups[e.data],
+        data = [str(self.downloads / e.path)] if e.path and not fixture else self.groups[e.data]
+        result, _ = evaluate(str(self.out / e.model), e.task, data,
                              limit=e.fixture_limit if fixture else e.limit,
                              max_new_tokens=e.fixture_max_new_tokens if fixture else e.max_new_tokens)
         return result
