@@ -87,6 +87,8 @@ def measure(config: str, vocab: int, overrides: list[str], steps: int) -> dict:
     from xiaolm.train.stage import build_model
 
     cfg = load_config(TrainConfig, REPO / config if not Path(config).is_file() else config, overrides)
+    if cfg.model.arch != "llama":  # the activation formula below is the Llama block's
+        sys.exit(f"{config}: model.arch={cfg.model.arch}; this estimate covers Llama models only")
     device = resolve_device(cfg.device)
     amp = resolve_autocast_dtype(cfg.dtype, device)
     cfg, model = build_model(cfg, vocab, device)

@@ -39,6 +39,10 @@ def test_recipe_runs_every_stage_at_fixture_scale(name, tmp_path, caplog):
     auto = transformers.AutoModelForSeq2SeqLM if arch.startswith("T5") else transformers.AutoModelForCausalLM
     auto.from_pretrained(out / "model")
     transformers.AutoTokenizer.from_pretrained(out / "model")
+    if not arch.startswith("T5"):  # the tokenizer's CJK-first split is one llama.cpp reproduces
+        from xiaolm.model.gguf import export_gguf
+
+        assert export_gguf(out / "model", tmp_path / "model.gguf").stat().st_size > 0
 
     # a rerun skips every finished stage; a training stage stopped after its checkpoint resumes there
     last = [s for s in recipe.stages if s.kind != "pairs"][-1].name
