@@ -41,6 +41,25 @@ def continuation_loss(demo: Path, windows: int, width: int = 257) -> float:
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def source_use(demo: Path, stage: str, chats: int = 64) -> tuple[float, float]:
+    """A T5's loss on the first `chats` SFT chats with each chat's own source, and with the next chat's source
+    instead: how much the decoder reads its encoder."""
+    from xiaolm.model.loss import linear_cross_entropy
+    from xiaolm.tokenizer.chat import collate
+    from xiaolm.train.sft import load_chat_examples
+
+    model, tokenizer = load_model(demo / stage)
+    examples = load_chat_examples([str(demo / "corpus" / "sft.jsonl")], tokenizer, 256, None)[:chats]
+    batch = collate(examples, tokenizer.pad_token_id)
+    parts = model.split(batch["x"], batch["y"])
+    other = torch.roll(torch.arange(len(examples)), 1)
+    hidden = model.decode(parts["dec"], model.encode(parts["src"][other], parts["src_mask"][other]),
+                          parts["src_mask"][other])
+    moved = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), model.shared.weight, parts["tgt"].reshape(-1))
+    return model(batch["x"], batch["y"])[1].item(), moved.item()
+
+
 def measures(demo: Path, windows: int) -> dict[str, float]:
     r = json.loads((demo / "results.json").read_text(encoding="utf-8"))
     out = {"params (M)": r["pretrain"]["params"] / 1e6, "pretrain tokens seen (M)": r["pretrain"]["tokens_seen"] / 1e6,
@@ -77,6 +96,11 @@ def main() -> None:
     for key in runs["llama"][0]:
         pct = "exact" in key or "choice" in key or "accuracy" in key
         print(f"| {key} | " + " | ".join(spread([m[key] for m in runs[name]], pct) for name in ("llama", "t5")) + " |")
+    print("\nT5 loss on the first 64 SFT chats with its own source → with another chat's source (nats):")
+    for demo in a.t5.split(","):
+        for stage in ("pretrain", "sft"):
+            own, other = source_use(Path(demo), stage)
+            print(f"  {demo} {stage}: {own:.3f} → {other:.3f}")
 
 
 if __name__ == "__main__":
