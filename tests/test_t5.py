@@ -131,11 +131,9 @@ def test_a_gated_t5_config_is_refused_by_name():
         T5Config.from_hf_config({**cfg, "feed_forward_proj": "gated-gelu"})
 
 
-def test_packed_rows_and_calls_without_targets_are_refused_with_the_setting_to_change():
+def test_calls_without_targets_are_refused():
     model = tiny()
-    x, y = rows([(3, 8)])
-    with pytest.raises(XiaolmError, match="data.pack=false"):
-        model(x, y, doc_ids=torch.zeros_like(x))
+    x, _ = rows([(3, 8)])
     with pytest.raises(XiaolmError, match="needs the targets"):
         model(x, output="hidden")
 
@@ -203,3 +201,26 @@ def test_the_server_answers_chat_completions_with_a_t5_model(tiny_tokenizer_dir)
     deltas = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert "".join(d["choices"][0]["delta"].get("content") or "" for d in deltas if d["choices"]) == expected
     assert streamed.text.rstrip().endswith("data: [DONE]")
+
+
+def test_packed_chats_get_the_log_probs_each_gets_alone():
+    import numpy as np
+
+    from xiaolm.tokenizer.chat import collate, collate_packed
+
+    model = tiny()
+    g = torch.Generator().manual_seed(3)
+    chats = []
+    for n_prompt, n_answer in [(5, 4), (8, 2), (3, 6), (6, 5)]:
+        ids = torch.randint(2, 300, (n_prompt + n_answer,), generator=g).numpy().astype(np.int32)
+        labels = np.concatenate([np.full(n_prompt, IGNORE), ids[n_prompt:]]).astype(np.int32)
+        chats.append((ids, labels))
+    packed = collate_packed([chats[:3], chats[3:]], pad_id=0)
+    logps = model(packed["x"], packed["y"], output="logprobs", doc_ids=packed["doc"])
+    alone = [model(b["x"], b["y"], output="logprobs")[0] for b in (collate([c], 0) for c in chats)]
+    row0 = torch.cat([a for a in alone[:3]])
+    torch.testing.assert_close(logps[0, :len(row0)], row0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps[1, :len(alone[3])], alone[3], atol=1e-5, rtol=1e-5)
+    assert logps[0].abs().sum() > 0 and (logps[0][packed["y"][0] == IGNORE] == 0).all()
+    mean = -torch.cat([a[a != 0] for a in alone]).mean()
+    assert model(packed["x"], packed["y"], doc_ids=packed["doc"])[1].item() == pytest.approx(mean.item(), rel=1e-5)

@@ -35,9 +35,6 @@ def _demo_t5() -> T5Config:
     return T5Config(dim=256, n_layers=2, n_heads=4, head_dim=64, ffn_dim=704, max_seq_len=256)
 
 
-T5_SFT_BATCH = 30
-
-
 @dataclass
 class DemoModel:
     """`model.arch=t5` runs the demo on the text-to-text path with _demo_t5's shape (unless pretrain.model.arch
@@ -160,10 +157,6 @@ def demo_stage_configs(cfg: DemoConfig, out: Path, corpus: dict[str, Path]) -> d
     pre = seeded("pretrain", model=model, data=replace(cfg.pretrain.data, path=str(out / "data" / "packed"),
                                                        tokenizer=str(out / "tokenizer")))
     sft = seeded("sft", init_from=pre.out, data=replace(cfg.sft.data, path=str(corpus["sft"])))
-    if get_arch(model.arch).encoder_decoder and cfg.sft.batch_size == defaults.sft.batch_size:
-        # a T5 row is one chat, never packed: 30 chats carry the tokens of the Llama's 6 packed rows (measured on
-        # the demo corpus: 231 tokens per packed row, 46 per chat), so both see the same SFT token budget
-        sft = replace(sft, batch_size=T5_SFT_BATCH)
     dpo = seeded("dpo", init_from=sft.out, data=replace(cfg.dpo.data, path=str(corpus["preference"]),
                                                         val_path=str(corpus["preference_val"])))
     reward = seeded("reward", init_from=dpo.out, data=replace(cfg.reward.data, path=str(corpus["preference"]),

@@ -25,8 +25,9 @@ from torch import nn
 
 from xiaolm.errors import XiaolmError
 from xiaolm.model.kv_cache import KVCache
-from xiaolm.model.loss import IGNORE, linear_cross_entropy, linear_token_logprobs
+from xiaolm.model.loss import linear_cross_entropy, linear_token_logprobs
 from xiaolm.model.t5_config import T5Config
+from xiaolm.model.t5_rows import split_packed_rows, split_rows
 
 __all__ = ["T5", "T5Config", "Seq2SeqCache", "flops_per_token"]
 
@@ -170,8 +171,8 @@ class Stack(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def position_bias(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[B or 1, H, Tq, Tk] from query positions [B or 1, Tq] and key positions [Tk]."""
-        relative = keys[None, None, :] - queries[:, :, None]
+        """[B or 1, H, Tq, Tk] from query positions [B or 1, Tq] and key positions [Tk] or [B, Tk]."""
+        relative = (keys[None, None, :] if keys.dim() == 1 else keys[:, None, :]) - queries[:, :, None]
         buckets = relative_buckets(relative, not self.decoder, self.cfg.num_buckets, self.cfg.max_distance)
         table = self.block[0].layer[0].SelfAttention.relative_attention_bias
         return table(buckets).permute(0, 3, 1, 2)
@@ -246,21 +247,30 @@ class T5(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        """Encoder output [B,S,D] of source ids [B,S] (src_mask True on real tokens)."""
-        pos = torch.arange(src.shape[1], device=src.device)
-        bias = _masked(self.encoder.position_bias(pos[None], pos), src_mask[:, None, None, :])
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor, seg: torch.Tensor | None = None,
+               pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output [B,S,D] of source ids [B,S] (src_mask True on real tokens). Packed rows give each token's
+        segment `seg` and position in it `pos` [B,S]: attention stays inside a segment, positions restart."""
+        allowed = src_mask[:, None, None, :]
+        if seg is None:
+            pos = torch.arange(src.shape[1], device=src.device)[None]
+        else:
+            allowed = allowed & (seg[:, :, None] == seg[:, None, :])[:, None]
+        bias = _masked(self.encoder.position_bias(pos, pos[0] if seg is None else pos), allowed)
         x = self.encoder.dropout(self.shared(src))
         for block in self.encoder.block:
             x = self._run(block, x, bias)
         return self.encoder.dropout(self.encoder.final_layer_norm(x))
 
     def decode(self, dec: torch.Tensor, enc: torch.Tensor | None, src_mask: torch.Tensor,
-               cache: Seq2SeqCache | None = None) -> torch.Tensor:
+               cache: Seq2SeqCache | None = None, packed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Final decoder states [B,T,D], scaled for the tied output layer. Without a cache dec is the whole target
-        prefix; with one, dec continues each row from its cached length and the encoder side comes from it."""
+        prefix; with one, dec continues each row from its cached length and the encoder side comes from it.
+        `packed` (split's dec_seg, dec_pos, src_seg) keeps each target to itself and to its own source."""
         t = dec.shape[1]
-        if cache is None:
+        if packed is not None:
+            queries = keys = packed["dec_pos"]
+        elif cache is None:
             queries = torch.arange(t, device=dec.device)[None]
             keys = queries[0]
         else:
@@ -270,9 +280,16 @@ class T5(nn.Module):
         if int(queries.max()) >= self.cfg.max_seq_len:
             raise XiaolmError(f"target of {int(queries.max()) + 1} tokens exceeds model.max_seq_len="
                               f"{self.cfg.max_seq_len}", hint="ask for fewer new tokens")
-        causal = keys[None, None, None, :] <= queries[:, None, :, None]
+        cross_allowed = src_mask[:, None, None, :]
+        if packed is None:
+            causal = keys[None, None, None, :] <= queries[:, None, :, None]
+        else:  # causal by index within the same segment; its own source only
+            index = torch.arange(t, device=dec.device)
+            same = packed["dec_seg"][:, :, None] == packed["dec_seg"][:, None, :]
+            causal = (same & (index[None, None, :] <= index[None, :, None]))[:, None]
+            cross_allowed = cross_allowed & (packed["dec_seg"][:, :, None] == packed["src_seg"][:, None, :])[:, None]
         bias = _masked(self.decoder.position_bias(queries, keys), causal)
-        cross = _masked(torch.zeros((), device=dec.device), src_mask[:, None, None, :])
+        cross = _masked(torch.zeros((), device=dec.device), cross_allowed)
         x = self.decoder.dropout(self.shared(dec))
         for i, block in enumerate(self.decoder.block):
             if cache is None:
@@ -313,25 +330,11 @@ class T5(nn.Module):
 
     def split(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Decoder-only rows (x, y) → source, decoder input and target of each row's last labelled run of y."""
-        b, t = y.shape
-        idx = torch.arange(t, device=y.device)
-        valid = y != IGNORE
-        before = torch.zeros_like(valid)
-        before[:, 1:] = valid[:, :-1]
-        start = torch.where(valid & ~before, idx, -1).max(1).values  # first position of the last run
-        end = torch.where(valid, idx, -1).max(1).values
-        src_len = (start + 1).clamp(min=1)
-        tgt_len = torch.where(start >= 0, end - start + 1, 0)
-        s, n = int(src_len.max()), max(1, int(tgt_len.max()))
-        src_mask = idx[None, :s] < src_len[:, None]
-        src = x[:, :s].masked_fill(~src_mask, self.cfg.pad_token_id)
-        j = torch.arange(n, device=y.device)
-        tgt_mask = j[None] < tgt_len[:, None]
-        at = (start.clamp(min=0)[:, None] + j[None]).clamp(max=t - 1)  # y position of each target token
-        tgt = y.gather(1, at).masked_fill(~tgt_mask, IGNORE)
-        dec = x.gather(1, at).masked_fill(~tgt_mask, self.cfg.pad_token_id)
-        dec[:, 0] = self.cfg.pad_token_id  # the start token; dec[j] = x[start + j] is target token j - 1
-        return {"src": src, "src_mask": src_mask, "dec": dec, "tgt": tgt, "at": at, "tgt_mask": tgt_mask}
+        return split_rows(x, y, self.cfg.pad_token_id)
+
+    def split_packed(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor) -> dict[str, torch.Tensor]:
+        """split() for packed rows, one source and one target per document (model/t5_rows.py)."""
+        return split_packed_rows(x, y, doc, self.cfg.pad_token_id)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: Seq2SeqCache | None = None, attn_mask: torch.Tensor | None = None,
@@ -340,18 +343,19 @@ class T5(nn.Module):
         """As Llama.forward on decoder-only rows (x, y): "auto" → (None, mean cross-entropy over the targets);
         "logprobs" → log p(target) [B,T]; "hidden" → decoder states [B,T,D]; both at y's positions, 0 elsewhere.
         With a kv_cache (generation) input_ids are the next decoder tokens: → (logits [B,t,V], None)."""
-        if doc_ids is not None or attn_mask is not None or position_ids is not None:
-            raise XiaolmError("a T5 row holds one source and one target: packed rows, document masks and "
-                              "explicit positions do not apply", where="model.arch=t5",
-                              hint="set data.pack=false and data.doc_mask=false")
+        if attn_mask is not None or position_ids is not None:
+            raise XiaolmError("a T5 model takes no attention mask or positions: packed rows come with doc_ids",
+                              where="model.arch=t5")
         if kv_cache is not None:
             h = self.decode(input_ids, None, kv_cache.pick(kv_cache.src_mask)[:, :kv_cache.src_end], kv_cache)
             return F.linear(h, self.shared.weight), None
         if targets is None:
             raise XiaolmError("a T5 model needs the targets to tell source from target", where="model.arch=t5",
                               hint="this method works with decoder-only models only")
-        parts = self.split(input_ids, targets)
-        h = self.decode(parts["dec"], self.encode(parts["src"], parts["src_mask"]), parts["src_mask"])
+        parts = self.split(input_ids, targets) if doc_ids is None else self.split_packed(input_ids, targets, doc_ids)
+        packed = parts if doc_ids is not None else None
+        enc = self.encode(parts["src"], parts["src_mask"], parts.get("src_seg"), parts.get("src_pos"))
+        h = self.decode(parts["dec"], enc, parts["src_mask"], packed=packed)
         flat_h, flat_t = h.reshape(-1, h.size(-1)), parts["tgt"].reshape(-1)
         if output == "auto":
             return None, linear_cross_entropy(flat_h, self.shared.weight, flat_t)

@@ -23,9 +23,9 @@ class DataConfig:
     doc_mask: bool = True  # pretrain: attention stays inside each packed document, positions restart at it
     source_min: float = 0.25  # pretrain, model.arch=t5: each window is cut at a seeded point between these shares
     source_max: float = 0.75  # of its length; the encoder reads the part before, the decoder predicts the rest
-    pack: bool = True  # sft (in memory, decoder-only models): whole chats share rows of seq_len tokens, each
-    #                    attending to itself only; batch_size then counts rows. false (and always for model.arch=t5):
-    #                    one chat per row, padded to the batch's longest
+    pack: bool = True  # sft (in memory): whole chats share rows of seq_len tokens, each attending to itself only
+    #                    (a T5: each chat's source and target to themselves); batch_size then counts rows.
+    #                    false: one chat per row, padded to the batch's longest
     shuffle_buffer: int = 1024  # streamed data (pretrain from records, sft with stream=true): items mixed in memory
     stream: bool = False  # sft: read the chats through the shuffle buffer instead of holding them all (needs val_path)
     chat_path: str = ""  # finetune: chat records mixed into its batches (finetune.chat_mix)

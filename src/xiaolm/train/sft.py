@@ -14,7 +14,6 @@ import torch
 
 from xiaolm.data.stream import ChatStream
 from xiaolm.errors import XiaolmError
-from xiaolm.model.registry import get_arch
 from xiaolm.records.read import convert_records
 from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
@@ -164,16 +163,12 @@ def run_sft(cfg: TrainConfig, resume: bool = False) -> dict:
                           where=cfg.data.path,
                           hint=f"records must be {{\"messages\": [...]}}; see {out / 'rejects.jsonl'}")
     pad_id = pad_token_id(tokenizer, tokenizer_dir)
-    log.info("sft: %d training chats, %d validation chats", len(train_set), len(val))
-
-    def objective(c: TrainConfig, ctx: Any) -> Objective:
-        # a text-to-text row is one source and one target: chats are never packed for it
-        pack_len = c.data.seq_len if c.data.pack and not get_arch(c.model.arch).encoder_decoder else 0
-        if pack_len:
-            log.info("sft: rows of up to %d tokens hold several chats (data.pack)", pack_len)
-        return SFTObjective(train_set, val, c.batch_size, c.seed, pad_id, c.eval_batches, pack_len)
-
-    return run_stage(cfg, "sft", tokenizer_dir, len(tokenizer), objective, resume)
+    pack_len = cfg.data.seq_len if cfg.data.pack else 0
+    log.info("sft: %d training chats, %d validation chats%s", len(train_set), len(val),
+             f"; rows of up to {pack_len} tokens hold several chats (data.pack)" if pack_len else "")
+    return run_stage(cfg, "sft", tokenizer_dir, len(tokenizer),
+                     lambda c, ctx: SFTObjective(train_set, val, c.batch_size, c.seed, pad_id, c.eval_batches,
+                                                 pack_len), resume)
 
 
 def _run_streaming(cfg: TrainConfig, tokenizer, tokenizer_dir: str, resume: bool) -> dict:
