@@ -23,8 +23,9 @@ def test_recipe_runs_every_stage_at_fixture_scale(name, tmp_path, caplog):
     out = tmp_path / name
     results = run_recipe(name, "fixture", out)
     recipe = load_recipe(name)
-    plan = ["import", *(["clean", "dedup"] if recipe.pretrain_text else []), "tokenizer",
-            *(["pack"] if recipe.pretrain_text else []), *(s.name for s in recipe.stages),
+    text = recipe.pretrain_text
+    plan = ["import", *(f"clean-{g}" for g in recipe.clean_chats), *(["clean", "dedup"] if text else []), "tokenizer",
+            *(["pack"] if text else []), *(s.name for s in recipe.stages),
             *(f"eval-{e.task}" for e in recipe.evals), "export"]
     assert list(results) == plan
     for stage in recipe.stages:  # each training stage ran to its last step

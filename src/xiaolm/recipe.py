@@ -72,6 +72,8 @@ class Recipe:
     cjk_chars: bool = False  # tokenizer: every CJK character its own token first
     sources: dict[str, dict[str, str]] = field(default_factory=dict)  # group → import recipe → download path
     pretrain_text: list[str] = field(default_factory=list)  # source groups cleaned, deduplicated, packed
+    clean_chats: list[str] = field(default_factory=list)  # chat groups cleaned and deduplicated before training
+    chat_clean: dict[str, Any] = field(default_factory=dict)  # their CleanConfig keys (e.g. max_prompt_chars)
     fixture_records: int = 400  # demo records written per source at fixture scale
     stages: list[Stage] = field(default_factory=list)
     evals: list[Eval] = field(default_factory=list)
@@ -130,11 +132,18 @@ class Runner:
         self.recipe, self.name, self.out, self.scale, self.downloads = recipe, name, out, scale, downloads
         # source group → the record dirs its imports write (known before they exist: later stages of a resumed run)
         self.groups = {g: [str(out / "import" / src) for src in files] for g, files in recipe.sources.items()}
+        self.imported = dict(self.groups)
+        unknown = [g for g in recipe.clean_chats if g not in self.groups]
+        if unknown:
+            raise XiaolmError(f"clean_chats names {unknown}, which are not source groups", where=f"recipe {name}")
+        for group in recipe.clean_chats:  # later stages read the cleaned, deduplicated chats
+            self.groups[group] = [str(out / f"clean-{group}" / "dedup")]
         self.plan = self._plan()
 
     def _plan(self) -> list[tuple[str, Any]]:
         r = self.recipe
         plan: list[tuple[str, Any]] = [("import", self.import_sources)]
+        plan += [(f"clean-{g}", lambda g=g: self.clean_chat_group(g)) for g in r.clean_chats]
         if r.pretrain_text:
             plan += [("clean", self.clean), ("dedup", self.dedup)]
         plan += [("tokenizer", self.tokenizer)]
@@ -195,8 +204,20 @@ class Runner:
             out[src] = [str(write_layout(src, chunk, self.out / "fixtures" / src))]
         return out
 
+    def clean_chat_group(self, group: str) -> dict:
+        """Clean (the recipe's chat_clean settings) and deduplicate one group's imported chats."""
+        from xiaolm.data.clean import CleanConfig, clean_files
+        from xiaolm.data.dedup import dedup_files
+
+        out = self.out / f"clean-{group}"
+        settings = load_config(CleanConfig, base=self.recipe.chat_clean)
+        cleaned = clean_files(self.imported[group], out / "clean", settings)
+        deduped = dedup_files([out / "clean"], out / "dedup")
+        return {"clean": {k: cleaned[k] for k in ("records_in", "records_out", "rejected")},
+                "dedup": {k: deduped[k] for k in ("records_in", "records_out", "removed")}}
+
     def _text_dirs(self) -> list[str]:
-        return [d for g in self.recipe.pretrain_text for d in self.groups[g]]
+        return [d for g in self.recipe.pretrain_text for d in self.imported[g]]
 
     def clean(self) -> dict:
         from xiaolm.data.clean import clean_files
