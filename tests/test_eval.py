@@ -229,3 +229,18 @@ def evaluate_preference(model_dir, tmp_path, records) -> dict:
         main(["eval", str(model_dir), "--task", "preference", "--data", str(path), "--out", str(out)])
     assert e.value.code == 0
     return json.loads((out / "result.json").read_text(encoding="utf-8"))
+
+
+def test_letters_are_scored_on_the_whole_prompt_when_long_options_cut_it():
+    import torch.nn.functional as F
+
+    from tests.test_export import make_model
+    from xiaolm.eval.choice import score_options
+
+    model = make_model(300).eval()  # a 64-token context
+    prompt = list(range(10, 60))  # 50 tokens: room for 14 only beside the 50-token options
+    encoded = [(prompt, [list(range(100, 150)), list(range(150, 200))], [5, 6])]
+    (_, letters), = score_options(model, encoded)
+    with torch.no_grad():
+        direct = F.log_softmax(model(torch.tensor([prompt]))[0][0, -1].float(), -1)[[5, 6]].tolist()
+    assert letters == pytest.approx(direct, abs=1e-5)

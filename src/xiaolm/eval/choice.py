@@ -65,9 +65,25 @@ def score_options(model: nn.Module, encoded: list[tuple[list[int], list[list[int
         run = _shared_prefix_batch if share_prefix else _full_sequence_batch
         if arch_of(model).encoder_decoder:
             run = _text_to_text_batch
-        for i, scores in zip(chunk, run(model, prompts, options, [encoded[i][2] for i in chunk]), strict=True):
+        for i, prompt, scores in zip(chunk, prompts, run(model, prompts, options, [encoded[i][2] for i in chunk]),
+                                     strict=True):
             results[i] = scores
+            # the letter needs room for one token only: a prompt cut shorter to fit the option texts is scored
+            # again, cut to the context alone, so the letter sees what C-Eval's protocol (and lm-eval) shows it
+            whole = encoded[i][0][-(ctx - 1):]
+            if encoded[i][2] and len(whole) > len(prompt):
+                results[i] = (scores[0], _letter_logprobs(model, whole, encoded[i][2]))
     return results
+
+
+def _letter_logprobs(model: nn.Module, prompt: list[int], letters: list[int]) -> list[float]:
+    """log p(letter) as the next token after one prompt."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    if arch_of(model).encoder_decoder:
+        logits = model.prefill(ids, torch.tensor([len(prompt)], device=ids.device), model.new_kv_cache(1, 1))[0]
+    else:
+        logits = model(ids)[0][0, -1]
+    return F.log_softmax(logits.float(), dim=-1)[letters].tolist()
 
 
 def _shared_prefix_batch(model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]],
