@@ -8,25 +8,37 @@ from typing import Any
 from xiaolm.io import atomic_write_text
 
 
+def num(x: Any) -> str:
+    """The reports' one number format: integers with thousands separators, other numbers to 4 significant digits
+    (report.md and the report card alike)."""
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1000):
+        return f"{int(x):,}"
+    if isinstance(x, float):
+        return f"{x:,.4g}" if abs(x) < 1e6 else f"{x:,.0f}"
+    return str(x)
+
+
 def pct(x: float) -> str:
-    """A share as a percentage; tiny chance levels keep two significant digits instead of showing 0.0%."""
-    return f"{100 * x:.1f}%" if x == 0 or x >= 0.001 else f"{100 * x:.2g}%"
+    """A share as a percentage, in the one number format (62%, 16.67%, 0.01%)."""
+    return f"{num(100 * float(x))}%"
 
 
 def render_report(r: dict[str, Any]) -> str:
     """Markdown for a finished demo run; `r` is the dict run_demo collects."""
     lines = ["# xiaolm demo report", ""]
-    lines += [f"Machine: {r['machine']}. Total time {r['seconds_total']:.0f} s.", ""]
+    lines += [f"Machine: {r['machine']}. Total time {num(r['seconds_total'])} s.", ""]
     lines += ["## Data", ""]
     clean = r["clean"]
     lines += [(f"- raw records {clean['records_in']}, kept {clean['records_out']}, rejected "
               f"{sum(clean['rejected'].values())} ({', '.join(f'{k} {v}' for k, v in clean['rejected'].items())})")]
     pack = r["pack"]
-    lines += [(f"- tokenizer vocab {r['vocab_size']}; packed {pack['train_tokens']:,} train / {pack['val_tokens']:,} "
-              f"val tokens from {pack['train_docs']:,} documents")]
+    lines += [(f"- tokenizer vocab {r['vocab_size']}; packed {num(pack['train_tokens'])} train / "
+              f"{num(pack['val_tokens'])} val tokens from {num(pack['train_docs'])} documents")]
     world = r["world"]
     lines += ["- fictional world: " + ", ".join(f"{k} {v}" for k, v in world.items())]
-    lines += [f"- SFT chats {r['sft_records']:,}", ""]
+    lines += [f"- SFT chats {num(r['sft_records'])}", ""]
     arch = {"llama": "decoder-only (Llama)", "t5": "encoder-decoder (T5): the prompt goes to the encoder, the answer "
             "comes from the decoder; pretraining cuts each text window into a source and the continuation to "
             "predict; no reward model (xiaolm's are decoder-only)"}
@@ -38,18 +50,18 @@ def render_report(r: dict[str, Any]) -> str:
     for name in stages:
         s = r[name]
         metric = next(k.removeprefix("best_") for k in s if k.startswith("best_"))
-        lines.append(f"| {name} | {s['params'] / 1e6:.2f}M | {s['steps']} | {s['tokens_seen']:,} | "
-                     f"{metric} {s[metric]:.4f} | {s['seconds']:.0f} |")
+        lines.append(f"| {name} | {num(s['params'] / 1e6)}M | {num(s['steps'])} | {num(s['tokens_seen'])} | "
+                     f"{metric} {num(s[metric])} | {num(s['seconds'])} |")
     lines += ["", " ".join(f"![{name} loss]({name}/loss.png)" for name in stages)
               + (" ![grpo mean reward](grpo/reward.png)" if "grpo" in r else ""), ""]
     lines += ["## Results", "", "| measure | value | chance / reference |", "|---|---|---|"]
     ppl = r["ppl"]
-    lines.append(f"| val perplexity before pretraining | {ppl['before']:.1f} | {r['vocab_size']} (uniform) |")
-    lines.append(f"| val perplexity after pretraining | {ppl['after_pretrain']:.1f} | |")
-    lines.append(f"| val perplexity after SFT | {ppl['after_sft']:.1f} | |")
+    lines.append(f"| val perplexity before pretraining | {num(ppl['before'])} | {num(r['vocab_size'])} (uniform) |")
+    lines.append(f"| val perplexity after pretraining | {num(ppl['after_pretrain'])} | |")
+    lines.append(f"| val perplexity after SFT | {num(ppl['after_sft'])} | |")
     for source, by_stage in sorted(r.get("ppl_by_source", {}).items()):
         lines.append(f"| val perplexity, {source} only: before → pretrain → SFT | "
-                     f"{by_stage['before']:.1f} → {by_stage['after_pretrain']:.1f} → {by_stage['after_sft']:.1f} | |")
+                     + " → ".join(num(by_stage[k]) for k in ("before", "after_pretrain", "after_sft")) + " | |")
     for kind, m in r["exact"].items():
         lines.append(f"| exact match: {kind} ({m['n']} held-out questions) | {pct(m['accuracy'])} | "
                      f"{pct(m['chance'])} |")
@@ -83,15 +95,15 @@ def _later_stages(r: dict[str, Any]) -> list[str]:
     lines = ["## Preference tuning and fine-tuning", "", "| measure | value | chance / reference |", "|---|---|---|",
              f"| held-out preference pairs ({after['n']}): chosen more likely, SFT → DPO | {pct(before['accuracy'])} → "
              f"{pct(after['accuracy'])} | {pct(after['chance'])} |",
-             f"| mean log-prob margin chosen − rejected (nats), SFT → DPO | {before['margin']:.2f} → "
-             f"{after['margin']:.2f} | 0 |"]
+             f"| mean log-prob margin chosen − rejected (nats), SFT → DPO | {num(before['margin'])} → "
+             f"{num(after['margin'])} | 0 |"]
     for name, label in (("finetune", "pretrain → SFT → DPO → fine-tune"),
                         ("finetune_scratch", "untrained → fine-tune")):
         ret = r[name]["retention"]
         a = ret["after"]
         lines.append(f"| triplet F1 / precision / recall ({ret['extraction_records']} held-out records), {label} | "
-                     f"{a['triplet_f1']:.3f} / {a['triplet_precision']:.3f} / {a['triplet_recall']:.3f} | "
-                     f"{ret['before']['triplet_f1']:.3f} before |")
+                     f"{num(a['triplet_f1'])} / {num(a['triplet_precision'])} / {num(a['triplet_recall'])} | "
+                     f"{num(ret['before']['triplet_f1'])} before |")
     if "reward" in r:
         rm = r["reward"]["heldout"]
         lines.append(f"| reward model: held-out preference pairs ({rm['n']}) scored chosen > rejected | "

@@ -18,24 +18,13 @@ import json
 import platform
 import re
 from pathlib import Path
-from typing import Any
 
 from xiaolm.errors import XiaolmError
+from xiaolm.eval.report import num
 from xiaolm.io import atomic_write_text
 
 CURVES = ("loss.png", "reward.png")
 ORDER = ("pretrain", "sft", "dpo", "reward", "grpo", "ppo", "finetune", "finetune_scratch")  # the pipeline's order
-
-
-def num(x: Any) -> str:
-    """The card's one number format: integers with thousands separators, other numbers to 4 significant digits."""
-    if isinstance(x, bool) or x is None:
-        return str(x)
-    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 1000):
-        return f"{int(x):,}"
-    if isinstance(x, float):
-        return f"{x:,.4g}" if abs(x) < 1e6 else f"{x:,.0f}"
-    return str(x)
 
 
 def _json(path: Path) -> dict:
