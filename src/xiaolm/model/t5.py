@@ -10,7 +10,8 @@ so an untied head could not be loaded back. The decoder starts from the padding 
 -100 on what is not trained): in each row the last labelled run of y is the target and everything before it is
 the source. So the chat history goes into the encoder and the last answer is the decoder's target, with no
 objective knowing which architecture it trains; per-token outputs (log-probs, hidden states) come back in the
-decoder-only layout, at the positions of y they belong to, 0 elsewhere. Rows never pack several documents.
+decoder-only layout, at the positions of y they belong to, 0 elsewhere. Packed rows (doc_ids, as SFT's packing
+numbers its chats) split per document: each chat's source and target to themselves (model/t5_rows.py).
 """
 
 from __future__ import annotations
