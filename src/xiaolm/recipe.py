@@ -251,11 +251,15 @@ class Runner:
                               hint=f"groups: {', '.join(self.groups)}")
         return ",".join(self.groups[group])
 
+    def settings(self, stage: Stage) -> dict[str, Any]:
+        """The stage's own keys, with the fixture changes merged in at fixture scale."""
+        return merge_tree(stage.config, stage.fixture) if self.scale == "fixture" else dict(stage.config)
+
     def stage_config(self, stage: Stage) -> Any:
         """The stage's TrainConfig: the recipe's keys, the fixture changes, and the joins the runner makes."""
         from xiaolm.train.config import TrainConfig
 
-        tree = merge_tree(stage.config, stage.fixture) if self.scale == "fixture" else dict(stage.config)
+        tree = self.settings(stage)
         data = dict(tree.get("data", {}))
         joins: dict[str, Any] = {"out": str(self.out / stage.name), "seed": self.recipe.seed}
         if stage.start:
@@ -287,7 +291,7 @@ class Runner:
         from xiaolm.infer.generate import GenerationConfig
         from xiaolm.infer.pairs import build_pairs
 
-        tree = merge_tree(stage.config, stage.fixture) if self.scale == "fixture" else stage.config
+        tree = self.settings(stage)
         gen = GenerationConfig(max_new_tokens=int(tree.get("max_new_tokens", 128)),
                                temperature=float(tree.get("temperature", 0.9)), top_p=float(tree.get("top_p", 0.95)),
                                seed=self.recipe.seed)

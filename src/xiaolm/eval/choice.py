@@ -76,14 +76,23 @@ def score_options(model: nn.Module, encoded: list[tuple[list[int], list[list[int
     return results
 
 
+def _next_token_logprobs(model: nn.Module, prompts: list[list[int]]) -> torch.Tensor:
+    """log p(next token) [B,V] after each prompt, right-padded into one batch (a T5: its decoder's first step)."""
+    device = next(model.parameters()).device
+    ids = torch.full((len(prompts), max(map(len, prompts))), model.cfg.pad_token_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, device=device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    if arch_of(model).encoder_decoder:
+        logits = model.prefill(ids, lengths, model.new_kv_cache(len(prompts), 1))
+    else:  # right padding: causal attention never reaches it
+        logits = model(ids)[0][torch.arange(len(prompts), device=device), lengths - 1]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
 def _letter_logprobs(model: nn.Module, prompt: list[int], letters: list[int]) -> list[float]:
     """log p(letter) as the next token after one prompt."""
-    ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    if arch_of(model).encoder_decoder:
-        logits = model.prefill(ids, torch.tensor([len(prompt)], device=ids.device), model.new_kv_cache(1, 1))[0]
-    else:
-        logits = model(ids)[0][0, -1]
-    return F.log_softmax(logits.float(), dim=-1)[letters].tolist()
+    return _next_token_logprobs(model, [prompt])[0, letters].tolist()
 
 
 def _shared_prefix_batch(model: nn.Module, prompts: list[list[int]], options: list[list[list[int]]],
@@ -165,12 +174,7 @@ def _text_to_text_batch(model: nn.Module, prompts: list[list[int]], options: lis
     logps = torch.zeros(len(seqs), max(len(o) for _, o in seqs), device=device)
     for j, (p, o) in enumerate(seqs):
         logps[j, :len(o)] = token_logps[j, len(p) - 1:len(p) - 1 + len(o)]
-    src = torch.full((len(prompts), max(map(len, prompts))), pad, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        src[i, :len(p)] = torch.tensor(p, device=device)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    last = F.log_softmax(model.prefill(src, lengths, model.new_kv_cache(len(prompts), 1)).float(), dim=-1)
-    return _collect(logps, [len(o) for _, o in seqs], options, last, letters)
+    return _collect(logps, [len(o) for _, o in seqs], options, _next_token_logprobs(model, prompts), letters)
 
 
 def _collect(logps: torch.Tensor, lengths: list[int], options: list[list[list[int]]], last: torch.Tensor,

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 from xiaolm.errors import XiaolmError
 
+WHERE = "model config"
+
 
 @dataclass
 class ModelConfig:
@@ -32,3 +34,17 @@ class ModelConfig:
             raise XiaolmError(f"unknown model.arch={arch!r}", where="model.arch",
                               hint=f"use one of {', '.join(sorted(ModelConfig.variants))}")
         return ModelConfig.variants[arch]
+
+    def check_positive(self, *names: str) -> None:
+        """Refuse a shape field that is not positive, naming it."""
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise XiaolmError(f"model.{name}={getattr(self, name)} must be positive", where=WHERE)
+
+    def check_token_ids(self) -> None:
+        """Refuse an eos, pad or bos id outside the vocabulary, naming it."""
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise XiaolmError(f"model.{name}={value} is outside the vocabulary "
+                                  f"(model.vocab_size={self.vocab_size})", where=WHERE)

@@ -17,11 +17,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from xiaolm.errors import XiaolmError
-from xiaolm.model.config import ModelConfig
+from xiaolm.model.config import WHERE, ModelConfig
 from xiaolm.model.kv_cache import KVCache
 from xiaolm.model.loss import linear_cross_entropy, linear_token_logprobs
 
-WHERE = "model config"
 log = logging.getLogger(__name__)
 
 
@@ -56,9 +55,7 @@ class LlamaConfig(ModelConfig):
 
     def check(self) -> None:
         """Refuse shapes that cannot work, naming the clashing fields."""
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise XiaolmError(f"model.{name}={getattr(self, name)} must be positive", where=WHERE)
+        self.check_positive("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
         if self.ffn_dim is not None and self.ffn_dim <= 0:
             raise XiaolmError(f"model.ffn_dim={self.ffn_dim} must be positive", where=WHERE,
                               hint="or leave it unset (null) for ≈ 8/3·dim")
@@ -72,11 +69,7 @@ class LlamaConfig(ModelConfig):
         if self.head_dim % 2:
             raise XiaolmError(f"head dim = model.dim / model.n_heads = {self.head_dim} must be even for "
                               "rotary embeddings", where=WHERE, hint="change dim or n_heads")
-        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise XiaolmError(f"model.{name}={value} is outside the vocabulary "
-                                  f"(model.vocab_size={self.vocab_size})", where=WHERE)
+        self.check_token_ids()
 
     def hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """A transformers LlamaConfig dict for config.json (both 4.x and 5.x spellings of dtype and rope)."""

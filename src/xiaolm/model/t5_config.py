@@ -6,9 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from xiaolm.errors import XiaolmError
-from xiaolm.model.config import ModelConfig
-
-WHERE = "model config"
+from xiaolm.model.config import WHERE, ModelConfig
 
 
 @dataclass
@@ -44,17 +42,11 @@ class T5Config(ModelConfig):
 
     def check(self) -> None:
         """Refuse shapes that cannot work, naming the field."""
-        for name in ("vocab_size", "dim", "n_layers", "decoder_layers", "n_heads", "head_dim", "ffn_dim",
-                     "max_seq_len", "num_buckets", "max_distance"):
-            if getattr(self, name) <= 0:
-                raise XiaolmError(f"model.{name}={getattr(self, name)} must be positive", where=WHERE)
+        self.check_positive("vocab_size", "dim", "n_layers", "decoder_layers", "n_heads", "head_dim", "ffn_dim",
+                            "max_seq_len", "num_buckets", "max_distance")
         if not 0 <= self.dropout < 1:
             raise XiaolmError(f"model.dropout={self.dropout} must be in [0, 1)", where=WHERE)
-        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise XiaolmError(f"model.{name}={value} is outside the vocabulary "
-                                  f"(model.vocab_size={self.vocab_size})", where=WHERE)
+        self.check_token_ids()
 
     def hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """A transformers T5Config dict for config.json."""
