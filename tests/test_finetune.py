@@ -133,6 +133,18 @@ def test_chat_mix_draws_the_stated_share_of_every_batch_deterministically():
         assert int((objective(share).train_batch(0, 1000)["x"][:, 0] == 2).sum()) == chats
 
 
+def test_packed_batches_hold_the_padded_batches_chats_on_fewer_rows():
+    padded = objective(0.25)
+    task = [(np.array([1, i, 0]), np.array([1, i, 0])) for i in range(7)]
+    chats = [(np.array([2, i, 0]), np.array([2, i, 0])) for i in range(5)]
+    packed = FinetuneObjective(task, task, [], chats, FinetuneSettings(chat_mix=0.25), None, 8, 0, 0, 1, pack_len=4)
+    for first in range(0, 80, 8):
+        a, b = padded.train_batch(first, 8), packed.train_batch(first, 8)
+        assert b["x"].shape == (4, 4) and a["x"].shape == (8, 2)  # two chats of 2 tokens in each row of 4
+        assert sorted(map(tuple, b["x"].view(-1, 2).tolist())) == sorted(map(tuple, a["x"].tolist()))
+        assert int(b["mask"].sum()) == int(a["mask"].sum())
+
+
 def test_bad_records_are_rejected_by_line_and_the_rest_kept(tmp_path, demo_tokenizer):
     from xiaolm.tokenizer import load_tokenizer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from xiaolm.model.llama import Llama, LlamaConfig
-from xiaolm.tokenizer.chat import collate, collate_packed
+from xiaolm.tokenizer.chat import collate, collate_packed, pack_examples
 from xiaolm.train.sft import PackedRows, shuffled_index
 
 
@@ -89,3 +89,20 @@ def test_a_packed_row_gives_each_chat_the_loss_it_gets_alone():
         leaking = model(packed["x"], packed["y"])[1]  # without the chat boundaries later chats see earlier ones
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     assert abs(float(leaking) - float(alone)) > 1e-3
+
+
+def test_a_batch_packed_into_rows_keeps_every_chat_and_the_padded_loss():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    chats = _chats([60, 17, 40, 9, 30, 25, 64, 3])
+    rows = pack_examples(chats, 64)
+    assert sorted(id(c) for row in rows for c in row) == sorted(id(c) for c in chats)  # each chat exactly once
+    assert all(sum(len(ids) - 1 for ids, _ in row) <= 64 for row in rows)
+    assert [[len(ids) - 1 for ids, _ in row] for row in rows] == [[64], [60, 3], [40, 17], [30, 25, 9]]
+    padded, packed = collate(chats, pad_id=0), collate_packed(rows, pad_id=0)
+    assert packed["x"].numel() == 4 * 64 < padded["x"].numel() == 8 * 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(packed["x"], packed["y"], doc_ids=packed["doc"])[1],
+                                   model(padded["x"], padded["y"])[1], rtol=1e-5, atol=1e-5)

@@ -25,6 +25,7 @@ class DataConfig:
     source_max: float = 0.75  # of its length; the encoder reads the part before, the decoder predicts the rest
     pack: bool = True  # sft (in memory): whole chats share rows of seq_len tokens, each attending to itself only
     #                    (a T5: each chat's source and target to themselves); batch_size then counts rows.
+    #                    finetune: each batch's batch_size chats share as few rows as they fit (same loss).
     #                    false: one chat per row, padded to the batch's longest
     shuffle_buffer: int = 1024  # streamed data (pretrain from records, sft with stream=true): items mixed in memory
     stream: bool = False  # sft: read the chats through the shuffle buffer instead of holding them all (needs val_path)

@@ -30,7 +30,7 @@ from xiaolm.model.registry import base_model
 from xiaolm.records.read import read_items, read_records
 from xiaolm.records.rejects import RejectLog
 from xiaolm.tokenizer import load_tokenizer
-from xiaolm.tokenizer.chat import Example, collate, encode_chat
+from xiaolm.tokenizer.chat import Example, collate, collate_packed, encode_chat, pack_examples
 from xiaolm.train.config import FinetuneSettings, TrainConfig
 from xiaolm.train.objective import Metrics, RunContext
 from xiaolm.train.pretrain import split_paths
@@ -81,7 +81,8 @@ class FinetuneObjective(SFTObjective):
 
     Row k of the stream is a chat when floor((k+1)·chat_mix) > floor(k·chat_mix): exactly that share of any
     run of rows (±1 in each batch), and both kinds walk their own shuffled epochs, so every row is a pure
-    function of (seed, k).
+    function of (seed, k). With pack_len a batch's chats share rows of up to pack_len tokens (pack_examples): the
+    same chats and targets as the padded batch, on fewer positions.
     """
 
     best_metric = "val_f1"
@@ -89,8 +90,9 @@ class FinetuneObjective(SFTObjective):
 
     def __init__(self, train: list[Example], val: list[Example], val_records: list[dict], chats: list[Example],
                  settings: FinetuneSettings, tokenizer: Any, batch_size: int, seed: int, pad_id: int,
-                 eval_batches: int):
+                 eval_batches: int, pack_len: int = 0):
         super().__init__(train, val, batch_size, seed, pad_id, eval_batches)
+        self.pack_len = pack_len
         self.val_records, self.chats, self.settings, self.tokenizer = val_records, chats, settings, tokenizer
         self.share = Fraction(settings.chat_mix).limit_denominator(10_000)
 
@@ -109,7 +111,10 @@ class FinetuneObjective(SFTObjective):
     def train_batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Rows first … first+count-1: extraction chats, with chat rows in the stated share."""
         picks = [self.pick(row) for row in range(first, first + count)]
-        return collate([(self.chats if kind == "chat" else self.train)[i] for kind, i in picks], self.pad_id)
+        examples = [(self.chats if kind == "chat" else self.train)[i] for kind, i in picks]
+        if self.pack_len:
+            return collate_packed(pack_examples(examples, self.pack_len), self.pad_id)
+        return collate(examples, self.pad_id)
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, run: RunContext) -> Metrics:
@@ -196,7 +201,8 @@ def run_finetune(cfg: TrainConfig, resume: bool = False) -> dict:
     del before_model
     summary = run_stage(cfg, "finetune", tokenizer_dir, len(tokenizer),
                         lambda c, ctx: FinetuneObjective(train_set, val, val_records, chats, c.finetune, tokenizer,
-                                                         c.batch_size, c.seed, pad_id, c.eval_batches), resume)
+                                                         c.batch_size, c.seed, pad_id, c.eval_batches,
+                                                         c.data.seq_len if c.data.pack else 0), resume)
     from xiaolm.model.export import load_model
 
     after_model, _ = load_model(out / "best", device=device, with_tokenizer=False)
