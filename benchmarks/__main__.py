@@ -41,8 +41,9 @@ DATA_QUICK = ["--mb", "40", "--files", "4", "--work", "/tmp/xiaolm-databench-qui
 # name: (script, quick arguments, --full arguments). Six scripts have a --quick flag; the scripts' defaults are the
 # full sizes. memory_budget.py without --config runs its built-in recipes, those of RESULTS.md (--quick: the 100M
 # model with activation checkpointing). Left out: clean_chats.py measures chat record files that the user brings
-# (there is no corpus to run it on), chat_mix.py starts from a finished `xiaolm demo` run (~15 minutes alone), and
-# inference_memory.py needs llama-cpp-python (the llama-cpp extra, which builds llama.cpp: ~15 minutes to install).
+# (there is no corpus to run it on), chat_mix.py and numeral_directions.py start from a finished `xiaolm demo` run
+# (~15 minutes alone), and inference_memory.py needs llama-cpp-python (the llama-cpp extra, which builds llama.cpp:
+# ~15 minutes to install).
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "train_step": ("benchmarks/train_step.py", ["--quick"], []),
     "learning_efficiency": ("benchmarks/learning_efficiency.py", ["--quick"], []),
