@@ -317,3 +317,32 @@ def test_min_p_matches_transformers():
     per_row = filter_logits(logits, top_k=torch.tensor([1, 5, 0, 50]), top_p=torch.tensor([1.0, 1.0, 0.5, 1.0]))
     for i, (k, p) in enumerate([(1, 1.0), (5, 1.0), (0, 0.5), (50, 1.0)]):
         assert torch.equal(per_row[i].isinf(), filter_logits(logits[i:i + 1], top_k=k, top_p=p)[0].isinf())
+
+
+def test_unseeded_engine_rows_draw_from_the_filtered_distribution():
+    from xiaolm.infer.generate import Engine
+
+    torch.manual_seed(0)
+    scores = {5: 2.0, 6: 1.0, 7: 0.0}  # with the 297 other tokens at 0: token 5 has p = e² / (e² + e + 298)
+    model = constant_model(scores)
+    logits = torch.zeros(300)
+    for token, value in scores.items():
+        logits[token] = value
+    want = logits.softmax(-1)
+    free, nucleus = GenerationConfig(temperature=1.0, max_new_tokens=1), \
+        GenerationConfig(temperature=1.0, max_new_tokens=1, top_p=0.02)
+    counts, kept = torch.zeros(300), set()
+    for _ in range(25):
+        engine = Engine(model, slots=32)
+        slots = engine.add([[1]] * 32, [free] * 24 + [nucleus] * 8)
+        for event in engine.step():
+            if event.token is None:
+                continue
+            if event.slot in slots[:24]:
+                counts[event.token] += 1
+            else:
+                kept.add(event.token)
+    assert kept == {5}  # top_p 0.02 keeps only the most likely token (p = 0.024)
+    share = counts / counts.sum()  # 600 draws: token 5's share within 4 standard errors of its probability
+    assert abs(float(share[5] - want[5])) < 4 * (float(want[5] * (1 - want[5])) / 600) ** 0.5
+    assert int((counts > 0).sum()) > 100  # the flat tail is drawn from too

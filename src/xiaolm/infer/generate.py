@@ -57,12 +57,17 @@ def _per_row(value: float | torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, device=logits.device).reshape(-1, 1).expand(logits.shape[0], 1)
 
 
+def filters(top_k: int, top_p: float, min_p: float, vocab: int) -> bool:
+    """Whether these settings remove any token (else sampling needs no sort)."""
+    return 0 < top_k < vocab or top_p < 1.0 or min_p > 0.0
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | torch.Tensor = 0, top_p: float | torch.Tensor = 1.0,
                   min_p: float | torch.Tensor = 0.0) -> torch.Tensor:
     """Set to -inf every logit outside the top_k, then outside the nucleus top_p, then under min_p × the best
     token's probability (HF's rules, in HF's order); each setting a number or one value per row [B]."""
     if isinstance(top_k, int) and isinstance(top_p, float) and isinstance(min_p, float) \
-            and not 0 < top_k < logits.size(-1) and top_p >= 1.0 and min_p <= 0.0:
+            and not filters(top_k, top_p, min_p, logits.size(-1)):
         return logits  # nothing to filter: skip the sort
     vocab = logits.size(-1)
     k, p, m = _per_row(top_k, logits), _per_row(top_p, logits), _per_row(min_p, logits)
@@ -232,14 +237,27 @@ class Engine:
             logits = apply_repetition_penalty(logits, self.seen[idx], penalty)
         out = logits.argmax(-1)
         hot = [i for i, c in enumerate(cfgs) if c.temperature > 0]
-        if hot:
-            h = torch.tensor(hot, device=self.device)
-            temps = torch.tensor([cfgs[i].temperature for i in hot], device=self.device)[:, None]
-            probs = filter_logits(logits[h] / temps, torch.tensor([cfgs[i].top_k for i in hot]).to(self.device),
-                                  torch.tensor([cfgs[i].top_p for i in hot], device=self.device),
-                                  torch.tensor([cfgs[i].min_p for i in hot], device=self.device)).softmax(-1)
-            for j, i in enumerate(hot):  # a seeded row draws from its own generator, so others cannot shift it
-                out[i] = torch.multinomial(probs[j], 1, generator=self.rows[slots[i]].generator)[0]
+        if not hot:
+            return out.tolist()
+        h = torch.tensor(hot, device=self.device)
+        temps = torch.tensor([cfgs[i].temperature for i in hot], device=self.device)[:, None]
+        scaled = logits[h] / temps
+        sift = [j for j, i in enumerate(hot) if filters(cfgs[i].top_k, cfgs[i].top_p, cfgs[i].min_p, scaled.size(-1))]
+        if sift:  # only rows whose settings remove tokens pay for the sort
+            f = torch.tensor(sift, device=self.device)
+            scaled[f] = filter_logits(scaled[f], torch.tensor([cfgs[hot[j]].top_k for j in sift], device=self.device),
+                                      torch.tensor([cfgs[hot[j]].top_p for j in sift], device=self.device),
+                                      torch.tensor([cfgs[hot[j]].min_p for j in sift], device=self.device))
+        probs = scaled.softmax(-1)
+        free = [j for j, i in enumerate(hot) if self.rows[slots[i]].generator is None]
+        if free:  # rows without a seed draw together: argmax of p / Exp(1) noise is a draw from p, and -log U
+            f = torch.tensor(free, device=self.device)  # is Exp(1) for U uniform on (0, 1] (cheaper than exponential_)
+            p = probs[f]
+            out[h[f]] = (p / -(1.0 - torch.rand_like(p)).log()).argmax(-1)
+        for j, i in enumerate(hot):  # a seeded row draws from its own generator, so others cannot shift it
+            generator = self.rows[slots[i]].generator
+            if generator is not None:
+                out[i] = torch.multinomial(probs[j], 1, generator=generator)[0]
         return out.tolist()
 
     def _forward(self, going: list[tuple[int, int]]) -> None:
