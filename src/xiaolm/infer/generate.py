@@ -178,9 +178,10 @@ class Engine:
             self.logits[rows] = self.model.prefill(ids.to(self.device), lengths, view).float()
             filled = [1] * len(slots)
         else:
-            logits = self.model(ids.to(self.device), kv_cache=view)[0]
+            hidden = self.model(ids.to(self.device), kv_cache=view, output="hidden")
             last = torch.tensor([len(p) - 1 for p, _ in fitted], device=self.device)
-            self.logits[rows] = logits[torch.arange(len(slots), device=self.device), last].float()
+            # the output layer only at each prompt's last position: the others' logits would go unused
+            self.logits[rows] = self.model.lm_head(hidden[torch.arange(len(slots), device=self.device), last]).float()
             filled = [len(p) for p, _ in fitted]
         self.seen[rows] = False
         for slot, (prompt, budget), cfg, used in zip(slots, fitted, cfgs, filled, strict=True):
