@@ -346,3 +346,20 @@ def test_unseeded_engine_rows_draw_from_the_filtered_distribution():
     share = counts / counts.sum()  # 600 draws: token 5's share within 4 standard errors of its probability
     assert abs(float(share[5] - want[5])) < 4 * (float(want[5] * (1 - want[5])) / 600) ** 0.5
     assert int((counts > 0).sum()) > 100  # the flat tail is drawn from too
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_step_gives_the_same_greedy_tokens():
+    from xiaolm.infer.generate import Engine
+
+    model = random_model()
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=12)
+    engine = Engine(model, slots=2, compile=True)  # torch.compile of the decode step (rows at different lengths)
+    slots = engine.add([[7, 8, 9], [5]], [cfg, cfg])
+    out: dict[int, list[int]] = {s: [] for s in slots}
+    while engine.rows:
+        for event in engine.step():
+            if event.token is not None:
+                out[event.slot].append(event.token)
+    assert out[slots[0]] == generate(model, [7, 8, 9], cfg)
+    assert out[slots[1]] == generate(model, [5], cfg)
