@@ -8,6 +8,7 @@ can resume on a different number of processes.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import warnings
@@ -47,6 +48,9 @@ def setup(device: torch.device) -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
+        # torn down before the interpreter's own teardown: a gloo group left to it can abort the process at exit
+        # ("terminate called without an active exception") after a run that finished well
+        atexit.register(dist.destroy_process_group)
     return DistContext(rank=rank, world=world, local_rank=local)
 
 
