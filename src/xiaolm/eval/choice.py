@@ -85,8 +85,8 @@ def _next_token_logprobs(model: nn.Module, prompts: list[list[int]]) -> torch.Te
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     if arch_of(model).encoder_decoder:
         logits = model.prefill(ids, lengths, model.new_kv_cache(len(prompts), 1))
-    else:  # right padding: causal attention never reaches it
-        logits = model(ids)[0][torch.arange(len(prompts), device=device), lengths - 1]
+    else:  # right padding: causal attention never reaches it; the output layer at each last position only
+        logits = model.lm_head(model(ids, output="hidden")[torch.arange(len(prompts), device=device), lengths - 1])
     return F.log_softmax(logits.float(), dim=-1)
 
 
