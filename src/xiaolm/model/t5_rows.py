@@ -67,22 +67,25 @@ def split_packed_rows(x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor, pad: 
            "dec_seg": torch.full((len(rows), n), -2, dtype=torch.long, device=dev),
            "dec_pos": torch.zeros((len(rows), n), dtype=torch.long, device=dev)}
     for b, (src, src_seg, at, dec_seg) in enumerate(rows):
-        index, positions = torch.tensor(at, device=dev), torch.tensor(at, device=dev)
+        index = torch.tensor(at, device=dev)
+        src_seg_t, dec_seg_t = torch.tensor(src_seg, device=dev), torch.tensor(dec_seg, device=dev)
+        first, dec_pos = _segment_starts(dec_seg_t)
         out["src"][b, :len(src)] = x[b, src]
-        out["src_seg"][b, :len(src)] = torch.tensor(src_seg, device=dev)
-        seg_t = torch.tensor(dec_seg, device=dev)
-        first = torch.ones(len(at), dtype=torch.bool, device=dev)
-        first[1:] = seg_t[1:] != seg_t[:-1]
+        out["src_seg"][b, :len(src)] = src_seg_t
+        out["src_pos"][b, :len(src)] = _segment_starts(src_seg_t)[1]
         out["dec"][b, :len(at)] = torch.where(first, pad, x[b, index])  # each target starts from the pad token
         out["tgt"][b, :len(at)] = y[b, index]
-        out["at"][b, :len(at)] = positions
-        out["dec_seg"][b, :len(at)] = seg_t
-        starts = torch.where(first, torch.arange(len(at), device=dev), 0).cummax(0).values
-        out["dec_pos"][b, :len(at)] = torch.arange(len(at), device=dev) - starts
-        src_first = torch.ones(len(src), dtype=torch.bool, device=dev)
-        src_first[1:] = out["src_seg"][b, 1:len(src)] != out["src_seg"][b, :len(src) - 1]
-        src_starts = torch.where(src_first, torch.arange(len(src), device=dev), 0).cummax(0).values
-        out["src_pos"][b, :len(src)] = torch.arange(len(src), device=dev) - src_starts
+        out["at"][b, :len(at)] = index
+        out["dec_seg"][b, :len(at)] = dec_seg_t
+        out["dec_pos"][b, :len(at)] = dec_pos
     out["src_mask"] = out["src_seg"] >= 0
     out["tgt_mask"] = out["dec_seg"] >= 0
     return out
+
+
+def _segment_starts(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whether each token starts its segment, its position within the segment) for segment ids [N]."""
+    first = torch.ones(len(seg), dtype=torch.bool, device=seg.device)
+    first[1:] = seg[1:] != seg[:-1]
+    index = torch.arange(len(seg), device=seg.device)
+    return first, index - torch.where(first, index, 0).cummax(0).values
