@@ -90,6 +90,21 @@ def test_kv_cache_decoding_matches_full_forward():
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 2), (4, 1), (4, 4)])
+def test_decoding_rows_at_different_lengths_matches_full_forward(n_heads, n_kv_heads):
+    # one token per row, rows 6 and 4 positions in: each row's keys are masked to its own length
+    torch.manual_seed(2)
+    model = large_init(Llama(tiny(n_heads=n_heads, n_kv_heads=n_kv_heads)))
+    x = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        cache = model.new_kv_cache(2, 16)
+        model(x[:, :6], kv_cache=cache)
+        cache.lengths[1] = 4  # row 1 holds 4 tokens: its next one goes to position 4
+        step = torch.stack([x[0, 6], x[1, 4]])[:, None]
+        got = model(step, kv_cache=cache.view(slice(0, 2), 6, ragged=True))[0][:, 0]
+        want = torch.stack([model(x[:1, :7])[0][0, -1], model(x[1:, :5])[0][0, -1]])
+    assert (got - want).abs().max().item() < 1e-4
+
 def test_kv_cache_refuses_overflow():
     model = Llama(tiny())
     cache = model.new_kv_cache(1, 8)

@@ -199,6 +199,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         groups = self.n_heads // self.n_kv_heads
+        if groups > 1 and t == 1:  # decoding: the groups' lone queries become queries of their shared kv head,
+            # so no key or value is copied (a [B,1,1,S] mask broadcasts over them)
+            y = F.scaled_dot_product_attention(q.view(b, self.n_kv_heads, groups, self.head_dim), k, v,
+                                               attn_mask=mask)
+            return self.o_proj(y.reshape(b, t, -1))
         if groups > 1:  # query head h reads kv head h // groups, as HF's repeat_kv does
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
