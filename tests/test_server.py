@@ -71,7 +71,8 @@ def idle(scheduler, timeout: float = 10.0) -> bool:
     """True once no sequence runs or waits (slots freed)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not scheduler.running and not scheduler.waiting and scheduler.engine.free == 4:
+        stats = scheduler.stats()
+        if not stats["running"] and not stats["waiting"] and stats["free"] == 4:
             return True
         time.sleep(0.02)
     return False
@@ -111,7 +112,7 @@ def test_completions_n_seed_stop_and_capped_max_tokens(server):
 
 def test_the_engine_shares_decode_steps_between_requests(server):
     sched = server.scheduler
-    joined, steps = sched.joined_mid_decode, sched.engine.steps
+    joined, steps = sched.stats()["joined_mid_decode"], sched.stats()["decode_steps"]
     bodies = [chat_body(max_tokens=30, temperature=0, messages=[{"role": "user", "content": f"问题{i}"}])
               for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
@@ -121,8 +122,8 @@ def test_the_engine_shares_decode_steps_between_requests(server):
                                                       timeout=30).json(), bodies))
     assert together[0]["choices"][0]["message"]["content"] == alone[0]  # batched greedy = alone
     tokens = sum(r["usage"]["completion_tokens"] for r in together)
-    assert sched.engine.steps - steps < tokens  # fewer decode steps than tokens: they ran together
-    assert max(list(sched.engine.batch_sizes)[-40:]) > 1 and sched.joined_mid_decode >= joined
+    assert sched.stats()["decode_steps"] - steps < tokens  # fewer decode steps than tokens: they ran together
+    assert max(list(sched.batch_sizes)[-40:]) > 1 and sched.stats()["joined_mid_decode"] >= joined
 
 
 BAD = [  # (raw body or JSON, headers, status, error type, param)
@@ -190,12 +191,12 @@ def test_a_client_that_vanishes_mid_stream_frees_its_slot(server):
     body = {"model": "tiny", "prompt": "春眠不觉晓", "max_tokens": 50, "temperature": 0}
     assert httpx.post(server.url + "/v1/completions", headers=AUTH, json=body, timeout=30).json()["choices"][0][
         "finish_reason"] == "length"  # left alone, it would decode 50 tokens
-    dropped = server.scheduler.dropped
+    dropped = server.scheduler.stats()["dropped"]
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", server.url + "/v1/completions", headers=AUTH, json={**body, "stream": True}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")  # the first token came: the request holds a slot
-    assert idle(server.scheduler) and server.scheduler.dropped == dropped + 1  # its row left the batch early
+    assert idle(server.scheduler) and server.scheduler.stats()["dropped"] == dropped + 1  # its row left the batch early
     assert server.client.chat.completions.create(**chat_body()).choices  # and the server still answers
 
 
@@ -234,3 +235,44 @@ def test_memory_stays_bounded_over_1000_bad_requests(server):
         after = proc.memory_info().rss
     assert after - before < 30e6, f"RSS grew {(after - before) / 1e6:.1f} MB over 1,000 bad requests"
     assert server.client.chat.completions.create(**chat_body()).choices
+
+
+def test_the_scheduler_on_a_thread_of_the_server_answers_as_the_engine_process_does(server):
+    from fastapi.testclient import TestClient
+
+    body = chat_body(temperature=0, max_tokens=12)
+    app = create_app(random_model(), server.tok, "tiny", engine_process=False)  # as on MPS
+    with TestClient(app) as client:
+        here = client.post("/v1/chat/completions", json=body).json()
+        health = client.get("/health").json()
+    there = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=30).json()
+    assert here["choices"][0]["message"] == there["choices"][0]["message"] and here["usage"] == there["usage"]
+    assert health["decode_steps"] >= here["usage"]["completion_tokens"] - 1 and health["running"] == 0
+
+
+def test_when_the_engine_process_dies_requests_fail_cleanly_instead_of_hanging(server):
+    from fastapi.testclient import TestClient
+
+    from xiaolm.infer.engine_process import EngineProcess
+    from xiaolm.infer.generate import GenerationConfig
+    from xiaolm.infer.scheduler import Job
+
+    app = create_app(random_model(), server.tok, "tiny")
+    with TestClient(app) as client:
+        engine: EngineProcess = app.state.scheduler
+        got: list = []
+        first = threading.Event()
+
+        def deliver(event) -> None:
+            got.append(event)
+            first.set()
+
+        assert engine.submit([Job([5, 6, 7], GenerationConfig(max_new_tokens=CTX - 4, temperature=0), deliver)])
+        assert first.wait(30)
+        engine._proc.kill()  # the child dies mid-decode (out of memory, a crash): its job must hear of it
+        deadline = time.time() + 30
+        while engine.alive and time.time() < deadline:
+            time.sleep(0.02)
+        assert not engine.alive and isinstance(got[-1], RuntimeError) and "stopped" in str(got[-1])
+        r = client.post("/v1/chat/completions", json=chat_body())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"

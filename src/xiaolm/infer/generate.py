@@ -251,10 +251,13 @@ class Engine:
                                       torch.tensor([cfgs[hot[j]].min_p for j in sift], device=self.device))
         probs = scaled.softmax(-1)
         free = [j for j, i in enumerate(hot) if self.rows[slots[i]].generator is None]
-        if free:  # rows without a seed draw together: argmax of p / Exp(1) noise is a draw from p, and -log U
-            f = torch.tensor(free, device=self.device)  # is Exp(1) for U uniform on (0, 1] (cheaper than exponential_)
-            p = probs[f]
-            out[h[f]] = (p / -(1.0 - torch.rand_like(p)).log()).argmax(-1)
+        if free:  # rows without a seed draw together, one uniform number each, by inverting their cumulative sums
+            f = torch.tensor(free, device=self.device)
+            cdf = probs[f].double().cumsum(-1)
+            total = cdf[:, -1:].contiguous()
+            u = torch.rand(total.shape, dtype=cdf.dtype, device=self.device) * total
+            # the first token whose cumulative sum passes u; never past the last token with any probability
+            out[h[f]] = torch.minimum(torch.searchsorted(cdf, u, right=True), torch.searchsorted(cdf, total))[:, 0]
         for j, i in enumerate(hot):  # a seeded row draws from its own generator, so others cannot shift it
             generator = self.rows[slots[i]].generator
             if generator is not None:

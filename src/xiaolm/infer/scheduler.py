@@ -12,6 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from xiaolm.infer.generate import Engine, Event, GenerationConfig
 
@@ -26,15 +27,17 @@ class Job:
     cfg: GenerationConfig
     deliver: Callable[[Event | Exception], None]
     cancelled: bool = False
-    slot: int | None = field(default=None, repr=False)
+    id: int | None = field(default=None, repr=False)  # its number in an engine process (infer/engine_process.py)
 
 
 class Scheduler:
     """Runs an Engine on its own thread: jobs wait in a bounded queue, join the decode batch between steps
     (up to `max_prefill` per step, prefilled together) and leave it when finished or cancelled."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64, max_prefill: int = 8):
+    def __init__(self, engine: Engine, max_queue: int = 64, max_prefill: int = 8,
+                 after_round: Callable[[Scheduler], None] | None = None):
         self.engine, self.max_queue, self.max_prefill = engine, max_queue, max_prefill
+        self.after_round = after_round  # called on the scheduler thread after each round (admit, step, drops)
         self.waiting: deque[Job] = deque()
         self.running: dict[int, Job] = {}  # slot → job; touched by the scheduler thread only
         self.joined_mid_decode = 0  # jobs admitted while other jobs were part-way through decoding
@@ -63,6 +66,16 @@ class Scheduler:
             self.waiting.extend(jobs)
             self._cond.notify()
         return True
+
+    @property
+    def batch_sizes(self) -> deque[int]:
+        """Rows in each recent decode forward."""
+        return self.engine.batch_sizes
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: sequences running and waiting, free slots, decode steps, jobs dropped and joined mid-decode."""
+        return {"running": len(self.running), "waiting": len(self.waiting), "free": self.engine.free,
+                "decode_steps": self.engine.steps, "dropped": self.dropped, "joined_mid_decode": self.joined_mid_decode}
 
     def cancel(self, job: Job) -> None:
         """Drop a job: out of the queue now, out of the batch before the next step (its slot is freed)."""
@@ -96,6 +109,8 @@ class Scheduler:
                     self.engine.release(slot)
                     job.deliver(e)
                 self.running.clear()
+            if self.after_round is not None:
+                self.after_round(self)
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the admitted jobs in one forward (one at a time if that fails, so one bad prompt fails alone)."""

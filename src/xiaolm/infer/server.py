@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP API over one model: chat and text completions, streamed (SSE) or not.
 
 Requests are checked here (every refusal is a 4xx in OpenAI's error shape), turned into scheduler jobs (one per
-choice), and their events turned back into OpenAI JSON. The model runs on the scheduler's thread only
-(infer/scheduler.py), so the event loop stays free to accept, refuse and stream.
+choice), and their events turned back into OpenAI JSON. The model runs in the scheduler only, by default in a
+process of its own (infer/engine_process.py), so the event loop stays free to accept, refuse and stream, and the
+two do not share one GIL.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from xiaolm.chat_format import normalize_chat
+from xiaolm.errors import XiaolmError
+from xiaolm.infer.engine_process import EngineProcess
 from xiaolm.infer.generate import Engine, Event, GenerationConfig, chat_stop_ids
 from xiaolm.infer.scheduler import Job, Scheduler
 from xiaolm.model.registry import arch_of
@@ -116,15 +119,21 @@ def _sse(data: dict | str) -> str:
 
 
 def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, api_key: str | None = None,
-               limits: Limits | None = None, compile: bool = False) -> FastAPI:
-    """The FastAPI app serving `model` under the model id `name`; the scheduler runs while the app lives."""
+               limits: Limits | None = None, compile: bool = False, engine_process: bool | None = None) -> FastAPI:
+    """The FastAPI app serving `model` under the model id `name`; the scheduler runs while the app lives, in a
+    process of its own unless `engine_process` is False (default: its own process except on MPS, whose tensors
+    cannot be shared between processes)."""
     limits = limits or Limits()
     ctx = model.cfg.max_seq_len
     # an encoder-decoder model reads the prompt in its encoder: the reply has the decoder's context to itself
     encoder_decoder = arch_of(model).encoder_decoder
     max_prompt = min(limits.max_prompt_tokens or ctx - 1, ctx - 1)
     max_tokens_limit = limits.max_tokens or ctx
-    scheduler = Scheduler(Engine(model, limits.max_running, tokenizer=tokenizer, compile=compile), limits.max_queue)
+    if engine_process is None:
+        engine_process = next(model.parameters()).device.type != "mps"
+    scheduler = (EngineProcess(model, tokenizer, limits.max_running, limits.max_queue, compile=compile)
+                 if engine_process else
+                 Scheduler(Engine(model, limits.max_running, tokenizer=tokenizer, compile=compile), limits.max_queue))
     chat_stops, text_stops = chat_stop_ids(tokenizer), [model.cfg.eos_token_id]
 
     @asynccontextmanager
@@ -221,9 +230,14 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, 
 
         seeds = [None if cfg.seed is None else cfg.seed + i for i in range(n)]
         jobs = [Job(prompt, replace(cfg, seed=seeds[i]), deliver_to(i)) for i in range(n)]
-        if not scheduler.submit(jobs):
-            raise ApiError(429, f"server busy: {len(scheduler.running)} sequences running, "
-                                f"{len(scheduler.waiting)} waiting; retry shortly", "rate_limit_error",
+        try:
+            accepted = scheduler.submit(jobs)
+        except XiaolmError as e:  # the engine process is gone: this server cannot answer any more
+            raise ApiError(503, str(e), "server_error", code="engine_stopped") from e
+        if not accepted:
+            stats = scheduler.stats()
+            raise ApiError(429, f"server busy: {stats['running']} sequences running, "
+                                f"{stats['waiting']} waiting; retry shortly", "rate_limit_error",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
@@ -337,8 +351,8 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": name, "running": len(scheduler.running),
-                "waiting": len(scheduler.waiting), "decode_steps": scheduler.engine.steps}
+        stats = scheduler.stats()
+        return {"status": "ok", "model": name, **{k: stats[k] for k in ("running", "waiting", "decode_steps")}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
