@@ -144,7 +144,9 @@ class Engine:
         self.seen = torch.zeros(slots, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.steps = 0  # decode forwards run
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows in each recent decode forward
-        self._decode = torch.compile(model, dynamic=True) if compile else model
+        # on a CPU, a C++ wrapper calls the compiled kernels one after another, without Python between them
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self._decode = torch.compile(model, dynamic=True, options=options) if compile else model
 
     @property
     def free(self) -> int:
