@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--quick] [--model runs/demo/model | --shape demo|26m|100m] [--clients 1,4,16,64]
                                [--seconds 20] [--rounds 3] [--max-tokens 64] [--threads 1] [--device auto|cpu|cuda]
+                               [--distinct]
 
 Starts `xiaolm serve MODEL --device DEVICE` (default limits: 16 sequences decoding together, 64 waiting; fp32 on
 CPU, bf16 on CUDA) in a subprocess and sends it one short untimed request (lazy imports, first kernels), then for
@@ -11,7 +12,10 @@ aggregate completion tokens/s (tokens of the requests that finished inside the w
 token p50/p95 (request sent → first content chunk), requests done, clean 429 refusals, and failures (any other
 error, including a client timeout: a hang). Levels run in rounds (the order reverses every other round), so the
 16-vs-1 ratio is measured side by side; printed: median (min–max) over rounds, and the end of the server's output
-(its start-up line names the device). --quick: 1 round of 10 s per level (~1.5 minutes with the server's start);
+(its start-up line names the device), and how many prompt tokens the server found kept in a slot instead of
+prefilling them (GET /health). The clients cycle through six short chat messages, so a prompt often meets one
+already kept whole; `--distinct` numbers every message, so prompts share only the chat template's first tokens.
+--quick: 1 round of 10 s per level (~1.5 minutes with the server's start);
 full: 3 rounds of 20 s (~5 minutes), estimates on 2 idle cores.
 `--shape` serves random weights of a shape instead of --model: demo = the demo's model (vocab 4096, d256, 4
 layers), 26m and 100m = configs/llama-26m.yaml and llama-100m.yaml with their vocabularies (8,192 and 32,000),
@@ -23,6 +27,7 @@ token the random model picks is text (stop tokens are ~3 in 32,000: replies run 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import IO
 
@@ -105,8 +111,9 @@ def tail(path: str, chars: int = 3000) -> str:
     return Path(path).read_text(encoding="utf-8", errors="replace")[-chars:]
 
 
-def level(url: str, name: str, clients: int, seconds: float, max_tokens: int) -> dict:
-    """Run `clients` streaming clients for `seconds`; their statistics."""
+def level(url: str, name: str, clients: int, seconds: float, max_tokens: int, distinct: bool = False) -> dict:
+    """Run `clients` streaming clients for `seconds`; their statistics. `distinct`: every message is new (numbered),
+    so prompts share only the chat template's first tokens."""
     import openai
 
     stop_at = time.perf_counter() + seconds
@@ -120,8 +127,9 @@ def level(url: str, name: str, clients: int, seconds: float, max_tokens: int) ->
             n += 1
             start, first, usage = time.perf_counter(), None, None
             try:
+                message = PROMPTS[(i + n) % len(PROMPTS)]
                 stream = client.chat.completions.create(
-                    model=name, messages=[{"role": "user", "content": PROMPTS[(i + n) % len(PROMPTS)]}],
+                    model=name, messages=[{"role": "user", "content": f"{i}.{n}：{message}" if distinct else message}],
                     max_tokens=max_tokens, temperature=0.7, stream=True, stream_options={"include_usage": True})
                 for chunk in stream:
                     if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -161,7 +169,7 @@ def run_levels(url: str, name: str, results: dict[int, list[dict]], a) -> None:
     levels = list(results)
     for r in range(a.rounds):
         for c in levels if r % 2 == 0 else levels[::-1]:
-            s = level(url, name, c, a.seconds, a.max_tokens)
+            s = level(url, name, c, a.seconds, a.max_tokens, a.distinct)
             results[c].append(s)
             print(f"round {r + 1}, {c} clients: {s['tokens_per_s']:,.0f} tok/s, {s['done']} done, "
                   f"{s['refused']} refused (429), {s['failed']} failed {s['errors'][:2]}", flush=True)
@@ -177,6 +185,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="the server's device")
+    p.add_argument("--distinct", action="store_true", help="number every message, so no two prompts are alike")
     a = parse_args(p, QUICK, "~1.5 minutes")
     print_header(packages=("torch", "transformers", "fastapi", "uvicorn", "openai"), threads=f"server: {a.threads} "
                  f"torch thread(s), device {a.device}; clients in this process")
@@ -189,6 +198,11 @@ def main() -> None:
             proc, name = start_server(model, port, a.threads, a.device, log)
             try:
                 run_levels(f"http://127.0.0.1:{port}/v1", name, results, a)
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+                    health = json.load(r)
+                kept, done = health["prompt_tokens_reused"], health["prompt_tokens_prefilled"]
+                print(f"prompt tokens found kept in a slot (prefix reuse): {kept:,} of {kept + done:,} "
+                      f"({kept / max(kept + done, 1):.0%})")
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)

@@ -363,3 +363,60 @@ def test_a_compiled_decode_step_gives_the_same_greedy_tokens():
                 out[event.slot].append(event.token)
     assert out[slots[0]] == generate(model, [7, 8, 9], cfg)
     assert out[slots[1]] == generate(model, [5], cfg)
+
+
+def _run(engine, prompts: list[list[int]], cfg: GenerationConfig) -> tuple[list[int], list[list[int]]]:
+    """Slots and new tokens of prompts added together to a live engine, decoded to the end."""
+    slots = engine.add(prompts, [cfg] * len(prompts))
+    out: dict[int, list[int]] = {s: [] for s in slots}
+    while engine.rows:
+        for event in engine.step():
+            if event.token is not None:
+                out[event.slot].append(event.token)
+    return slots, [out[s] for s in slots]
+
+
+def test_a_next_turn_reuses_its_slots_kept_tokens_and_decodes_as_a_fresh_prefill():
+    from xiaolm.infer.generate import Engine
+
+    model, cfg = random_model(), GenerationConfig(temperature=0.0, max_new_tokens=8)
+    engine = Engine(model, slots=3)
+    first = [5, 6, 7, 8, 9]
+    (s1,), (reply,) = _run(engine, [first], cfg)
+    (s2,), _ = _run(engine, [[60, 61, 62]], cfg)  # another slot decodes while s1 sits idle below it
+    assert s2 != s1 and engine.reused == 0
+    turn2 = first + reply + [11, 12]  # a chat resends its history
+    other = [40, 41, 42, 43]
+    slots, outs = _run(engine, [other, turn2], cfg)  # prefilled together from different positions
+    # every token s1 fed to the model is kept: the prompt and the reply but its last token (never fed back)
+    assert slots[1] == s1 and engine.reused == len(first) + len(reply) - 1
+    assert outs == [generate(model, other, cfg), generate(model, turn2, cfg)]
+    assert engine.prefilled == len(first) + 3 + len(other) + len(turn2) - engine.reused
+
+
+def test_reuse_gives_way_when_the_rows_would_run_past_the_cache():
+    from xiaolm.infer.generate import Engine
+
+    model, cfg = random_model(max_seq_len=64), GenerationConfig(temperature=0.0, max_new_tokens=4)
+    engine = Engine(model, slots=2)
+    long = list(range(10, 60))
+    (s1,), (reply,) = _run(engine, [long], cfg)
+    turn2, fresh = long + reply + [7], list(range(100, 140))  # 50 kept + a 40-token chunk would need 90 positions
+    slots, outs = _run(engine, [turn2, fresh], cfg)
+    assert slots[0] == s1 and outs == [generate(model, turn2, cfg), generate(model, fresh, cfg)]
+
+
+def test_chat_turns_on_one_engine_reuse_the_history_and_reply_as_a_fresh_engine_does(tok):
+    from xiaolm.infer.generate import Engine
+
+    model = random_model(vocab=len(tok), max_seq_len=128)
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=6)
+    engine = Engine(model, 1)
+    history = [{"role": "user", "content": "你好"}]
+    first = "".join(chat_reply(model, tok, history, cfg, engine))
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "再见"}]
+    stream = chat_reply(model, tok, history, cfg, engine)
+    next(stream, None)  # the reply starts...
+    stream.close()  # a reply stopped early (Ctrl-C in `xiaolm chat`) frees the engine's slot
+    assert engine.free == 1 and engine.reused > 0
+    assert "".join(chat_reply(model, tok, history, cfg, engine)) == "".join(chat_reply(model, tok, history, cfg))

@@ -276,3 +276,20 @@ def test_when_the_engine_process_dies_requests_fail_cleanly_instead_of_hanging(s
         assert not engine.alive and isinstance(got[-1], RuntimeError) and "stopped" in str(got[-1])
         r = client.post("/v1/chat/completions", json=chat_body())
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+
+
+def test_a_chats_next_turn_reuses_the_keys_and_values_of_the_last_one(server):
+    def ask(messages: list[dict]) -> dict:
+        body = chat_body(messages=messages, temperature=0, max_tokens=6)
+        return httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=30).json()
+
+    def reused() -> int:
+        return httpx.get(server.url + "/health", timeout=10).json()["prompt_tokens_reused"]
+
+    first = [{"role": "user", "content": "春眠不觉晓"}]
+    one = ask(first)
+    before = reused()
+    two = ask([*first, one["choices"][0]["message"], {"role": "user", "content": "处处闻啼鸟"}])
+    # the history's tokens (at least the whole first prompt) were found in the first turn's slot
+    assert reused() - before >= one["usage"]["prompt_tokens"]
+    assert two["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"]

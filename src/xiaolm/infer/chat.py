@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, TextIO
 
-from xiaolm.infer.generate import GenerationConfig, chat_reply
+from xiaolm.infer.generate import Engine, GenerationConfig, chat_reply
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,6 +50,8 @@ def run_chat(model_path: str, gen: GenerationConfig, system: str | None = None,
     print(HELP, file=output)
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
+    # one engine for the whole conversation: each turn prefills only what was said since the last one
+    engine = Engine(model, 1, tokenizer=tokenizer if gen.stop_strings else None)
     while True:
         try:
             line = input_fn("你> ").strip()
@@ -75,7 +77,7 @@ def run_chat(model_path: str, gen: GenerationConfig, system: str | None = None,
         output.flush()
         reply = ""
         try:
-            for piece in chat_reply(model, tokenizer, history, gen):
+            for piece in chat_reply(model, tokenizer, history, gen, engine):
                 reply += piece
                 output.write(piece)
                 output.flush()

@@ -50,7 +50,7 @@ class EngineProcess:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._stats: dict[str, Any] = {"running": 0, "waiting": 0, "free": slots, "decode_steps": 0, "dropped": 0,
-                                       "joined_mid_decode": 0}
+                                       "joined_mid_decode": 0, "prompt_tokens_prefilled": 0, "prompt_tokens_reused": 0}
         self._reader = threading.Thread(target=self._read, name="xiaolm-engine-reader", daemon=True)
         self.alive = self._closing = False
 

@@ -126,9 +126,17 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 class Engine:
     """Slots of one preallocated KV cache: add() prefills prompts into free slots, step() picks one token for
-    every active slot and runs one decode forward for those that go on, release() frees a slot."""
+    every active slot and runs one decode forward for those that go on, release() frees a slot.
+
+    A freed slot keeps its keys and values: a later prompt that begins with the same tokens (the next turn of a
+    chat, which resends the history; a shared system prompt) goes to that slot and prefills only the rest."""
 
     def __init__(self, model: nn.Module, slots: int = 1, max_len: int | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None, compile: bool = False):
@@ -142,6 +150,8 @@ class Engine:
         self.rows: dict[int, _Row] = {}
         self.logits = torch.zeros(slots, self.cfg.vocab_size, device=self.device)  # each slot's next-token logits
         self.seen = torch.zeros(slots, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self.kept: list[list[int]] = [[] for _ in range(slots)]  # tokens whose keys/values each slot holds
+        self.prefilled = self.reused = 0  # prompt tokens computed, and found in a slot's cache instead
         self.steps = 0  # decode forwards run
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows in each recent decode forward
         # on a CPU, a C++ wrapper calls the compiled kernels one after another, without Python between them
@@ -166,28 +176,33 @@ class Engine:
             if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
                 raise XiaolmError(f"prompt has token id {max(prompt)} outside the model's vocabulary "
                                   f"({self.cfg.vocab_size})", hint="use the tokenizer the model was trained with")
-        slots = [s for s in range(len(self.lengths)) if s not in self.rows][:len(prompts)]
-        width = max(len(p) for p, _ in fitted)
+        slots, reuse = self._place([p for p, _ in fitted])
+        width = max(len(p) - r for (p, _), r in zip(fitted, reuse, strict=True))
+        if max(reuse) + width > self.max_len:  # the rows' padded chunks would run past the cache: prefill whole
+            reuse, width = [0] * len(slots), max(len(p) for p, _ in fitted)
         ids = torch.full((len(slots), width), self.cfg.pad_token_id, dtype=torch.long)
-        for i, (prompt, _) in enumerate(fitted):
-            ids[i, :len(prompt)] = torch.tensor(prompt)  # right-padded: a row's own tokens never see the padding
+        for i, ((prompt, _), r) in enumerate(zip(fitted, reuse, strict=True)):
+            ids[i, :len(prompt) - r] = torch.tensor(prompt[r:])  # right-padded: a row's tokens never see the padding
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
-        self.cache.lengths[rows] = 0
-        view = self.cache.view(rows, 0, ragged=False)
+        self.cache.lengths[rows] = torch.tensor(reuse, device=self.device)
+        view = self.cache.view(rows, max(reuse), ragged=min(reuse) != max(reuse))
         if self.encoder_decoder:  # the encoder reads the prompt, the decoder its start token
             lengths = torch.tensor([len(p) for p, _ in fitted], device=self.device)
             self.logits[rows] = self.model.prefill(ids.to(self.device), lengths, view).float()
             filled = [1] * len(slots)
         else:
             hidden = self.model(ids.to(self.device), kv_cache=view, output="hidden")
-            last = torch.tensor([len(p) - 1 for p, _ in fitted], device=self.device)
+            last = torch.tensor([len(p) - r - 1 for (p, _), r in zip(fitted, reuse, strict=True)], device=self.device)
             # the output layer only at each prompt's last position: the others' logits would go unused
             self.logits[rows] = self.model.lm_head(hidden[torch.arange(len(slots), device=self.device), last]).float()
             filled = [len(p) for p, _ in fitted]
         self.seen[rows] = False
+        self.reused += sum(reuse)
+        self.prefilled += sum(len(p) for p, _ in fitted) - sum(reuse)
         for slot, (prompt, budget), cfg, used in zip(slots, fitted, cfgs, filled, strict=True):
             self.lengths[slot] = used
+            self.kept[slot] = [] if self.encoder_decoder else list(prompt)
             self.seen[slot, torch.tensor(prompt, device=self.device)] = True
             seed = cfg.seed
             generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
@@ -195,10 +210,24 @@ class Engine:
             self.rows[slot] = _Row(cfg, min(budget, self.max_len - used), set(cfg.stop_ids), generator, text)
         return slots
 
+    def _place(self, prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+        """A free slot for each prompt, the one whose kept tokens share its longest prefix (else the emptiest), and
+        how many of its tokens are kept there (never the last: its logits are needed)."""
+        free = [s for s in range(len(self.lengths)) if s not in self.rows]
+        slots, reuse = [], []
+        for prompt in prompts:
+            best = max(free, key=lambda s: (_shared(self.kept[s], prompt), -len(self.kept[s])))
+            free.remove(best)
+            slots.append(best)
+            reuse.append(0 if self.encoder_decoder else min(_shared(self.kept[best], prompt), len(prompt) - 1))
+        return slots, reuse
+
     def release(self, slot: int) -> None:
-        """Free a slot (finished, or its client went away); its row leaves the batch at the next step."""
+        """Free a slot (finished, or its client went away); its row leaves the batch at the next step. Its kept
+        tokens stay: while idle, its row writes (and ignores) one position past them."""
         self.rows.pop(slot, None)
-        self.lengths[slot] = 0
+        del self.kept[slot][self.max_len - 1:]
+        self.lengths[slot] = len(self.kept[slot])
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -280,8 +309,10 @@ class Engine:
         index = torch.tensor([s for s, _ in going], device=self.device)
         self.logits[index] = logits[index].float()
         self.seen[index, torch.tensor([t for _, t in going], device=self.device)] = True
-        for slot, _ in going:
+        for slot, token in going:
             self.lengths[slot] += 1
+            if not self.encoder_decoder:
+                self.kept[slot].append(token)
         self.steps += 1
         self.batch_sizes.append(len(going))
 
@@ -298,17 +329,22 @@ def _capacity(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: Generatio
 # A stop id ends generation without being yielded. With a tokenizer, a stop string also ends it, just after
 # the token that completes it: stream_text then cuts the text at the stop string.
 def generate_stream(model: nn.Module, input_ids: Sequence[int], cfg: GenerationConfig,
-                    tokenizer: PreTrainedTokenizerBase | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time until a stop id or string, max_new_tokens or the context's end."""
+                    tokenizer: PreTrainedTokenizerBase | None = None, engine: Engine | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time until a stop id or string, max_new_tokens or the context's end. An
+    `engine` kept from call to call (one with a free slot) reuses what its slots hold of the prompt's start."""
     if min(cfg.max_new_tokens, model.cfg.max_seq_len - 1) <= 0:
         return
-    watch = tokenizer if cfg.stop_strings else None
-    engine = Engine(model, 1, _capacity(model, [input_ids], cfg), tokenizer=watch)
-    engine.add([input_ids], [cfg])
-    while engine.rows:
-        for event in engine.step():
-            if event.token is not None:
-                yield event.token
+    if engine is None:
+        watch = tokenizer if cfg.stop_strings else None
+        engine = Engine(model, 1, _capacity(model, [input_ids], cfg), tokenizer=watch)
+    slot = engine.add([input_ids], [cfg])[0]
+    try:
+        while slot in engine.rows:
+            for event in engine.step():
+                if event.token is not None:
+                    yield event.token
+    finally:  # a consumer that stops early frees the slot
+        engine.release(slot)
 
 
 def generate(model: nn.Module, input_ids: Sequence[int], cfg: GenerationConfig,
@@ -343,10 +379,11 @@ def chat_stop_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def chat_reply(model: nn.Module, tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-               cfg: GenerationConfig) -> Iterator[str]:
-    """Stream the assistant's reply to a conversation as text pieces; stops at <|im_end|> or <|endoftext|>."""
+               cfg: GenerationConfig, engine: Engine | None = None) -> Iterator[str]:
+    """Stream the assistant's reply to a conversation as text pieces; stops at <|im_end|> or <|endoftext|>. With
+    the same `engine` every turn, a turn prefills only what the conversation added since the last one."""
     from xiaolm.tokenizer import encode_prompt
 
     run = replace(cfg, stop_ids=[*cfg.stop_ids, *chat_stop_ids(tokenizer)])
-    tokens = generate_stream(model, encode_prompt(tokenizer, messages), run, tokenizer)
+    tokens = generate_stream(model, encode_prompt(tokenizer, messages), run, tokenizer, engine)
     yield from stream_text(tokenizer, tokens, cfg.stop_strings)

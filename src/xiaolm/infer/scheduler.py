@@ -73,9 +73,12 @@ class Scheduler:
         return self.engine.batch_sizes
 
     def stats(self) -> dict[str, Any]:
-        """Counters: sequences running and waiting, free slots, decode steps, jobs dropped and joined mid-decode."""
-        return {"running": len(self.running), "waiting": len(self.waiting), "free": self.engine.free,
-                "decode_steps": self.engine.steps, "dropped": self.dropped, "joined_mid_decode": self.joined_mid_decode}
+        """Counters: sequences running and waiting, free slots, decode steps, jobs dropped and joined mid-decode,
+        prompt tokens prefilled and those found kept in a slot instead."""
+        e = self.engine
+        return {"running": len(self.running), "waiting": len(self.waiting), "free": e.free, "decode_steps": e.steps,
+                "dropped": self.dropped, "joined_mid_decode": self.joined_mid_decode, "prompt_tokens_prefilled":
+                e.prefilled, "prompt_tokens_reused": e.reused}
 
     def cancel(self, job: Job) -> None:
         """Drop a job: out of the queue now, out of the batch before the next step (its slot is freed)."""

@@ -352,7 +352,8 @@ def create_app(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str, 
     @app.get("/health")
     async def health() -> dict:
         stats = scheduler.stats()
-        return {"status": "ok", "model": name, **{k: stats[k] for k in ("running", "waiting", "decode_steps")}}
+        return {"status": "ok", "model": name, **{k: stats[k] for k in (
+            "running", "waiting", "decode_steps", "prompt_tokens_prefilled", "prompt_tokens_reused")}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
