@@ -420,3 +420,18 @@ def test_chat_turns_on_one_engine_reuse_the_history_and_reply_as_a_fresh_engine_
     stream.close()  # a reply stopped early (Ctrl-C in `xiaolm chat`) frees the engine's slot
     assert engine.free == 1 and engine.reused > 0
     assert "".join(chat_reply(model, tok, history, cfg, engine)) == "".join(chat_reply(model, tok, history, cfg))
+
+
+def test_a_lone_row_in_a_high_slot_decodes_without_the_idle_slots_below_it():
+    from xiaolm.infer.generate import Engine
+
+    model, cfg = random_model(), GenerationConfig(temperature=0.0, max_new_tokens=5)
+    engine = Engine(model, slots=4)
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(4)]
+    slots, _ = _run(engine, prompts, cfg)
+    rows: list[int] = []
+    decode = engine._decode
+    engine._decode = lambda ids, **kw: rows.append(ids.shape[0]) or decode(ids, **kw)
+    again = prompts[3] + [7, 8]
+    (slot,), (out,) = _run(engine, [again], cfg)  # it goes where its first tokens are kept: the last slot
+    assert slot == slots[3] == 3 and set(rows) == {1} and out == generate(model, again, cfg)

@@ -296,18 +296,19 @@ class Engine:
         return out.tolist()
 
     def _forward(self, going: list[tuple[int, int]]) -> None:
-        """One decode forward over rows [0, highest active slot]; idle rows in between compute and are ignored."""
-        top = max(s for s, _ in going) + 1
-        ids = torch.full((top, 1), self.cfg.pad_token_id, dtype=torch.long)
+        """One decode forward over the slots from the lowest to the highest active one; idle rows in between
+        compute and are ignored (each writes one position past its kept tokens)."""
+        lo, hi = min(s for s, _ in going), max(s for s, _ in going) + 1
+        ids = torch.full((hi - lo, 1), self.cfg.pad_token_id, dtype=torch.long)
         for slot, token in going:
-            ids[slot, 0] = token
+            ids[slot - lo, 0] = token
         active = [self.lengths[s] for s, _ in going]
-        ragged = len(going) < top or min(active) != max(active)
-        self.cache.lengths[:top] = torch.tensor(self.lengths[:top])  # idle rows at 0: they write there, harmlessly
-        view = self.cache.view(slice(0, top), max(active), ragged)
+        ragged = len(going) < hi - lo or min(active) != max(active)
+        self.cache.lengths[lo:hi] = torch.tensor(self.lengths[lo:hi])
+        view = self.cache.view(slice(lo, hi), max(active), ragged)
         logits = self._decode(ids.to(self.device), kv_cache=view)[0][:, -1]
         index = torch.tensor([s for s, _ in going], device=self.device)
-        self.logits[index] = logits[index].float()
+        self.logits[index] = logits[index - lo].float()
         self.seen[index, torch.tensor([t for _, t in going], device=self.device)] = True
         for slot, token in going:
             self.lengths[slot] += 1
