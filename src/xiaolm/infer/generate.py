@@ -183,6 +183,8 @@ class Engine:
         ids = torch.full((len(slots), width), self.cfg.pad_token_id, dtype=torch.long)
         for i, ((prompt, _), r) in enumerate(zip(fitted, reuse, strict=True)):
             ids[i, :len(prompt) - r] = torch.tensor(prompt[r:])  # right-padded: a row's tokens never see the padding
+        for slot, r in zip(slots, reuse, strict=True):  # the forward overwrites what lies past the reused prefix
+            del self.kept[slot][r:]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
         self.cache.lengths[rows] = torch.tensor(reuse, device=self.device)
