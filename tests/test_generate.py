@@ -435,3 +435,23 @@ def test_a_lone_row_in_a_high_slot_decodes_without_the_idle_slots_below_it():
     again = prompts[3] + [7, 8]
     (slot,), (out,) = _run(engine, [again], cfg)  # it goes where its first tokens are kept: the last slot
     assert slot == slots[3] == 3 and set(rows) == {1} and out == generate(model, again, cfg)
+
+
+def test_a_prefill_that_fails_part_way_leaves_no_stale_kept_tokens():
+    from xiaolm.infer.generate import Engine
+
+    model, cfg = random_model(), GenerationConfig(temperature=0.0, max_new_tokens=4)
+    engine = Engine(model, slots=1)
+    first = [5, 6, 7, 8, 9]
+    _run(engine, [first], cfg)
+    layer = model.model.layers[1]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    layer.forward = fail  # the first layer writes its keys/values for positions 2-4, then the prefill fails
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.add([[5, 6, 40, 41, 42]], [cfg])
+    del layer.forward
+    again = [*first, 11]
+    assert _run(engine, [again], cfg)[1] == [generate(model, again, cfg)] and engine.reused == 2
