@@ -159,10 +159,10 @@ def _child_main(model: nn.Module, tokenizer: PreTrainedTokenizerBase, slots: int
 
     def send(events: list, scheduler: Scheduler) -> None:
         nonlocal steps_sent
-        stats = scheduler.stats()
-        stats["batch_sizes"] = [scheduler.engine.batch_sizes[-1]] if stats["decode_steps"] > steps_sent else []
-        steps_sent = stats["decode_steps"]
         with lock:  # the scheduler thread after each round, this one after a cancel
+            stats = scheduler.stats()
+            stats["batch_sizes"] = [scheduler.engine.batch_sizes[-1]] if stats["decode_steps"] > steps_sent else []
+            steps_sent = stats["decode_steps"]
             conn.send((events, stats))
 
     def after_round(scheduler: Scheduler) -> None:
