@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from harness import SHAPES, argument_parser, markdown_table, model_shape, parse_args, print_header, spread
 
-from xiaolm.infer.generate import Engine, GenerationConfig, generate
+from xiaolm.infer.generate import Engine, GenerationConfig, common_prefix, generate
 from xiaolm.model.export import DTYPES, load_model, save_model_weights
 from xiaolm.model.llama import Llama, LlamaConfig
 
@@ -61,11 +61,6 @@ def engine_fn(engine: Engine, prompt: list[int], cfg: GenerationConfig):
             out += [e.token for e in engine.step() if e.token is not None]
         return out
     return run
-
-
-def leading_same(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two outputs share."""
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def compare(name: str, model_dir: Path, prompt: list[int], new: int, a) -> list[list[str]]:
@@ -108,7 +103,7 @@ def compare(name: str, model_dir: Path, prompt: list[int], new: int, a) -> list[
         results = {side: timed(sides[side], device) for side in order}
         for side, (seconds, tokens) in results.items():
             tps[side].append(new / seconds)
-            same[side] = min(same[side], leading_same(tokens, results["transformers"][1]))
+            same[side] = min(same[side], common_prefix(tokens, results["transformers"][1]))
         print(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{side} {tps[side][-1]:,.0f} tok/s" for side in sides)
               + ", ratio " + ", ".join(f"{tps[side][-1] / tps['transformers'][-1]:.2f}x" for side in sides
                                        if side != "transformers"), flush=True)

@@ -49,8 +49,7 @@ class EngineProcess:
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows in each recent decode forward
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._stats: dict[str, Any] = {"running": 0, "waiting": 0, "free": slots, "decode_steps": 0, "dropped": 0,
-                                       "joined_mid_decode": 0, "prompt_tokens_prefilled": 0, "prompt_tokens_reused": 0}
+        self._stats: dict[str, Any] = {}  # the child's Scheduler.stats(), from its ready message on
         self._reader = threading.Thread(target=self._read, name="xiaolm-engine-reader", daemon=True)
         self.alive = self._closing = False
 
@@ -66,7 +65,7 @@ class EngineProcess:
             kind, message = "failed", f"it exited with code {self._proc.join(5) or self._proc.exitcode}"
         if kind != "ready":
             raise XiaolmError(f"the engine process failed to start: {message}")
-        self.alive = True
+        self._stats, self.alive = message, True
         self._reader.start()
 
     def submit(self, jobs: list[Job]) -> bool:
@@ -178,7 +177,7 @@ def _child_main(model: nn.Module, tokenizer: PreTrainedTokenizerBase, slots: int
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     with lock:
-        conn.send(("ready", None))
+        conn.send(("ready", scheduler.stats()))
     while True:
         try:
             kind, payload = conn.recv()

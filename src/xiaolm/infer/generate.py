@@ -126,8 +126,8 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix of two token lists."""
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two token lists share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
@@ -218,10 +218,10 @@ class Engine:
         free = [s for s in range(len(self.lengths)) if s not in self.rows]
         slots, reuse = [], []
         for prompt in prompts:
-            best = max(free, key=lambda s: (_shared(self.kept[s], prompt), -len(self.kept[s])))
+            best = max(free, key=lambda s: (common_prefix(self.kept[s], prompt), -len(self.kept[s])))
             free.remove(best)
             slots.append(best)
-            reuse.append(0 if self.encoder_decoder else min(_shared(self.kept[best], prompt), len(prompt) - 1))
+            reuse.append(0 if self.encoder_decoder else min(common_prefix(self.kept[best], prompt), len(prompt) - 1))
         return slots, reuse
 
     def release(self, slot: int) -> None:
