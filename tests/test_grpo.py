@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from tests.test_export import make_model
 from xiaolm.errors import XiaolmError
 from xiaolm.model.adapters import LoraSettings
 from xiaolm.train.config import DataConfig, GRPOSettings, RLSettings, TrainConfig
-from xiaolm.train.grpo import aggregate, clipped_surrogate, group_advantages, run_grpo
+from xiaolm.train.grpo import GRPOObjective, aggregate, clipped_surrogate, group_advantages, run_grpo
 
 LIKED = "tests.rl_rewards:liked_share"
 
@@ -76,11 +77,24 @@ def test_grpo_raises_the_reward_and_best_keeps_the_highest(setup):
     assert json.loads((tmp / "run" / "best" / "best.json").read_text())["val_reward"] == summary["best_val_reward"]
 
 
-@pytest.mark.parametrize("epochs", [1, 2])
-def test_resume_after_interruption_is_exact_with_the_rollouts(setup, epochs):
+def test_oversampling_trains_on_the_groups_that_differ_first():
+    grpo = SimpleNamespace(oversample=2, settings=GRPOSettings(group_size=2))
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0])  # groups: alike, differ, alike, differ
+    rows, metrics = GRPOObjective.select_rows(grpo, rewards)
+    assert rows == [2, 3, 6, 7] and metrics == {"sampled_groups_without_signal": 0.5}
+    rows, _ = GRPOObjective.select_rows(grpo, torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+    assert rows == [0, 1, 4, 5]  # too few differ: filled with the first group scored alike, in the order drawn
+    grpo.oversample = 4
+    rows, metrics = GRPOObjective.select_rows(grpo, torch.ones(8))
+    assert rows == [0, 1] and metrics == {"sampled_groups_without_signal": 1.0}
+
+
+@pytest.mark.parametrize("epochs,oversample", [(1, 1), (2, 1), (1, 3)])
+def test_resume_after_interruption_is_exact_with_the_rollouts(setup, epochs, oversample):
     tmp, data = setup
     rl = RLSettings(max_new_tokens=12, rewards=[LIKED], eval_prompts=8, epochs=epochs)
-    kw = dict(max_steps=6, save_every=1, eval_every=3, rl=rl, keep_last=10)
+    kw = dict(max_steps=6, save_every=1, eval_every=3, rl=rl, keep_last=10,
+              grpo=GRPOSettings(group_size=4, oversample=oversample))
     run_grpo(grpo_cfg(tmp, "full", data, **kw))
     run_grpo(grpo_cfg(tmp, "killed", data, **kw))
     for step in (4, 5, 6):  # as if killed after saving step 3: with epochs=2, mid-way through a rollout's steps
@@ -95,6 +109,10 @@ def test_resume_after_interruption_is_exact_with_the_rollouts(setup, epochs):
     if epochs == 2:
         rows = log_rows(tmp / "full")
         assert rows[0]["reward"] == rows[1]["reward"] and rows[2]["reward"] == rows[3]["reward"]  # one rollout, 2 steps
+    if oversample > 1:  # 3 × 4 prompts sampled a step, the 4 trained on picked by their rewards
+        rows = log_rows(tmp / "full")
+        assert all(r["groups_without_signal"] <= r["sampled_groups_without_signal"] for r in rows)
+        assert any(r["groups_without_signal"] < r["sampled_groups_without_signal"] for r in rows)
 
 
 def test_failing_reward_functions_are_counted_and_the_run_goes_on(setup, caplog):

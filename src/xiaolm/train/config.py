@@ -83,6 +83,8 @@ class GRPOSettings:
     loss: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # token-loss aggregation (TRL's default dapo)
     beta: float = 0.0  # KL to the reference in the loss (k3 estimator); 0: off, as TRL
     clip_high: float = 0.0  # upper ratio clip ε_high (DAPO's clip-higher, e.g. 0.28); 0 → rl.clip
+    oversample: int = 1  # > 1: sample that many times the step's prompts, train on the groups whose answers
+    #                      differ first (DAPO's dynamic sampling: a group scored alike has no gradient)
 
 
 @dataclass

@@ -9,6 +9,9 @@ off, as TRL). Aggregation (grpo.loss), over the answer tokens of one optimizer s
   dapo     the sum over all tokens ÷ their count (TRL's default: long answers weigh by their length)
   dr_grpo  the sum over all tokens ÷ (answers × rl.max_new_tokens), a constant
 Under torchrun each process normalizes by its own rows, and DDP averages the gradients.
+With grpo.oversample = k > 1 (DAPO's dynamic sampling), each step samples k times its prompts and trains on the
+groups whose answers scored differently, in the order drawn, filling up with groups scored alike only when too few
+differ: where most groups are scored alike, the step's compute goes to those that carry a gradient.
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ class GRPOObjective(RolloutObjective):
             raise XiaolmError(f"grpo.group_size={cfg.grpo.group_size} must be positive", where="grpo.group_size")
         if cfg.grpo.loss not in LOSSES:
             raise XiaolmError(f"grpo.loss={cfg.grpo.loss!r}", where="grpo.loss", hint=f"use one of {', '.join(LOSSES)}")
+        if cfg.grpo.oversample < 1:
+            raise XiaolmError(f"grpo.oversample={cfg.grpo.oversample} must be at least 1", where="grpo.oversample")
         self.samples_per_prompt = cfg.grpo.group_size
+        self.oversample = cfg.grpo.oversample
         self.settings = cfg.grpo
         super().__init__(cfg, *args, **kwargs)
         self.accum = self.rows // cfg.batch_size
@@ -75,13 +81,24 @@ class GRPOObjective(RolloutObjective):
     def needs_reference(self) -> bool:
         return self.settings.beta > 0 or super().needs_reference()
 
+    def select_rows(self, rewards: torch.Tensor) -> tuple[list[int], Metrics]:
+        """With oversampling: the step's share of groups, those whose answers scored differently first."""
+        if self.oversample == 1:
+            return super().select_rows(rewards)
+        g = self.settings.group_size
+        signal = (rewards.view(-1, g).std(-1) > 0).tolist() if g > 1 else [False] * len(rewards)
+        order = [k for k, s in enumerate(signal) if s] + [k for k, s in enumerate(signal) if not s]
+        groups = sorted(order[:len(signal) // self.oversample])
+        return [k * g + i for k in groups for i in range(g)], \
+            {"sampled_groups_without_signal": 1.0 - sum(signal) / len(signal)}
+
     def score_rollouts(self, module: nn.Module, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
                        run: RunContext) -> Metrics:
         """Group-relative advantages."""
         batch["adv"] = group_advantages(rewards, self.settings.group_size, self.settings.scale_rewards)
         flat = (rewards.view(-1, self.settings.group_size).std(-1) == 0).float().mean() \
             if self.settings.group_size > 1 else torch.tensor(1.0)
-        return {"groups_without_signal": float(flat)}  # every answer of the group scored alike: no gradient
+        return {"groups_without_signal": float(flat)}  # of the trained groups: every answer scored alike, no gradient
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         logps = module(batch["x"], batch["y"], output="logprobs").float()

@@ -3,10 +3,11 @@ a buffer of them sliced into micro-batches, greedy held-out evaluation by reward
 
 Each optimizer step, every process samples answers to its own prompts (batch_size × grad_accum rows; GRPO's groups
 never span processes), scores them, and keeps the rows with what the method's loss needs (old and reference
-log-probs, advantages). With rl.epochs = k the same rollouts serve k optimizer steps (the ratio clip then acts);
-the buffer is saved in checkpoints for that case, so a resumed run continues the same trajectory. Prompts are drawn
-by position from per-epoch permutations; a sample's seed depends on (seed, rollout, its row of the global batch),
-never on a global RNG or the number of processes, so 2 processes draw the samples 1 process would.
+log-probs, advantages); a method that oversamples (GRPO's grpo.oversample) samples k times the prompts and keeps
+the rows its `select_rows` picks. With rl.epochs = k the same rollouts serve k optimizer steps (the ratio clip then
+acts); the buffer is saved in checkpoints for that case, so a resumed run continues the same trajectory. Prompts
+are drawn by position from per-epoch permutations; a sample's seed depends on (seed, rollout, its row of the global
+batch), never on a global RNG or the number of processes, so 2 processes draw the samples 1 process would.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class RolloutObjective(Objective):
     higher_is_better = True
     val_loss_is_perplexity = False
     samples_per_prompt = 1
+    oversample = 1  # prompts sampled per step ÷ prompts trained on (select_rows picks the rows kept)
     computes_old = False  # score_rollouts itself stores the rollout policy's log-probs as batch["old"]
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, train: list[RLPrompt], val: list[RLPrompt],
@@ -71,6 +73,10 @@ class RolloutObjective(Objective):
         """Whether rollouts need the reference's log-probs (a KL term, or the guard)."""
         return self.rl.kl_stop > 0
 
+    def select_rows(self, rewards: torch.Tensor) -> tuple[list[int], Metrics]:
+        """Which sampled rows the step trains on (all of them unless oversampling), and metrics of the choice."""
+        return list(range(len(rewards))), {}
+
     def score_rollouts(self, module: nn.Module, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
                        run: RunContext) -> Metrics:
         """Add the method's tensors (advantages, …) to the rollout batch; return its metrics."""
@@ -88,7 +94,7 @@ class RolloutObjective(Objective):
 
     def _prompts(self, rollout: int) -> list[RLPrompt]:
         n = len(self.train)
-        per = self.rows // self.samples_per_prompt
+        per = self.rows // self.samples_per_prompt * self.oversample
         first = (rollout * self.ctx.world + self.ctx.rank) * per
         return [self.train[shuffled_index(k % n, n, self.cfg.seed, k // n)] for k in range(first, first + per)]
 
@@ -102,6 +108,11 @@ class RolloutObjective(Objective):
         seeds = [sample_seed(self.cfg.seed, rollout, first + i) for i in range(len(prompts))]
         completions = sample(module, [p.ids for p in prompts], generation_config(self.cfg, self.tokenizer), seeds)
         rewards, metrics = self._score(prompts, completions)
+        keep, chosen = self.select_rows(rewards)
+        if len(keep) < len(prompts):
+            prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
+            rewards = rewards[keep]
+            metrics.update(chosen)
         batch = completion_batch([p.ids for p in prompts], [c.tokens for c in completions], self.pad_id)
         rows = self.cfg.batch_size
         if self.rl.epochs > 1 and not self.computes_old:  # the sampling policy's: the ratio's denominator later
