@@ -11,7 +11,9 @@ requests (temperature 0.7, max_tokens --max-tokens, usage included) back to back
 aggregate completion tokens/s (tokens of the requests that finished inside the window ÷ the window), time to first
 token p50/p95 (request sent → first content chunk), requests done, clean 429 refusals, and failures (any other
 error, including a client timeout: a hang). Levels run in rounds (the order reverses every other round), so the
-16-vs-1 ratio is measured side by side; printed: median (min–max) over rounds, and the end of the server's output
+16-vs-1 ratio is measured side by side; printed: median (min–max) over rounds, the CPU time per completion token
+that the server's process, its engine process and the clients took (Linux /proc; tokens of unfinished requests
+count in the CPU time, not in the tokens), and the end of the server's output
 (its start-up line names the device), and how many prompt tokens the server found kept in a slot instead of
 prefilling them (GET /health). The clients cycle through six short chat messages, so a prompt often meets one
 already kept whole; `--distinct` numbers every message, so prompts share only the chat template's first tokens.
@@ -111,11 +113,28 @@ def tail(path: str, chars: int = 3000) -> str:
     return Path(path).read_text(encoding="utf-8", errors="replace")[-chars:]
 
 
-def level(url: str, name: str, clients: int, seconds: float, max_tokens: int, distinct: bool = False) -> dict:
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the server process and by its child processes (the engine),
+    from /proc (Linux; empty elsewhere); the clients' from this process's own times."""
+    def of(p: int | str) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        out = {"server": of(pid), "engine": sum(of(c) for c in children)}
+    except (OSError, ValueError, IndexError):
+        return {}
+    t = os.times()
+    return {**out, "clients": t.user + t.system}
+
+
+def level(url: str, name: str, clients: int, seconds: float, max_tokens: int, distinct: bool = False,
+          server_pid: int | None = None) -> dict:
     """Run `clients` streaming clients for `seconds`; their statistics. `distinct`: every message is new (numbered),
-    so prompts share only the chat template's first tokens."""
+    so prompts share only the chat template's first tokens. With `server_pid`, the CPU time each process took."""
     import openai
 
+    cpu_before = cpu_seconds(server_pid) if server_pid else {}
     stop_at = time.perf_counter() + seconds
     lock = threading.Lock()
     stats = {"tokens": 0, "done": 0, "refused": 0, "failed": 0, "ttft": [], "errors": []}
@@ -157,6 +176,8 @@ def level(url: str, name: str, clients: int, seconds: float, max_tokens: int, di
     for t in threads:
         t.join()
     stats["tokens_per_s"] = stats["tokens"] / seconds
+    cpu_after = cpu_seconds(server_pid) if cpu_before else {}
+    stats["cpu"] = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
     return stats
 
 
@@ -164,15 +185,21 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) > 1 else (values or [float("nan")])[0]
 
 
-def run_levels(url: str, name: str, results: dict[int, list[dict]], a) -> None:
+def cpu_per_token(s: dict) -> str:
+    """CPU ms per completion token of each process over a level, e.g. "server 0.31, engine 1.92, clients 0.40"."""
+    return ", ".join(f"{k} {v * 1000 / max(s['tokens'], 1):.2f}" for k, v in s["cpu"].items())
+
+
+def run_levels(url: str, name: str, results: dict[int, list[dict]], a, server_pid: int) -> None:
     """--rounds rounds over the client counts (the order reverses every other round), each level's stats added."""
     levels = list(results)
     for r in range(a.rounds):
         for c in levels if r % 2 == 0 else levels[::-1]:
-            s = level(url, name, c, a.seconds, a.max_tokens, a.distinct)
+            s = level(url, name, c, a.seconds, a.max_tokens, a.distinct, server_pid)
             results[c].append(s)
             print(f"round {r + 1}, {c} clients: {s['tokens_per_s']:,.0f} tok/s, {s['done']} done, "
-                  f"{s['refused']} refused (429), {s['failed']} failed {s['errors'][:2]}", flush=True)
+                  f"{s['refused']} refused (429), {s['failed']} failed {s['errors'][:2]}; CPU ms per token: "
+                  f"{cpu_per_token(s) or 'not measured'}", flush=True)
 
 
 def main() -> None:
@@ -197,7 +224,7 @@ def main() -> None:
         with open(Path(tmp) / "server.log", "w", encoding="utf-8") as log:
             proc, name = start_server(model, port, a.threads, a.device, log)
             try:
-                run_levels(f"http://127.0.0.1:{port}/v1", name, results, a)
+                run_levels(f"http://127.0.0.1:{port}/v1", name, results, a, proc.pid)
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
                     health = json.load(r)
                 kept, done = health["prompt_tokens_reused"], health["prompt_tokens_prefilled"]
@@ -213,12 +240,15 @@ def main() -> None:
         runs = results[c]
         ttft = [t for s in runs for t in s["ttft"]]
         ratio = [s["tokens_per_s"] / b for s, b in zip(runs, base, strict=True) if b > 0]
+        cpu = [statistics.median(s["cpu"][k] * 1000 / max(s["tokens"], 1) for s in runs) for k in runs[0]["cpu"]]
         rows.append([str(c), spread([s["tokens_per_s"] for s in runs]), spread(ratio, "{:.2f}x") if ratio else "-",
+                     " / ".join(f"{v:.2f}" for v in cpu) or "-",
                      f"{quantile(ttft, 0.5) * 1000:,.0f}", f"{quantile(ttft, 0.95) * 1000:,.0f}",
                      str(sum(s["done"] for s in runs)), str(sum(s["refused"] for s in runs)),
                      str(sum(s["failed"] for s in runs))])
     print()
-    print(markdown_table(["clients", "aggregate tok/s", f"vs {levels[0]} client(s)", "TTFT p50 ms", "TTFT p95 ms",
+    print(markdown_table(["clients", "aggregate tok/s", f"vs {levels[0]} client(s)",
+                          "CPU ms per token: server / engine / clients (median)", "TTFT p50 ms", "TTFT p95 ms",
                           "requests done", "429s", "failures"], rows))
 
 
