@@ -84,8 +84,9 @@ fi
 
 # --- the benchmarks, most important first --------------------------------------------------------------------
 
-# GRPO on the 100M recipe shape, G=8, 256 new tokens: LoRA + adapter-disabled reference vs a full reference copy
-bench grpo_memory 120 60 python3 benchmarks/grpo_memory.py --device cuda --size 100m
+# GRPO on the 100M recipe shape, G=8, 256 new tokens: a full reference copy vs LoRA + adapter-disabled reference
+# (the full-copy run first: a run of 2026-12-04 measured LoRA in 60 s, then ran out of its 110 s limit in it)
+bench grpo_memory 200 130 python3 benchmarks/grpo_memory.py --device cuda --size 100m --variants full+copy,lora+adapter
 
 # DPO: LoRA vs full, reference copy vs adapter-disabled base vs precomputed; CUDA peak memory and step time, bf16
 # autocast (4 runs of ~12 s, each a fresh process)

@@ -3,6 +3,7 @@ fine-tuning with a frozen reference copy, and full fine-tuning without a referen
 
     python benchmarks/grpo_memory.py [--size 100m|26m|toy] [--group 8] [--new-tokens 256] [--prompts 4]
                                      [--batch-size 8] [--steps 2] [--lora-r 16] [--device cpu|cuda]
+                                     [--variants lora+adapter,full+copy,full+no-ref]
 
 Each variant is a real `run_grpo` (the one training loop) in a fresh subprocess, from the same random-weight
 init_from model of the recipe's shape (--size 100m: configs/llama-100m.yaml, vocab 32,000; the tokenizer, 1,200
@@ -18,7 +19,8 @@ gradients and AdamW moments 12T, plus the larger of the two phases: rollout (the
 rows × (prompt + new) × layers × 2 × kv_heads × head_dim × 4, and the prefill's logits rows × prompt × V × 4) and
 training (one micro-batch's saved activations and cross-entropy buffers, benchmarks/memory_budget.py's formula,
 bf16 weight copies 2·N_matmul under autocast). Not counted: the CUDA context, cuBLAS workspaces, allocator slack.
-Time: --size 100m --device cuda on an H200, about 1 minute (3 runs; an estimate). On 2 CPU cores, --quick
+--variants picks which of the three run, in that order. Time: --size 100m --device cuda on an H200, about a minute per
+variant (the LoRA run took 60 s there, mostly its rollouts' 256 decode steps). On 2 CPU cores, --quick
 (--size 26m --group 4 --new-tokens 32 --prompts 2) about 2 minutes (an estimate).
 """
 
@@ -38,7 +40,7 @@ from harness import RECIPE_VOCAB, argument_parser, markdown_table, parse_args, p
 
 # name: (LoRA, rl.ref, grpo.beta)
 VARIANTS = {"lora+adapter": (True, "adapter", 0.04), "full+copy": (False, "copy", 0.04),
-            "full, no KL": (False, "auto", 0.0)}
+            "full+no-ref": (False, "auto", 0.0)}
 QUICK = {"size": "26m", "group": 4, "new_tokens": 32, "prompts": 2}
 PROMPT_TOKENS = 24
 
@@ -125,11 +127,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, in the order to run them")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     a = parse_args(p, QUICK, "about 2 minutes on 2 CPU cores")
     if (a.prompts * a.group) % a.batch_size:
         p.error("--prompts × --group must be a multiple of --batch-size")
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants: a comma-separated choice of {', '.join(VARIANTS)}")
     if a.child:
         print(json.dumps(run_variant(a)))
         return
@@ -141,7 +147,8 @@ def main() -> None:
               f"tokens a step, micro-batch {a.batch_size}, {a.steps} steps, lora.r {a.lora_r}, device {a.device}",
               flush=True)
         table = []
-        for name, (_, ref, beta) in VARIANTS.items():
+        for name in variants:
+            _, ref, beta = VARIANTS[name]
             r = run_json([sys.executable, __file__, "--child", name, "--work", tmp, *sum(
                 ([f"--{k.replace('_', '-')}", str(getattr(a, k))] for k in ("size", "group", "new_tokens", "prompts",
                                                                             "batch_size", "steps", "lora_r", "device")),
