@@ -218,10 +218,11 @@ class Engine:
         free = [s for s in range(len(self.lengths)) if s not in self.rows]
         slots, reuse = [], []
         for prompt in prompts:
-            best = max(free, key=lambda s: (common_prefix(self.kept[s], prompt), -len(self.kept[s])))
+            shared = {s: common_prefix(self.kept[s], prompt) for s in free}
+            best = max(free, key=lambda s: (shared[s], -len(self.kept[s])))
             free.remove(best)
             slots.append(best)
-            reuse.append(0 if self.encoder_decoder else min(common_prefix(self.kept[best], prompt), len(prompt) - 1))
+            reuse.append(0 if self.encoder_decoder else min(shared[best], len(prompt) - 1))
         return slots, reuse
 
     def release(self, slot: int) -> None:

@@ -40,6 +40,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> tor
     return adv.reshape(-1)
 
 
+def scored_alike(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group of group_size consecutive rewards: whether all are equal (its advantages are 0, no gradient)."""
+    groups = rewards.view(-1, group_size)
+    return groups.std(-1) == 0 if group_size > 1 else torch.ones(len(groups), dtype=torch.bool)
+
+
 def clipped_surrogate(logps: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, low: float, high: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token loss −min(ρA, clip(ρ)A), whether the clip bound the token) for log-probs [N,T], advantages
@@ -86,19 +92,18 @@ class GRPOObjective(RolloutObjective):
         if self.oversample == 1:
             return super().select_rows(rewards)
         g = self.settings.group_size
-        signal = (rewards.view(-1, g).std(-1) > 0).tolist() if g > 1 else [False] * len(rewards)
-        order = [k for k, s in enumerate(signal) if s] + [k for k, s in enumerate(signal) if not s]
-        groups = sorted(order[:len(signal) // self.oversample])
+        alike = scored_alike(rewards, g).tolist()
+        order = [k for k, a in enumerate(alike) if not a] + [k for k, a in enumerate(alike) if a]
+        groups = sorted(order[:len(alike) // self.oversample])
         return [k * g + i for k in groups for i in range(g)], \
-            {"sampled_groups_without_signal": 1.0 - sum(signal) / len(signal)}
+            {"sampled_groups_without_signal": sum(alike) / len(alike)}
 
     def score_rollouts(self, module: nn.Module, batch: dict[str, torch.Tensor], rewards: torch.Tensor,
                        run: RunContext) -> Metrics:
         """Group-relative advantages."""
         batch["adv"] = group_advantages(rewards, self.settings.group_size, self.settings.scale_rewards)
-        flat = (rewards.view(-1, self.settings.group_size).std(-1) == 0).float().mean() \
-            if self.settings.group_size > 1 else torch.tensor(1.0)
-        return {"groups_without_signal": float(flat)}  # of the trained groups: every answer scored alike, no gradient
+        # of the trained groups: every answer scored alike, no gradient
+        return {"groups_without_signal": float(scored_alike(rewards, self.settings.group_size).float().mean())}
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         logps = module(batch["x"], batch["y"], output="logprobs").float()
